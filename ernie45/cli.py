@@ -34,6 +34,145 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- generate / chat
+def _add_generation_flags(s: argparse.ArgumentParser) -> None:
+    """Sampling flags (SamplingParams fields) and engine passthrough shared by `generate` and `chat`."""
+    g = s.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, else SamplingParams)")
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    g.add_argument("--temperature", type=float, help="0 = greedy")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, help="1 = off")
+    g.add_argument("--seed", type=int, help="same seed, same output")
+    g.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
+    e = s.add_argument_group("engine")
+    e.add_argument("--dtype", default="bfloat16", help="weights and compute dtype (bfloat16, float16, float32)")
+    e.add_argument("--kv-cache-memory", help="KV cache budget, bytes or '2GB' (default: a share of free memory)")
+    e.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    e.add_argument("--quant", help="quantize on load (passed to load_model)")
+
+
+def _make_engine(args: argparse.Namespace):
+    from ernie45.engine.llm import LLMEngine
+
+    kv = args.kv_cache_memory
+    kwargs = {"quant": args.quant} if args.quant else {}
+    return LLMEngine(args.model, dtype=args.dtype, max_num_seqs=1, max_model_len=args.max_model_len,
+                     kv_cache_memory=int(kv) if kv and kv.isdigit() else kv, **kwargs)
+
+
+def _sampling_params(args: argparse.Namespace, stop_token_ids: list[int] | None = None):
+    """Flags over the checkpoint's generation_config.json (ERNIE: temperature 0.8, top_p 0.8)."""
+    import os
+
+    from ernie45.engine.sampling_params import SamplingParams
+    from ernie45.model.checkpoint import resolve_model_path
+
+    fields = {}
+    path = os.path.join(resolve_model_path(args.model), "generation_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            gen = json.load(f)
+        fields = {k: gen[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty")
+                  if isinstance(gen.get(k), (int, float)) and not isinstance(gen.get(k), bool)}
+        if gen.get("do_sample") is False:  # HF: greedy whatever the temperature says
+            fields["temperature"] = 0.0
+    for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop"):
+        if getattr(args, k) is not None:
+            fields[k] = getattr(args, k)
+    return SamplingParams(max_tokens=args.max_tokens, stop_token_ids=stop_token_ids, **fields)
+
+
+def _stream(engine, request_id: str, prompt, params) -> tuple[str, str | None]:
+    """Run one request to the end, writing each step's new text to stdout; returns (text, finish)."""
+    engine.add_request(request_id, prompt, params)
+    text, finish = "", None
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                c = out.outputs[0]
+                if c.delta_text:
+                    sys.stdout.write(c.delta_text)
+                    sys.stdout.flush()
+                text, finish = c.text, c.finish_reason
+    except KeyboardInterrupt:  # Ctrl-C stops this reply, frees its KV blocks
+        engine.abort(request_id)
+        finish = "abort"
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return text, finish
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = _sampling_params(args)  # validated before the model is loaded
+    engine = _make_engine(args)
+    if engine.tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer.model in the checkpoint folder; text prompts need one")
+    t0 = time.monotonic()
+    _, finish = _stream(engine, "generate-0", prompt, params)
+    st = engine.stats()
+    n, dt = st.get("generation_tokens_total", 0), time.monotonic() - t0
+    print(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tok/s, finish={finish}]", file=sys.stderr)
+    return 130 if finish == "abort" else 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = _make_engine(args)
+    tok = engine.tokenizer
+    if tok is None:
+        raise ValueError(f"{args.model}: no tokenizer.model in the checkpoint folder; chat needs one")
+    params = _sampling_params(args, stop_token_ids=tok.stop_token_ids)  # stop on </s> and <|end_of_sentence|>
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: /reset starts over, /exit quits", file=sys.stderr)
+    turn = 0
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            return 0
+        line = line.rstrip("\n")
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            messages = list(system)
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            ids = tok.encode_chat(messages)
+            reply, finish = _stream(engine, f"chat-{turn}", ids, params)
+        except ValueError as e:  # e.g. the conversation outgrew the context: keep the session alive
+            messages.pop()
+            print(f"ernie45 chat: error: {e} (type /reset to start over)", file=sys.stderr)
+            continue
+        turn += 1
+        messages.append({"role": "assistant", "content": reply})
+
+
+def add_generate_parsers(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
+    s = sub.add_parser("generate", help="complete a prompt, streaming tokens as they are produced")
+    s.add_argument("model", nargs="?", default="demo", help="checkpoint folder or 'demo' (default)")
+    s.add_argument("prompt", help="text to complete ('-' reads it from stdin)")
+    _add_generation_flags(s)
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="interactive chat on stdin with the ERNIE chat template (/reset, /exit)")
+    s.add_argument("model", nargs="?", default="demo", help="checkpoint folder or 'demo' (default)")
+    s.add_argument("--system", help="system message at the start of the conversation")
+    _add_generation_flags(s)
+    s.set_defaults(func=cmd_chat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie45", description="ERNIE 4.5 text models in plain PyTorch")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -41,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="preset name (ernie-4.5-21b-a3b, ...) or checkpoint folder")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_info)
+    add_generate_parsers(sub)
     return p
 
 

@@ -1,0 +1,135 @@
+"""`ernie45 generate` and `ernie45 chat` end to end: a tiny random checkpoint with a real SentencePiece
+tokenizer, run through the real engine; the CLI's output must equal the library's (`LLM`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ernie45 import ModelConfig, init_weights, save_model
+from ernie45.cli import main
+from ernie45.model.model import ErnieForCausalLM
+from tests.test_tokenizer import write_test_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SP_VOCAB = 700
+# Small engine settings for every run: a 16 MB KV cache instead of a share of the machine's RAM.
+ENGINE_FLAGS = ["--dtype", "float32", "--kv-cache-memory", "16MB"]
+GREEDY = ["--temperature", "0", "--max-tokens", "10"]
+
+llm_module = pytest.importorskip("ernie45.engine.llm", reason="the engine (ernie45/engine/llm.py) is not there yet")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """Tiny random MoE checkpoint + test tokenizer in one folder.
+
+    The model's vocabulary is the SentencePiece part only (700 ids): the 1009 added tokens (<|LOC_*|>, ...)
+    are all special, and a random model sampling them would produce mostly skipped, empty text.
+    """
+    folder = str(tmp_path_factory.mktemp("cli-model"))
+    cfg = ModelConfig.from_name("tiny-moe").replace(vocab_size=SP_VOCAB, max_position_embeddings=256)
+    model = init_weights(ErnieForCausalLM(cfg), std=0.5, seed=3)  # large std: peaked, varied greedy text
+    save_model(model, folder)
+    write_test_tokenizer(folder, vocab_size=SP_VOCAB)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return llm_module.LLM(model_dir, dtype="float32", kv_cache_memory="16MB")
+
+
+def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "ernie45.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=120)
+
+
+def _greedy(max_tokens: int = 10, **kw):
+    from ernie45.engine.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+
+
+def test_generate_streams_the_library_output(model_dir, llm, monkeypatch):
+    prompt = "Hello world, the model"
+    expected = llm.generate(prompt, _greedy())[0].outputs[0]
+    assert expected.text.strip(), "the fixture model should produce visible text"
+
+    writes: list[str] = []
+
+    class Recorder:  # records each write: streaming means several writes, not one at the end
+        def write(self, s: str) -> int:
+            writes.append(s)
+            return len(s)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    assert main(["generate", model_dir, prompt, *GREEDY, *ENGINE_FLAGS]) == 0
+    assert "".join(writes) == expected.text + "\n"
+    assert len([w for w in writes if w.strip()]) >= 2
+
+
+def test_generate_subprocess_and_stop_string(model_dir, llm):
+    prompt = "我们的模型"
+    expected = llm.generate(prompt, _greedy())[0].outputs[0].text
+    r = _run(["generate", model_dir, prompt, *GREEDY, *ENGINE_FLAGS])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected + "\n"
+    assert "tok/s" in r.stderr
+    # a stop string cuts the text where it starts (engine semantics), and is not printed
+    cut = expected.strip()[2:4]
+    stopped = llm.generate(prompt, _greedy(stop=[cut]))[0].outputs[0].text
+    r = _run(["generate", model_dir, prompt, *GREEDY, *ENGINE_FLAGS, "--stop", cut, "--stop", "never-there"])
+    assert r.returncode == 0 and r.stdout == stopped + "\n" and cut not in r.stdout
+
+
+def test_chat_keeps_the_conversation_and_resets(model_dir, llm):
+    stdin = "Hi there\nHow are you?\n/reset\n你好\n/exit\nnever answered\n"
+    r = _run(["chat", model_dir, *GREEDY, *ENGINE_FLAGS], stdin=stdin)
+    assert r.returncode == 0, r.stderr
+
+    p = _greedy()
+    one = [{"role": "user", "content": "Hi there"}]
+    a1 = llm.chat(one, p)[0].outputs[0].text
+    two = [*one, {"role": "assistant", "content": a1}, {"role": "user", "content": "How are you?"}]
+    a2 = llm.chat(two, p)[0].outputs[0].text
+    a3 = llm.chat([{"role": "user", "content": "你好"}], p)[0].outputs[0].text
+    assert r.stdout == f"{a1}\n{a2}\n{a3}\n"
+    assert "(conversation reset)" in r.stderr
+
+
+def test_chat_system_message(model_dir, llm):
+    r = _run(["chat", model_dir, "--system", "You are helpful.", *GREEDY, *ENGINE_FLAGS], stdin="Hi\n")
+    assert r.returncode == 0, r.stderr
+    msgs = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi"}]
+    assert r.stdout == llm.chat(msgs, _greedy())[0].outputs[0].text + "\n"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["generate", "/no/such/folder", "hi"], "/no/such/folder"),
+    (["generate", "MODEL", "hi", "--top-p", "1.5"], "top_p"),
+    (["generate", "MODEL", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "MODEL", "hi", "--max-tokens", "0"], "max_tokens"),
+    (["generate", "MODEL", "word " * 400, "--max-model-len", "64"], "64"),
+    (["chat", "MODEL", "--top-k", "-5"], "top_k"),
+])
+def test_clear_one_line_errors(model_dir, argv, match, capsys):
+    argv = [model_dir if a == "MODEL" else a for a in argv]
+    assert main([*argv, *ENGINE_FLAGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ernie45 {argv[0]}: error:") and match in err and "\n" not in err, err
+
+
+def test_chat_reports_a_too_long_turn_and_goes_on(model_dir):
+    long_turn = "word " * 400
+    r = _run(["chat", model_dir, *GREEDY, *ENGINE_FLAGS, "--max-model-len", "64"], stdin=f"{long_turn}\nHi\n")
+    assert r.returncode == 0, r.stderr
+    assert "ernie45 chat: error:" in r.stderr and "/reset" in r.stderr
+    assert r.stdout.count("\n") == 1  # the short turn was answered
