@@ -1,0 +1,371 @@
+"""``LLMEngine`` (add_request / step / abort) and the offline ``LLM`` facade.
+
+One step = schedule -> one forward over every scheduled token -> sample the sequences that reached
+their last token -> detokenize, check stop conditions, free finished sequences -> outputs of the
+requests that changed. Stop strings are matched on the detokenized text and cut out; while a request
+streams, the last ``len(longest stop) - 1`` characters are held back so a stop string that spans a token
+boundary is never leaked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ernie45.config import ModelConfig
+from ernie45.engine.block_manager import BlockManager
+from ernie45.engine.kv_cache import KVCache
+from ernie45.engine.model_runner import ModelRunner
+from ernie45.engine.sampler import Sampler, SeqSampling, make_generator
+from ernie45.engine.sampling_params import SamplingParams
+from ernie45.engine.scheduler import Scheduler
+from ernie45.engine.sequence import Sequence, SequenceStatus
+from ernie45.model.model import ErnieForCausalLM
+from ernie45.utils import resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """``max_waiting`` requests are already queued; retry later (HTTP 503/429)."""
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[dict[int, float]] | None
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+class _Detok:
+    """Fallback incremental detokenizer for a tokenizer without ``detokenizer()``: re-decodes the
+    output and holds back a trailing replacement character (half of a multi-byte character)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def step(self, new_ids: list[int]) -> str:
+        self.ids.extend(new_ids)
+        full = self.tokenizer.decode(self.ids)
+        if full.endswith("\ufffd"):
+            return ""
+        new, self.text = full[len(self.text):], full
+        return new
+
+
+@dataclass
+class _SeqState:
+    sampling: SeqSampling
+    detok: Any = None
+    text: str = ""
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+    logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: dict
+
+
+def _load_tokenizer(folder: str):  # noqa: ANN202 - Tokenizer | None; the module may not exist yet
+    try:
+        from ernie45.tokenizer import load_tokenizer
+    except ImportError:
+        log.warning("ernie45.tokenizer is not available: only token-id prompts are accepted")
+        return None
+    return load_tokenizer(folder)
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged KV cache. See the module docstring for one step."""
+
+    def __init__(self, model: str | ErnieForCausalLM = "demo", *, tokenizer=None, dtype="bfloat16",  # noqa: ANN001
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, block_size: int = 16,
+                 kv_cache_memory: int | str | None = None, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, max_waiting: int | None = None, **load_options) -> None:
+        if isinstance(model, ErnieForCausalLM):
+            if load_options:
+                raise TypeError(f"load options {sorted(load_options)} need a checkpoint path, not a built model")
+            self.model = model
+        else:
+            from ernie45.model.checkpoint import load_model, resolve_model_path
+
+            folder = resolve_model_path(model)
+            self.model = load_model(folder, dtype=resolve_dtype(dtype), **load_options)
+            if tokenizer is None:
+                tokenizer = _load_tokenizer(folder)
+        self.model.eval()
+        self.tokenizer = tokenizer
+        self.config: ModelConfig = self.model.config
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size} must be >= 1")
+        if max_model_len is not None and max_model_len < 2:
+            raise ValueError(f"max_model_len={max_model_len} must be >= 2")
+        limit = self.config.max_position_embeddings
+        if max_model_len is not None and max_model_len > limit:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}")
+        max_model_len = max_model_len or limit
+        param = next(self.model.parameters())
+        cache_dtype = self.model.model.embed_tokens.weight.dtype
+        self.kv_cache = KVCache.from_budget(self.config, cache_dtype, block_size, kv_cache_memory, param.device,
+                                            max_tokens=max_num_seqs * max_model_len)
+        if max_model_len > self.kv_cache.capacity_tokens:
+            log.warning("max_model_len %d exceeds the KV cache (%d tokens); capping it", max_model_len,
+                        self.kv_cache.capacity_tokens)
+            max_model_len = self.kv_cache.capacity_tokens
+        self.max_model_len = max_model_len
+        self.block_manager = BlockManager(self.kv_cache.num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.sampler = Sampler()
+        self.max_waiting = max_waiting
+        self.requests: dict[str, _Request] = {}
+        self._pending: dict[str, _Request] = {}  # aborted: final output due at the next step()
+        self.generation_tokens_total = 0
+        self.prompt_tokens_total = 0
+        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        self.eos_token_id = eos if eos is not None else self.config.eos_token_id
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        """Queue a prompt (text, or token ids). Raises ValueError for a bad request and QueueFullError
+        when ``max_waiting`` requests are already waiting."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if request_id in self.requests or request_id in self._pending:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if self.max_waiting is not None and len(self.scheduler.waiting) >= self.max_waiting:
+            raise QueueFullError(f"{len(self.scheduler.waiting)} requests are waiting (max_waiting="
+                                 f"{self.max_waiting}); retry later")
+        text = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer (this checkpoint has no tokenizer.model); "
+                                 "pass token ids instead")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.config.vocab_size
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len={self.max_model_len} leaves no room "
+                             f"to generate (the KV cache holds {self.kv_cache.capacity_tokens} tokens): shorten "
+                             f"the prompt or give a larger kv_cache_memory / max_model_len")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer to detokenize the output; use stop_token_ids")
+        stop_ids = list(params.stop_token_ids or [])
+        if not params.ignore_eos and self.eos_token_id is not None:
+            stop_ids.append(self.eos_token_id)
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(request_id, ids, params, index=i, arrival=seqs[0].arrival if seqs else None)
+            seq.state = _SeqState(SeqSampling(make_generator(params.seed, i, self.runner.device), stop_ids))
+            if self.tokenizer is not None:
+                d = getattr(self.tokenizer, "detokenizer", None)
+                seq.state.detok = d(ids) if d is not None else _Detok(self.tokenizer)
+            if params.logprobs is not None:
+                seq.state.logprobs = []
+            seqs.append(seq)
+        for child in seqs[1:]:
+            child.status = SequenceStatus.FORK_PENDING
+        seqs[0].children = seqs[1:]
+        self.requests[request_id] = _Request(request_id, text, ids, params, seqs,
+                                             {"arrival_time": time.monotonic(), "first_token_time": None,
+                                              "finished_time": None})
+        self.scheduler.add(seqs[0])
+        self.prompt_tokens_total += len(ids)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks; its final output (finish_reason "abort") comes from
+        the next ``step()``. Unknown or finished ids are ignored (the request may have just ended)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        req.metrics["finished_time"] = time.monotonic()
+        self._pending[request_id] = req
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests or self._pending)
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {
+            "num_running": len(s.running), "num_waiting": len(s.waiting),
+            "kv_blocks_used": self.block_manager.num_used_blocks, "kv_blocks_total": self.block_manager.num_blocks,
+            "prompt_tokens_total": self.prompt_tokens_total, "generation_tokens_total": self.generation_tokens_total,
+            "prefix_cache_hit_tokens": s.prefix_cache_hit_tokens, "num_preemptions": s.num_preemptions,
+            "prompt_tokens_computed": s.prompt_tokens_computed,
+        }
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """One scheduler step; returns the outputs of the requests that changed (new tokens, finished,
+        aborted)."""
+        changed: dict[str, _Request] = dict(self._pending)
+        self._pending.clear()
+        out = self.scheduler.schedule()
+        if not out.is_empty:
+            seqs, logits = self.runner.execute(out.scheduled)
+            self.scheduler.update(out)
+            if seqs:
+                with torch.inference_mode():
+                    tokens, logprobs = self.sampler(logits, seqs)
+                now = time.monotonic()
+                for seq, tok, lp in zip(seqs, tokens, logprobs):
+                    req = self.requests[seq.request_id]
+                    if req.metrics["first_token_time"] is None:
+                        req.metrics["first_token_time"] = now
+                    self._append(seq, tok, lp)
+                    changed[req.request_id] = req
+        outputs = []
+        for req in changed.values():
+            finished = all(s.is_finished for s in req.seqs)
+            if finished and req.request_id in self.requests:
+                del self.requests[req.request_id]
+                req.metrics["finished_time"] = time.monotonic()
+            outputs.append(self._output(req, finished))
+        return outputs
+
+    def _append(self, seq: Sequence, tok: int, lp: dict | None) -> None:
+        """Add the sampled token and apply the stop rules in vLLM's order: stop token, stop string,
+        then length."""
+        st: _SeqState = seq.state
+        p = seq.params
+        seq.append_token(tok)
+        self.generation_tokens_total += 1
+        if st.logprobs is not None:
+            st.logprobs.append(lp)
+        n_out = seq.num_output_tokens
+        if tok in st.sampling.stop_ids and n_out >= p.min_tokens:
+            reason = None if tok == self.eos_token_id and tok not in (p.stop_token_ids or []) else tok
+            self.scheduler.finish(seq, "stop", reason)
+            return
+        if st.detok is not None:
+            before = len(st.text)
+            st.text += st.detok.step([tok])
+            if p.stop and n_out >= p.min_tokens:
+                longest = max(len(s) for s in p.stop)
+                window_start = max(0, before - longest + 1)
+                hits = [(st.text.find(s, window_start), s) for s in p.stop]
+                hits = [(i, s) for i, s in hits if i >= 0]
+                if hits:
+                    i, s = min(hits)
+                    st.text = st.text[:i]
+                    self.scheduler.finish(seq, "stop", s)
+                    return
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _output(self, req: _Request, finished: bool) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            st: _SeqState = seq.state
+            visible = len(st.text)
+            if not seq.is_finished and seq.params.stop:  # hold back what could start a stop string
+                visible = max(st.emitted_chars, visible - max(len(s) for s in seq.params.stop) + 1)
+            out_ids = seq.output_token_ids
+            outs.append(CompletionOutput(
+                index=seq.index, text=st.text[:visible], token_ids=out_ids, finish_reason=seq.finish_reason,
+                logprobs=list(st.logprobs) if st.logprobs is not None else None,
+                delta_text=st.text[st.emitted_chars:visible], delta_token_ids=out_ids[st.emitted_tokens:],
+                stop_reason=seq.stop_reason))
+            st.emitted_chars, st.emitted_tokens = visible, len(out_ids)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished,
+                             req.seqs[0].num_cached_tokens, dict(req.metrics))
+
+
+class LLM:
+    """Offline facade: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+
+    def __init__(self, model: str | ErnieForCausalLM = "demo", **engine_kwargs) -> None:
+        self.engine = LLMEngine(model, **engine_kwargs)
+        self._counter = 0
+
+    @property
+    def tokenizer(self):  # noqa: ANN201
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | list[int] | list[str | list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in input order. A flat list of ints is one prompt."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and
+                                        all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
+            params = sampling_params
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        return self._run(list(prompts), params, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Apply the chat template and generate; stops on the tokenizer's stop ids (</s>,
+        <|end_of_sentence|>)."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("chat needs a tokenizer; this checkpoint has none")
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        base = sampling_params or SamplingParams()
+        stop_ids = list(dict.fromkeys((base.stop_token_ids or []) + list(tok.stop_token_ids)))
+        params = dataclasses.replace(base, stop_token_ids=stop_ids)
+        return self._run([tok.encode_chat(c) for c in convs], [params] * len(convs), False)
+
+    def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        ids = []
+        for prompt, p in zip(prompts, params):
+            rid = f"llm-{self._counter}"
+            self._counter += 1
+            self.engine.add_request(rid, prompt, p)
+            ids.append(rid)
+        final: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generating", unit="req")
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [final[r] for r in ids]
