@@ -272,7 +272,7 @@ class LLMEngine:
         n_out = seq.num_output_tokens
         if tok in st.sampling.stop_ids and n_out >= p.min_tokens:
             reason = None if tok == self.eos_token_id and tok not in (p.stop_token_ids or []) else tok
-            self.scheduler.finish(seq, "stop", reason)
+            self._finish(seq, "stop", reason)
             return
         if st.detok is not None:
             before = len(st.text)
@@ -288,7 +288,15 @@ class LLMEngine:
                     self.scheduler.finish(seq, "stop", s)
                     return
         if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
-            self.scheduler.finish(seq, "length")
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        """Finish without a stop string: flush a character the detokenizer still holds."""
+        st: _SeqState = seq.state
+        flush = getattr(st.detok, "finish", None)
+        if flush is not None:
+            st.text += flush()
+        self.scheduler.finish(seq, reason, stop_reason)
 
     def _output(self, req: _Request, finished: bool) -> RequestOutput:
         outs = []
