@@ -22,10 +22,11 @@ Mode = Literal["inference", "full", "lora"]
 
 # Framework overhead per process. GPU: the CUDA context with torch's kernels loaded and cuBLAS workspaces
 # (~0.5-0.7 GiB on Hopper), plus NCCL's buffers when there is more than one rank. CPU: the Python
-# interpreter with torch imported (measured 220 MiB RSS on this machine, MACHINE.md) and allocator slack.
+# interpreter with torch and ernie45 imported (220 MiB RSS measured here) plus the one-time cost of the
+# first load_model call (lazy imports, meta registrations: 77 MiB measured), rounded up.
 GPU_CONTEXT_BYTES = 768 * MiB
 NCCL_BYTES = 512 * MiB
-CPU_PROCESS_BYTES = 256 * MiB
+CPU_PROCESS_BYTES = 320 * MiB
 # AdamW keeps two fp32 moments per trainable parameter; mixed precision also keeps an fp32 master copy.
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "none": 0}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -66,10 +67,10 @@ class PlanRequest:
     lora_rank: int = 16
     gradient_checkpointing: bool = True
     """Training keeps only each layer's input and recomputes the rest in backward."""
-    prefill_chunk: int = 8192
-    """Tokens per forward step at most (chunked prefill, the engine's max_num_batched_tokens)."""
+    prefill_chunk: int = 2048
+    """Tokens per forward step at most (chunked prefill): LLMEngine's max_num_batched_tokens default."""
     block_size: int = 16
-    """KV-cache page size in tokens; each sequence's cache rounds up to whole pages."""
+    """KV-cache page size in tokens (LLMEngine's default); each sequence rounds up to whole pages."""
     quantize_head: bool | None = None
     """None: the format's rule for the LM head (full precision except ernie45.quant's int8/int4/int2,
     which quantize it int8); True / False force it quantized / full precision."""
