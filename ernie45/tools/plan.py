@@ -37,7 +37,12 @@ def load_config(model: str | os.PathLike | ModelConfig) -> ModelConfig:
     if isinstance(model, ModelConfig):
         return model
     path = os.fspath(model)
-    return ModelConfig.from_json(path) if os.path.exists(path) else ModelConfig.from_name(path)
+    if os.path.exists(path):
+        return ModelConfig.from_json(path)
+    try:
+        return ModelConfig.from_name(path)
+    except ValueError as e:
+        raise ValueError(f"{path!r} is neither a checkpoint folder nor a preset: {e}") from None
 
 
 @dataclass

@@ -1,0 +1,82 @@
+"""``ernie45 plan MODEL``: memory per GPU and the GPUs that fit, as a table, JSON or a PNG plot.
+
+Example: ``ernie45 plan ernie-4.5-300b-a47b --weights wint4 --context 131072 --batch 1 --json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from ernie45.tools.formats import FORMAT_HELP, KV_BYTES
+from ernie45.tools.hardware import DEFAULT_UTILIZATION, catalogue, find_device
+
+log = logging.getLogger(__name__)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ernie45.tools.plan import PlanRequest, format_plan, plan_memory
+
+    req = PlanRequest(
+        weights=args.weights, dtype=args.dtype, kv_dtype=args.kv_dtype, context=args.context,
+        batch=args.batch, tp=args.tp, ep=args.ep, pp=args.pp, mode=args.mode, optimizer=args.optimizer,
+        lora_rank=args.lora_rank, gradient_checkpointing=not args.no_gradient_checkpointing,
+        prefill_chunk=args.prefill_chunk, block_size=args.block_size,
+        quantize_head={None: None, "yes": True, "no": False}[args.quantize_head], mtp=args.mtp,
+        device="cpu" if args.cpu else "gpu",
+    )
+    devices = catalogue() if not args.device else [find_device(d) for d in args.device]
+    plan = plan_memory(args.model, req, devices=devices, utilization=args.utilization)
+    if args.plot:
+        from ernie45.tools.plot import plot_memory
+
+        formats = tuple(args.plot_formats.split(",")) if args.plot_formats else None
+        plot_memory(args.model, args.plot, req, **({"formats": formats} if formats else {}),
+                    utilization=args.utilization)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(format_plan(plan))
+        if args.plot:
+            print(f"\nplot: {args.plot}")
+    return 0
+
+
+def add_plan_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
+    """Register ``ernie45 plan`` on the CLI's subparsers."""
+    formats = ", ".join(f"{k} ({v})" for k, v in FORMAT_HELP.items())
+    s = sub.add_parser("plan", help="memory per GPU (weights, KV cache, activations) and which GPUs fit",
+                       description="Plan memory for a model: weights in a format, KV cache for a context and "
+                                   "batch, activations, training state; fit it to a GPU catalogue.")
+    s.add_argument("model", help="preset name (ernie-4.5-300b-a47b, ernie-4.5-21b-a3b, ernie-4.5-0.3b) or "
+                                 "checkpoint folder")
+    s.add_argument("--weights", default="bf16", help=f"weight format: {formats}; or int<b>[-g<N>][-asym]")
+    s.add_argument("--dtype", default=None, help="compute dtype (bf16, fp16, fp32); default: the weights' "
+                                                 "own float type, else bf16")
+    s.add_argument("--kv-dtype", default=None, choices=sorted(KV_BYTES), help="KV cache dtype (default: dtype)")
+    s.add_argument("--context", type=int, default=4096, help="tokens per sequence (prompt + output)")
+    s.add_argument("--batch", type=int, default=1, help="concurrent sequences, or sequences per micro-batch")
+    s.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    s.add_argument("--ep", type=int, default=1, help="expert-parallel size (ep > tp: data-parallel attention)")
+    s.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
+    s.add_argument("--mode", default="inference", choices=["inference", "full", "lora"],
+                   help="inference, full fine-tuning, or LoRA")
+    s.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "none"], help="training optimizer")
+    s.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (mode lora)")
+    s.add_argument("--no-gradient-checkpointing", action="store_true", help="training keeps every activation")
+    s.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per forward step at most")
+    s.add_argument("--block-size", type=int, default=16, help="KV-cache page size in tokens")
+    s.add_argument("--quantize-head", choices=["yes", "no"], default=None,
+                   help="force the LM head quantized or full precision (default: the format's rule)")
+    s.add_argument("--mtp", action="store_true", help="count the MTP draft block")
+    s.add_argument("--cpu", action="store_true", help="plan for a CPU process (no CUDA context overhead)")
+    s.add_argument("--device", action="append", help="fit only these devices (catalogue key such as h100, or "
+                                                     "a size such as 80GiB); repeatable")
+    s.add_argument("--utilization", type=float, default=DEFAULT_UTILIZATION,
+                   help=f"fraction of each device the model may use (default {DEFAULT_UTILIZATION})")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--plot", default=None, metavar="OUT.png", help="write memory vs context per format as PNG")
+    s.add_argument("--plot-formats", default=None, help="comma-separated formats for --plot "
+                                                        "(default bf16,fp8,wint8,wint4,wint2)")
+    s.set_defaults(func=cmd_plan)
