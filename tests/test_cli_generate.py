@@ -3,6 +3,7 @@ tokenizer, run through the real engine; the CLI's output must equal the library'
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -76,18 +77,25 @@ def test_generate_streams_the_library_output(model_dir, llm, monkeypatch):
     assert len([w for w in writes if w.strip()]) >= 2
 
 
-def test_generate_subprocess_and_stop_string(model_dir, llm):
+def test_generate_subprocess(model_dir, llm):
     prompt = "我们的模型"
     expected = llm.generate(prompt, _greedy())[0].outputs[0].text
     r = _run(["generate", model_dir, prompt, *GREEDY, *ENGINE_FLAGS])
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected + "\n"
-    assert "tok/s" in r.stderr
+    assert "tok/s" in r.stderr and "finish=length" in r.stderr
+
+
+def test_generate_stop_strings(model_dir, llm, capsys):
+    prompt = "我们的模型"
+    expected = llm.generate(prompt, _greedy())[0].outputs[0].text
     # a stop string cuts the text where it starts (engine semantics), and is not printed
     cut = expected.strip()[2:4]
     stopped = llm.generate(prompt, _greedy(stop=[cut]))[0].outputs[0].text
-    r = _run(["generate", model_dir, prompt, *GREEDY, *ENGINE_FLAGS, "--stop", cut, "--stop", "never-there"])
-    assert r.returncode == 0 and r.stdout == stopped + "\n" and cut not in r.stdout
+    assert len(stopped) < len(expected)
+    assert main(["generate", model_dir, prompt, *GREEDY, *ENGINE_FLAGS, "--stop", cut, "--stop", "never"]) == 0
+    out = capsys.readouterr()
+    assert out.out == stopped + "\n" and cut not in out.out and "finish=stop" in out.err
 
 
 def test_chat_keeps_the_conversation_and_resets(model_dir, llm):
@@ -105,11 +113,11 @@ def test_chat_keeps_the_conversation_and_resets(model_dir, llm):
     assert "(conversation reset)" in r.stderr
 
 
-def test_chat_system_message(model_dir, llm):
-    r = _run(["chat", model_dir, "--system", "You are helpful.", *GREEDY, *ENGINE_FLAGS], stdin="Hi\n")
-    assert r.returncode == 0, r.stderr
+def test_chat_system_message(model_dir, llm, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    assert main(["chat", model_dir, "--system", "You are helpful.", *GREEDY, *ENGINE_FLAGS]) == 0
     msgs = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi"}]
-    assert r.stdout == llm.chat(msgs, _greedy())[0].outputs[0].text + "\n"
+    assert capsys.readouterr().out == llm.chat(msgs, _greedy())[0].outputs[0].text + "\n"
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -127,9 +135,10 @@ def test_clear_one_line_errors(model_dir, argv, match, capsys):
     assert err.startswith(f"ernie45 {argv[0]}: error:") and match in err and "\n" not in err, err
 
 
-def test_chat_reports_a_too_long_turn_and_goes_on(model_dir):
-    long_turn = "word " * 400
-    r = _run(["chat", model_dir, *GREEDY, *ENGINE_FLAGS, "--max-model-len", "64"], stdin=f"{long_turn}\nHi\n")
-    assert r.returncode == 0, r.stderr
-    assert "ernie45 chat: error:" in r.stderr and "/reset" in r.stderr
-    assert r.stdout.count("\n") == 1  # the short turn was answered
+def test_chat_reports_a_too_long_turn_and_goes_on(model_dir, llm, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("word " * 400 + "\nHi\n"))
+    assert main(["chat", model_dir, *GREEDY, *ENGINE_FLAGS, "--max-model-len", "64"]) == 0
+    out = capsys.readouterr()
+    assert "ernie45 chat: error:" in out.err and "/reset" in out.err
+    # the long turn was dropped from the conversation: the next answer is the one to "Hi" alone
+    assert out.out == llm.chat([{"role": "user", "content": "Hi"}], _greedy())[0].outputs[0].text + "\n"
