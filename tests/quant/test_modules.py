@@ -1,0 +1,148 @@
+"""Quantized modules against dequantize-then-matmul, the kernel/dequant dispatch, and quantize_model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ernie45 import ErnieForCausalLM, ModelConfig, init_weights
+from ernie45.model.moe import Experts
+from ernie45.quant import QuantConfig, QuantExperts, QuantLinear, TensorScheme, modules, quantize_model
+from ernie45.quant.quantize import qweights
+from ernie45.quant.scheme import BASE
+
+SCHEMES = {
+    "int8-channel": (TensorScheme(8, None, True), "int8"),
+    "int8-g64": (TensorScheme(8, 64), "packed"),
+    "int4-g128": (TensorScheme(4, 128), "int4"),
+    "int4-g32-hqq": (TensorScheme(4, 32, method="hqq"), "int4"),
+    "int2-g64": (TensorScheme(2, 64), "packed"),
+    "int2-g64-hqq": (TensorScheme(2, 64, method="hqq"), "packed"),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype: torch.dtype) -> None:
+    scheme, layout = SCHEMES[name]
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128, bias=True).to(dtype)
+    q = QuantLinear.from_linear(lin, scheme)
+    assert q.layout == layout
+    x = torch.randn(rows, 256, dtype=dtype)
+    ref = x.float() @ q.dequantize(dtype=torch.float32).t() + lin.bias.float()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(q(x).float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    # and the dequantized weight is close to the original (the scheme works at all)
+    w = lin.weight.float()
+    rel = ((q.dequantize(dtype=torch.float32) - w).norm() / w.norm()).item()
+    assert rel < {8: 0.02, 4: 0.15, 2: 0.6}[scheme.bits], rel
+
+
+@pytest.mark.parametrize("name", ["int8-channel", "int4-g128"])
+def test_kernel_and_dequant_paths_agree(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    scheme, _ = SCHEMES[name]
+    q = QuantLinear.from_linear(nn.Linear(128, 64, bias=False).bfloat16(), scheme)
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    monkeypatch.setattr(modules, "KERNEL_MAX_ROWS", 16)
+    y_kernel = q(x)
+    monkeypatch.setattr(modules, "KERNEL_MAX_ROWS", 0)
+    y_deq = q(x)
+    torch.testing.assert_close(y_kernel.float(), y_deq.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("layout_scheme", ["int8-channel", "int4-g128", "int2-g64"])
+def test_get_set_round_trip(layout_scheme: str) -> None:
+    scheme, _ = SCHEMES[layout_scheme]
+    q = QuantLinear.from_linear(nn.Linear(128, 64).bfloat16(), scheme)
+    q2 = QuantLinear(128, 64, scheme, bias=True, dtype=torch.bfloat16)
+    q2.set_stored(None, *q.stored(None))
+    for (name, a), (_, b) in zip(q.named_buffers(), q2.named_buffers()):
+        assert torch.equal(a, b), name
+
+
+def test_quant_experts_match_dequantized_experts() -> None:
+    torch.manual_seed(0)
+    ex = Experts(4, 64, 64)
+    nn.init.normal_(ex.gate_up_proj, std=0.05)
+    nn.init.normal_(ex.down_proj, std=0.05)
+    qx = QuantExperts.from_experts(ex, TensorScheme(4, 32))
+    deq = Experts(4, 64, 64)
+    with torch.no_grad():
+        for e in range(4):
+            deq.gate_up_proj[e] = qx.gate_up_proj.dequantize(e, torch.float32)
+            deq.down_proj[e] = qx.down_proj.dequantize(e, torch.float32)
+    x = torch.randn(5, 64)
+    idx = torch.tensor([[0, 1], [1, 3], [2, 0], [3, 3], [0, 2]])
+    w = torch.rand(5, 2)
+    torch.testing.assert_close(qx(x, idx, w), deq(x, idx, w), rtol=1e-4, atol=1e-5)
+
+
+def test_quantize_model_swaps_by_name_and_keeps_router_norms_embeddings() -> None:
+    cfg = ModelConfig.from_name("tiny-moe")
+    model = init_weights(ErnieForCausalLM(cfg), seed=0)
+    ref = copy.deepcopy(model)
+    quantize_model(model, QuantConfig.from_name("int2"))
+    names = dict(qweights(model))
+    assert isinstance(model.model.layers[1].mlp.experts, QuantExperts)
+    assert names["model.layers.1.mlp.experts.gate_up_proj"].bits == 2
+    assert names["model.layers.0.self_attn.q_proj"].bits == 4  # dense linears at 4 bits (mixed layout)
+    assert names["lm_head"].bits == 8
+    assert type(model.model.layers[1].mlp.gate).__name__ == "Router"
+    assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    assert isinstance(model.model.embed_tokens, nn.Embedding)
+    torch.testing.assert_close(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    assert model(x).logits.shape == ref(x).logits.shape
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(model, "int4")
+    no_head = quantize_model(copy.deepcopy(ref), QuantConfig.from_name("int4", head_bits=None))
+    assert type(no_head.lm_head) is nn.Linear
+
+
+def test_forward_with_a_cache_object_uses_quantized_modules() -> None:
+    """The engine path (cache.attend) runs the same quantized forward as the dense path."""
+    cfg = ModelConfig.from_name("tiny-moe")
+    model = quantize_model(init_weights(ErnieForCausalLM(cfg), seed=1), "int4").eval()
+
+    class FullCache:  # plain attention over everything seen so far
+        def __init__(self) -> None:
+            self.k: dict[int, torch.Tensor] = {}
+            self.v: dict[int, torch.Tensor] = {}
+
+        def attend(self, i, q, k, v):  # noqa: ANN001, ANN202
+            self.k[i] = torch.cat([self.k[i], k]) if i in self.k else k
+            self.v[i] = torch.cat([self.v[i], v]) if i in self.v else v
+            kk, vv = self.k[i], self.v[i]
+            t, s = q.shape[0], kk.shape[0]
+            mask = torch.ones(t, s, dtype=torch.bool).tril(s - t)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], kk.transpose(0, 1)[None], vv.transpose(0, 1)[None], attn_mask=mask,
+                enable_gqa=True, scale=q.shape[-1] ** -0.5)
+            return out[0].transpose(0, 1)
+
+    ids = torch.randint(0, cfg.vocab_size, (1, 10))
+    with torch.no_grad():
+        full = model(ids).logits[0]
+        cache = FullCache()
+        first = model(ids[:, :6], position_ids=torch.arange(6), cache=cache).logits[0]
+        steps = [model(ids[:, t:t + 1], position_ids=torch.tensor([t]), cache=cache).logits[0, -1]
+                 for t in range(6, 10)]
+    torch.testing.assert_close(first, full[:6], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.stack(steps), full[6:], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_options_are_clear() -> None:
+    with pytest.raises(ValueError, match="quant='int3'"):
+        QuantConfig.from_name("int3")
+    with pytest.raises(ValueError, match="method='gptq'"):
+        QuantConfig.from_name("int4", method="gptq")
+    with pytest.raises(ValueError, match="group_size=12"):
+        QuantConfig.from_name("int4", group_size=12)
+    with pytest.raises(ValueError, match="groups of 96"):
+        QuantLinear(160, 64, TensorScheme(4, 96))
+    assert BASE[8].symmetric and QuantConfig.from_name("int8", group_size=64).experts.symmetric is False
