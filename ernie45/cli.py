@@ -173,6 +173,48 @@ def add_generate_parsers(sub) -> None:  # noqa: ANN001 - argparse's private subp
     s.set_defaults(func=cmd_chat)
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from ernie45.model.checkpoint import resolve_model_path, save_model
+    from ernie45.quant.load import copy_side_files, load_quantized
+    from ernie45.quant.quantize import quantized_nbytes
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    src = resolve_model_path(args.model)
+    group = None if args.group_size in (0, -1) else args.group_size
+    opts = {} if args.group_size is None else {"group_size": group}
+    if args.dense_bits is not None:
+        opts["dense_bits"] = args.dense_bits
+    if args.head_bits is not None:
+        opts["head_bits"] = args.head_bits or None
+    model = load_quantized(src, dtype=args.dtype, quant=f"int{args.bits}", method=args.method, progress=True,
+                           **opts)
+    save_model(model, args.out, max_shard_size=args.max_shard_size)
+    copy_side_files(src, args.out)
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out) if f.endswith(".safetensors"))
+    print(f"{model.quant_config.describe()}\n{quantized_nbytes(model) / 2**30:.2f} GiB in memory, "
+          f"{size / 2**30:.2f} GiB on disk -> {args.out}")
+    return 0
+
+
+def add_quantize_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
+    s = sub.add_parser("quantize", help="write a quantized checkpoint (int8 / int4 / 2-bit), streaming the source")
+    s.add_argument("model", help="full-precision checkpoint folder (or 'demo')")
+    s.add_argument("out", help="output folder; load it with ernie45.load_model(out)")
+    s.add_argument("--bits", type=int, default=4, choices=[8, 4, 2], help="bits of the expert weights")
+    s.add_argument("--group-size", type=int, default=None,
+                   help="columns per scale (32/64/128; 0 = per channel); default per --bits: 8->channel, 4->128, 2->64")
+    s.add_argument("--method", choices=["rtn", "hqq"], default=None,
+                   help="rtn: round to nearest; hqq: data-free optimised zero points (default for 2-bit)")
+    s.add_argument("--dense-bits", type=int, choices=[8, 4, 2], help="bits of attention/dense/shared linears")
+    s.add_argument("--head-bits", type=int, choices=[0, 8, 4, 2], help="bits of the LM head (0 = keep bf16)")
+    s.add_argument("--dtype", default="bfloat16", help="compute dtype of the quantized model")
+    s.add_argument("--max-shard-size", default="5GB", help="largest safetensors file")
+    s.set_defaults(func=cmd_quantize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie45", description="ERNIE 4.5 text models in plain PyTorch")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -181,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_info)
     add_generate_parsers(sub)
+    add_quantize_parser(sub)
     return p
 
 
