@@ -134,7 +134,15 @@ class LLMEngine:
         max_model_len = max_model_len or limit
         param = next(self.model.parameters())
         cache_dtype = self.model.model.embed_tokens.weight.dtype
-        self.kv_cache = KVCache.from_budget(self.config, cache_dtype, block_size, kv_cache_memory, param.device,
+        # A model split by ernie45.parallel: this is rank 0; its cache holds only its own kv heads and
+        # each step is broadcast to the other ranks (ernie45.parallel.runner.worker_loop).
+        parallel = getattr(self.model, "parallel_mesh", None) is not None
+        kv_config = self.config
+        if parallel:
+            from ernie45.parallel.runner import DistributedModelRunner, local_attention_config
+
+            kv_config = local_attention_config(self.model)
+        self.kv_cache = KVCache.from_budget(kv_config, cache_dtype, block_size, kv_cache_memory, param.device,
                                             max_tokens=max_num_seqs * max_model_len)
         if max_model_len > self.kv_cache.capacity_tokens:
             log.warning("max_model_len %d exceeds the KV cache (%d tokens); capping it", max_model_len,
@@ -143,7 +151,7 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(self.kv_cache.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.runner = (DistributedModelRunner if parallel else ModelRunner)(self.model, self.kv_cache)
         self.sampler = Sampler()
         self.max_waiting = max_waiting
         self.requests: dict[str, _Request] = {}
@@ -238,6 +246,11 @@ class LLMEngine:
         changed: dict[str, _Request] = dict(self._pending)
         self._pending.clear()
         out = self.scheduler.schedule()
+        if out.is_empty and self.scheduler.waiting and not self.scheduler.running:
+            # add_request's length check and the max_model_len cap make this unreachable; fail loudly
+            # rather than spin if an invariant breaks.
+            raise RuntimeError(f"scheduler stalled: {self.scheduler.waiting[0]!r} cannot be scheduled "
+                               f"with {self.block_manager.num_free_blocks} free blocks")
         if not out.is_empty:
             seqs, logits = self.runner.execute(out.scheduled)
             self.scheduler.update(out)

@@ -198,10 +198,48 @@ def sharded_load_ep(rank: int, world: int, path: str) -> None:
         assert_logits_equal(model(ids).logits, load_model(path, dtype=torch.float32)(ids).logits)
 
 
+def engine_greedy(rank: int, world: int, sizes: ParallelConfig, cfg: ModelConfig) -> None:
+    """The paged-KV engine on a parallel model (rank 0 schedules, all ranks run each step) generates
+    the single-process engine's greedy tokens: chunked prefill, prefix-cache hits and batched decodes."""
+    from ernie45.engine.llm import LLM
+    from ernie45.engine.sampling_params import SamplingParams
+    from ernie45.parallel.runner import worker_loop
+
+    ref = build(cfg)
+    par = parallelize(copy.deepcopy(ref), init_mesh(sizes, cfg))
+    if rank != 0:
+        assert worker_loop(par) > 5
+        return
+    base = ids_for(cfg, b=1, t=40, seed=5)[0].tolist()
+    prompts = [base[:7], base, base[:30] + [3, 4, 5], base[10:13]]  # shared prefixes hit the prefix cache
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    opts = dict(kv_cache_memory="1MB", max_num_batched_tokens=24, block_size=8)
+    want = [o.outputs[0].token_ids for o in LLM(ref, **opts).generate(prompts, params)]
+    llm = LLM(par, **opts)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert llm.engine.stats()["prefix_cache_hit_tokens"] > 0
+    finally:
+        llm.engine.runner.shutdown()
+    assert got == want
+
+
+def engine_tp2(rank: int, world: int) -> None:
+    engine_greedy(rank, world, ParallelConfig(tp=2), TP_CONFIGS["moe-kv1-tied"])
+
+
+def engine_ep2(rank: int, world: int) -> None:
+    engine_greedy(rank, world, ParallelConfig(ep=2), EP_CONFIGS["moe-noshared-interval"])
+
+
 # -------------------------------------------------------------------------------------- 4 ranks
 def tp2_ep2_logits(rank: int, world: int) -> None:
     compare_forward(ParallelConfig(ep=2, tp=2), {"moe-kv1-tied": TP_CONFIGS["moe-kv1-tied"], **EP_CONFIGS},
                     gen_tokens=6)
+
+
+def engine_tp2_ep2(rank: int, world: int) -> None:
+    engine_greedy(rank, world, ParallelConfig(tp=2, ep=2), TINY_MOE)
 
 
 def dp2_ep2_training(rank: int, world: int) -> None:

@@ -50,6 +50,8 @@ def two_ranks(checkpoints) -> dict:
         ("ep2_fsdp_training", dc.ep2_fsdp_training),
         ("dp2_fsdp_dense_training", dc.dp2_fsdp_dense_training),
         ("sharded_load_ep", functools.partial(dc.sharded_load_ep, path=checkpoints["small"])),
+        ("engine_tp2", dc.engine_tp2),
+        ("engine_ep2", dc.engine_ep2),
     ]
     return run_checks(checks, world=2)
 
@@ -59,6 +61,7 @@ def four_ranks(checkpoints) -> dict:
     checks = [
         ("tp2_ep2_logits", dc.tp2_ep2_logits),
         ("dp2_ep2_training", dc.dp2_ep2_training),
+        ("engine_tp2_ep2", dc.engine_tp2_ep2),
         ("sharded_load_ep", functools.partial(dc.sharded_load_ep, path=checkpoints["small"])),
     ]
     return run_checks(checks, world=4)
@@ -110,3 +113,15 @@ def test_dp2_x_ep2_fsdp_training_equals_single_process(four_ranks):
 
 def test_sharded_load_tp2_x_ep2(four_ranks):
     assert_passed(four_ranks, "sharded_load_ep")
+
+
+def test_engine_tp2_greedy_equals_single_process_engine(two_ranks):
+    assert_passed(two_ranks, "engine_tp2")
+
+
+def test_engine_ep2_greedy_equals_single_process_engine(two_ranks):
+    assert_passed(two_ranks, "engine_ep2")
+
+
+def test_engine_tp2_x_ep2_greedy_equals_single_process_engine(four_ranks):
+    assert_passed(four_ranks, "engine_tp2_ep2")
