@@ -127,7 +127,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
             "tpot": (latency - ttft) / (out - 1) if out > 1 else None}
 
 
-async def run_level(url: str, model: str, concurrency: int, texts: list[str], max_tokens: int) -> dict:
+async def run_level(url: str, model: str, concurrency: int, texts: list[str], max_tokens: int,
+                    timeout: float = 600) -> dict:
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
@@ -137,7 +138,10 @@ async def run_level(url: str, model: str, concurrency: int, texts: list[str], ma
                 return await one_request(client, url, model, p, max_tokens)
 
         t0 = time.perf_counter()
-        res = await asyncio.gather(*(go(p) for p in texts))
+        try:
+            res = await asyncio.wait_for(asyncio.gather(*(go(p) for p in texts)), timeout)
+        except asyncio.TimeoutError:  # a peer too slow for this level: report it, do not hold the lock for ever
+            res = [{"error": f"level did not finish in {timeout:.0f} s"}] * len(texts)
         duration = time.perf_counter() - t0
     ok = [r for r in res if "error" not in r]
 
@@ -147,20 +151,24 @@ async def run_level(url: str, model: str, concurrency: int, texts: list[str], ma
 
     out_tokens = sum(r["output_tokens"] for r in ok)
     return {"concurrency": concurrency, "requests": len(texts), "failed": len(res) - len(ok),
+            "note": res[0]["error"] if not ok else "",
             "duration_s": duration, "output_tokens": out_tokens, "output_tok_s": out_tokens / duration,
             "mean_prompt_tokens": statistics.mean(r["prompt_tokens"] or 0 for r in ok) if ok else 0,
             **{f"{k}_p{int(q * 100)}_ms": pct(k, q) for k in ("ttft", "tpot") for q in (0.5, 0.9, 0.99)}}
 
 
-def sweep(name: str, url: str, model: str, levels: list[int], n_prompts: dict, words: int, max_tokens: int) -> list:
+def sweep(name: str, url: str, model: str, levels: list[int], n_prompts: dict, words: int, max_tokens: int,
+          timeout: float) -> list:
     rows = []
     asyncio.run(run_level(url, model, 1, prompts(2, words, seed=99), max_tokens))  # warm-up
     for c in levels:
-        row = asyncio.run(run_level(url, model, c, prompts(n_prompts[c], words, seed=c), max_tokens))
+        row = asyncio.run(run_level(url, model, c, prompts(n_prompts[c], words, seed=c), max_tokens, timeout))
         row["server"] = name
         print(f"{name:>14} c={c:<3} {row['output_tok_s']:8.1f} out tok/s  TTFT p50 {row['ttft_p50_ms']:8.1f} ms  "
-              f"TPOT p50 {row['tpot_p50_ms']:7.1f} ms  failed {row['failed']}", flush=True)
+              f"TPOT p50 {row['tpot_p50_ms']:7.1f} ms  failed {row['failed']} {row['note']}", flush=True)
         rows.append(row)
+        if row["note"]:
+            break  # higher concurrency would only take longer
     return rows
 
 
@@ -173,6 +181,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--no-peer", action="store_true", help="skip transformers serve")
     ap.add_argument("--peer-no-cb", action="store_true", help="run transformers serve without continuous batching")
+    ap.add_argument("--level-timeout", type=float, default=420, help="seconds per concurrency level at most")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -184,14 +193,15 @@ def main() -> None:
     ours = [sys.executable, "-m", "ernie45.cli", "serve", model, "--port", str(port), "--served-model-name", "m",
             "--dtype", "bfloat16", "--max-num-seqs", "64", "--kv-cache-memory", "2GB", "--max-model-len", "1024"]
     with Server(ours, port, os.path.join(work, "ernie45.log")):
-        rows += sweep("ernie45", f"http://127.0.0.1:{port}", "m", levels, n_prompts, args.words, args.max_tokens)
+        rows += sweep("ernie45", f"http://127.0.0.1:{port}", "m", levels, n_prompts, args.words, args.max_tokens,
+                      args.level_timeout)
     if not args.no_peer and args.model != "demo":
         port = free_port()
         peer = ["transformers", "serve", model, "--port", str(port), "--device", "cpu", "--dtype", "bfloat16",
                 *([] if args.peer_no_cb else ["--continuous-batching"])]
         with Server(peer, port, os.path.join(work, "transformers.log")):
             rows += sweep("transformers", f"http://127.0.0.1:{port}", model, levels, n_prompts, args.words,
-                          args.max_tokens)
+                          args.max_tokens, args.level_timeout)
     write_report(args, rows, model)
 
 
@@ -218,7 +228,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], model: str) -> None
         lines.append(f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['failed']} | "
                      f"{r['output_tok_s']:.1f} | {r['mean_prompt_tokens']:.0f} | {r['ttft_p50_ms']:.0f} / "
                      f"{r['ttft_p90_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} / "
-                     f"{r['tpot_p90_ms']:.1f} / {r['tpot_p99_ms']:.1f} |")
+                     f"{r['tpot_p90_ms']:.1f} / {r['tpot_p99_ms']:.1f} |" + (f" {r['note']}" if r["note"] else ""))
     peer = {r["concurrency"]: r for r in rows if r["server"] == "transformers"}
     ratios = [f"c={r['concurrency']}: {r['output_tok_s'] / peer[r['concurrency']]['output_tok_s']:.2f}x"
               for r in rows if r["server"] == "ernie45" and r["concurrency"] in peer
