@@ -13,6 +13,7 @@ ids[T] | positions[T] | rows[R] | query_lens[S] | context_lens[S] | table_lens[S
 
 from __future__ import annotations
 
+import atexit
 import logging
 
 import torch
@@ -68,6 +69,9 @@ class DistributedModelRunner(ModelRunner):
         if dist.get_rank() != 0:
             raise RuntimeError("only rank 0 runs the engine; the other ranks run ernie45.parallel.runner.worker_loop")
         self._send_init()
+        self._stopped = False
+        # A server that exits (Ctrl-C, an error) must release the workers or torchrun waits forever.
+        atexit.register(self.shutdown)
 
     def _send_init(self) -> None:
         h = torch.tensor([INIT, 0, 0, 0, self.kv.num_blocks], dtype=torch.long, device=self.device)
@@ -90,7 +94,11 @@ class DistributedModelRunner(ModelRunner):
         return sample_seqs, _forward(self.model, self.kv, input_ids, pos, meta, rows)
 
     def shutdown(self) -> None:
-        """Release the workers from ``worker_loop`` (call once, when the engine is done)."""
+        """Release the workers from ``worker_loop`` when the engine is done (idempotent)."""
+        if self._stopped or not dist.is_initialized():
+            return
+        self._stopped = True
+        atexit.unregister(self.shutdown)
         _broadcast([STOP, 0, 0, 0, 0], None, self.device)
 
 
