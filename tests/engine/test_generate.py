@@ -100,3 +100,19 @@ def test_long_context_32k_prompt_through_chunked_prefill():
         dense = model(torch.tensor([ids]), logits_indices=torch.tensor([n - 1])).logits[0].log_softmax(-1)
     assert out.outputs[0].token_ids == [int(dense.argmax())]
     assert max(abs(dense[t].item() - lp) for t, lp in got.items()) < 2e-3
+
+
+def test_bf16_engine_matches_the_dense_bf16_forward(hf_checkpoints):
+    from ernie45 import load_model
+
+    model = load_model(hf_checkpoints["moe"][1], dtype=torch.bfloat16)
+    ps = prompts(CONFIGS["moe"].vocab_size, [12, 30], seed=9)
+    outs = LLM(model, kv_cache_memory="4MB", block_size=8).generate(
+        ps, SamplingParams(temperature=0, max_tokens=1, logprobs=1))
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        for p, o in zip(ps, outs):
+            dense = model(torch.tensor([p])).logits[0, -1].float().log_softmax(-1)
+            tok = o.outputs[0].token_ids[0]
+            assert dense[tok] >= dense.max() - 0.05   # the argmax, up to bf16 rounding of near-ties
+            assert abs(o.outputs[0].logprobs[0][tok] - dense[tok].item()) < 0.05

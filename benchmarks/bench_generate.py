@@ -1,0 +1,187 @@
+"""Generation speed: the ernie45 engine vs transformers' ``generate`` on "mid-4L" (the real
+ERNIE-4.5-21B-A3B shape with 4 layers, random weights, bf16), batch 1 and batch 16, 128-token prompts,
+128 new tokens, greedy, in the same process (our model shares transformers' weight tensors, and the
+runs alternate per batch size).
+
+Figures: TTFT (time to the first token), prefill tok/s (prompt tokens / TTFT), decode tok/s (tokens
+after the first / time after the first token), and the end-to-end throughput; ratios ours / transformers.
+
+    flock /tmp/ernie45-heavy.lock python benchmarks/bench_generate.py [--batch-sizes 1 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from ernie45 import ModelConfig, save_model  # noqa: E402
+from ernie45.engine import LLMEngine, SamplingParams  # noqa: E402
+from ernie45.model.checkpoint import build_empty  # noqa: E402
+from ernie45.utils import atomic_write_text  # noqa: E402
+
+
+def mid_4l() -> ModelConfig:
+    return ModelConfig.from_name("ernie-4.5-21b-a3b").replace(
+        num_hidden_layers=4, moe_layer_end_index=3, num_nextn_predict_layers=0)
+
+
+@torch.no_grad()
+def build_model(cfg: ModelConfig):  # noqa: ANN201
+    """Meta build + a cheap fill: slices of one random pool (speed does not depend on the values;
+    random init of 2.8B parameters would take ~1 minute)."""
+    model = build_empty(cfg, torch.bfloat16)
+    pool = torch.randn(1 << 24, generator=torch.Generator().manual_seed(0)) * 0.02
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+            continue
+        flat = p.view(-1)
+        for i in range(0, flat.numel(), pool.numel()):
+            n = min(pool.numel(), flat.numel() - i)
+            off = (i // 7 + zlib.crc32(name.encode())) % (pool.numel() - n + 1)  # vary the pattern between tensors
+            flat[i:i + n].copy_(pool[off:off + n])
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.zero_()
+    return model.eval()
+
+
+def make_prompts(cfg: ModelConfig, batch: int, length: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(batch)
+    return torch.randint(3, cfg.vocab_size, (batch, length), generator=g).tolist()
+
+
+def bench_ours(model, cfg: ModelConfig, batch: int, plen: int, new: int) -> dict:  # noqa: ANN001
+    eng = LLMEngine(model, max_num_seqs=max(16, batch), max_num_batched_tokens=max(2048, batch * plen),
+                    kv_cache_memory=cfg.kv_bytes_per_token(2) * (batch * (plen + new) + 1024), block_size=16,
+                    max_model_len=plen + new + 16)
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    for i, p in enumerate(make_prompts(cfg, batch, 16)):  # warm-up (allocator, kernels)
+        eng.add_request(f"w{i}", p, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    t0 = time.perf_counter()
+    for i, p in enumerate(make_prompts(cfg, batch, plen)):
+        eng.add_request(str(i), p, params)
+    first_step_end = None
+    while eng.has_unfinished_requests():
+        eng.step()
+        if first_step_end is None:
+            first_step_end = time.perf_counter()
+    t_end = time.perf_counter()
+    ttft = first_step_end - t0
+    return {"ttft_s": ttft, "prefill_tok_s": batch * plen / ttft,
+            "decode_tok_s": batch * (new - 1) / (t_end - first_step_end), "total_tok_s": batch * new / (t_end - t0)}
+
+
+def bench_hf(hf, cfg: ModelConfig, batch: int, plen: int, new: int) -> dict:  # noqa: ANN001
+    ids = torch.tensor(make_prompts(cfg, batch, plen))
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        hf.generate(ids[:, :16], max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+        total = time.perf_counter() - t0
+    assert out.shape[1] == plen + new
+    return {"ttft_s": ttft, "prefill_tok_s": batch * plen / ttft,
+            "decode_tok_s": batch * (new - 1) / max(total - ttft, 1e-9), "total_tok_s": batch * new / total}
+
+
+def share_weights(hf, cfg: ModelConfig):  # noqa: ANN001, ANN201
+    """Our ErnieForCausalLM over transformers' tensors (same names and fused expert layout, except
+    the router bias): both models in memory for the price of one, so the runs can alternate."""
+    from ernie45.model.layers import RotaryEmbedding
+    from ernie45.model.model import ErnieForCausalLM
+
+    with torch.device("meta"):
+        ours = ErnieForCausalLM(cfg)
+    sd = {k.replace("gate.moe_statics.", "gate."): (v.view(-1) if "moe_statics" in k else v)
+          for k, v in hf.state_dict().items()}
+    ours.load_state_dict(sd, assign=True, strict=True)
+    for m in ours.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.inv_freq = torch.empty(m.head_dim // 2)
+            m.reset()
+    ours.tie_weights()
+    return ours.eval()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--skip-hf", action="store_true", help="only our engine (no ratios)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = mid_4l()
+    t = time.perf_counter()
+    model = build_model(cfg)
+    print(f"built mid-4L ({cfg.num_params() / 1e9:.2f}B params, bf16) in {time.perf_counter() - t:.1f}s", flush=True)
+    results: dict[str, dict[int, dict]] = {"ours": {}, "transformers": {}}
+    hf = None
+    if not args.skip_hf:
+        import transformers
+
+        with tempfile.TemporaryDirectory(prefix="mid4l-") as tmp:
+            save_model(model, tmp)
+            del model
+            gc.collect()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval()
+        model = share_weights(hf, cfg)
+    for b in args.batch_sizes:  # alternate ours / theirs per batch size: load drifts over minutes
+        results["ours"][b] = bench_ours(model, cfg, b, args.prompt_len, args.new_tokens)
+        print("ours", b, results["ours"][b], flush=True)
+        if hf is not None:
+            results["transformers"][b] = bench_hf(hf, cfg, b, args.prompt_len, args.new_tokens)
+            print("transformers", b, results["transformers"][b], flush=True)
+    report(args, results)
+    return 0
+
+
+def report(args: argparse.Namespace, results: dict) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    cpu = platform.processor() or platform.machine()
+    lines = [f"# bench_generate: ernie45 engine vs transformers generate ({datetime.date.today()})", "",
+             f"- machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
+             f"- command: `flock /tmp/ernie45-heavy.lock python benchmarks/bench_generate.py "
+             f"--batch-sizes {' '.join(map(str, args.batch_sizes))}`",
+             f"- commit: {commit}; model mid-4L (21B-A3B shape, 4 layers, random weights, bf16); "
+             f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy", "",
+             "| batch | metric | ours | transformers | ratio |", "|---|---|---|---|---|"]
+    for b, ours in results["ours"].items():
+        hf = results["transformers"].get(b, {})
+        for key, label in (("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s"),
+                           ("total_tok_s", "end-to-end tok/s"), ("ttft_s", "TTFT s")):
+            theirs = hf.get(key)
+            ratio = "" if theirs is None else (f"{ours[key] / theirs:.2f}x" if key != "ttft_s"
+                                               else f"{theirs / ours[key]:.2f}x faster")
+            lines.append(f"| {b} | {label} | {ours[key]:.2f} | {'' if theirs is None else f'{theirs:.2f}'} "
+                         f"| {ratio} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    path = os.path.join(ROOT, "benchmarks", "results", f"{datetime.date.today()}-bench_generate.md")
+    atomic_write_text(path, text)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
