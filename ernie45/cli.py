@@ -155,6 +155,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages.pop()
             print(f"ernie45 chat: error: {e} (type /reset to start over)", file=sys.stderr)
             continue
+        if finish == "length":
+            print(f"(reply cut at --max-tokens {args.max_tokens})", file=sys.stderr)
         turn += 1
         messages.append({"role": "assistant", "content": reply})
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ernie45 import ModelConfig, init_weights, save_model
 from ernie45.cli import main
@@ -118,6 +119,44 @@ def test_chat_system_message(model_dir, llm, capsys, monkeypatch):
     assert main(["chat", model_dir, "--system", "You are helpful.", *GREEDY, *ENGINE_FLAGS]) == 0
     msgs = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi"}]
     assert capsys.readouterr().out == llm.chat(msgs, _greedy())[0].outputs[0].text + "\n"
+
+
+@pytest.fixture(scope="module")
+def stop_model_dir(tmp_path_factory) -> str:
+    """A checkpoint whose greedy chat reply to "Hi" ends with <|end_of_sentence|> after a few tokens.
+
+    The (untied) LM-head row of the sep token is set along the final hidden state of the third reply
+    position, so that its logit wins there (and possibly earlier), like a trained chat model's turn end.
+    """
+    from ernie45.tokenizer import Tokenizer
+
+    folder = str(tmp_path_factory.mktemp("cli-stop-model"))
+    tok = Tokenizer.from_pretrained(write_test_tokenizer(folder, vocab_size=SP_VOCAB))
+    cfg = ModelConfig.from_name("tiny-moe").replace(vocab_size=SP_VOCAB, max_position_embeddings=256,
+                                                    tie_word_embeddings=False)
+    model = init_weights(ErnieForCausalLM(cfg), std=0.5, seed=3).eval()
+    x = torch.tensor([tok.encode_chat([{"role": "user", "content": "Hi"}])])
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.cat([x, model(x).logits[:, -1:].argmax(-1)], dim=1)
+        h = model(x).hidden_states[0, -1]
+        model.lm_head.weight[tok.sep_token_id] = 30 * h / h.norm()
+    save_model(model, folder)
+    return folder
+
+
+def test_chat_stops_on_end_of_sentence(stop_model_dir, capsys, monkeypatch):
+    from ernie45.engine.llm import LLM
+
+    llm = LLM(stop_model_dir, dtype="float32", kv_cache_memory="16MB")
+    expected = llm.chat([{"role": "user", "content": "Hi"}], _greedy(max_tokens=20))[0].outputs[0]
+    sep = llm.tokenizer.sep_token_id
+    assert expected.finish_reason == "stop" and expected.stop_reason == sep and len(expected.token_ids) <= 3
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    assert main(["chat", stop_model_dir, "--temperature", "0", "--max-tokens", "20", *ENGINE_FLAGS]) == 0
+    out = capsys.readouterr()
+    assert out.out == expected.text + "\n" and "<|end_of_sentence|>" not in out.out
+    assert "reply cut" not in out.err  # it ended on the stop id, not on --max-tokens
 
 
 @pytest.mark.parametrize("argv, match", [
