@@ -1,0 +1,33 @@
+"""`ernie45 train pretrain|sft|dpo --config recipe.yaml [--resume]`: the training verb of ernie45/cli.py."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ernie45.train.recipe import TrainConfig
+    from ernie45.train.trainer import Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = TrainConfig.from_yaml(args.config, output_dir=args.output_dir, max_steps=args.max_steps)
+    if cfg.task != args.task:
+        raise ValueError(f"{args.config} is a {cfg.task!r} recipe; run `ernie45 train {cfg.task} --config "
+                         f"{args.config}` or set task: {args.task} in it")
+    trainer = Trainer(cfg)
+    history = trainer.train(resume=args.resume)
+    if history:
+        last = history[-1]
+        print(f"step {last['step']}: loss {last['loss']:.4f}; model in {cfg.output_dir}/final")
+    return 0
+
+
+def add_train_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
+    s = sub.add_parser("train", help="pretrain, SFT or DPO (full or LoRA) from a YAML recipe (see recipes/)")
+    s.add_argument("task", choices=["pretrain", "sft", "dpo"])
+    s.add_argument("--config", required=True, help="recipe YAML (keys: ernie45.train.recipe.TrainConfig)")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    s.add_argument("--output-dir", help="override the recipe's output_dir")
+    s.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
+    s.set_defaults(func=cmd_train)
