@@ -124,21 +124,24 @@ def _reference_training(cfg: ModelConfig, steps: int, lr: float) -> tuple[list[f
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def compare_training(sizes: ParallelConfig, cfg: ModelConfig, fsdp: bool, steps: int = 3, lr: float = 1e-2) -> None:
-    want_losses, want_params = _reference_training(cfg, steps, lr)
+def _rows(ids: torch.Tensor, labels: torch.Tensor, mesh) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """This data rank's slice of the global batch."""
+    data_rank = mesh.local_rank("dp") * mesh.ep + mesh.local_rank("ep")
+    per = ids.shape[0] // (mesh.dp * mesh.ep)
+    rows = slice(data_rank * per, (data_rank + 1) * per)
+    return ids[rows], labels[rows]
+
+
+def _parallel_trainer(sizes: ParallelConfig, cfg: ModelConfig, fsdp: bool, lr: float):  # noqa: ANN202
     mesh = init_mesh(sizes, cfg)
     model = parallelize(build(cfg).train(), mesh, tokens="sharded")
     specs = collect_specs(model)
     if fsdp:
         apply_fsdp(model, mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    ids, labels = _train_batch(cfg)
-    data_rank = mesh.local_rank("dp") * mesh.ep + mesh.local_rank("ep")
-    per = ids.shape[0] // (mesh.dp * mesh.ep)
-    rows = slice(data_rank * per, (data_rank + 1) * per)
-    losses = [train_step(model, opt, ids[rows], labels[rows], mesh) for _ in range(steps)]
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-6)
-    assert want_losses[-1] < want_losses[0] - 0.05, "training did not move the loss: the check is not informative"
+    return mesh, model, specs, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+
+
+def assert_params_equal(model: ErnieForCausalLM, specs: dict, want_params: dict, cfg: ModelConfig, lr: float) -> None:
     # full_tensor() is a collective: gather everything before any assertion can stop one rank early
     got = {n: p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for n, p in model.named_parameters()}
     init = build(cfg)
@@ -152,6 +155,40 @@ def compare_training(sizes: ParallelConfig, cfg: ModelConfig, fsdp: bool, steps:
         torch.testing.assert_close(local, want, rtol=1e-4, atol=1e-2 * lr, msg=lambda m, n=name: f"{n}: {m}")
         moved += int((local - start).abs().max().item() > 10 * lr * 1e-2)
     assert moved == len(got), f"only {moved} of {len(got)} parameters moved"
+
+
+def compare_training(sizes: ParallelConfig, cfg: ModelConfig, fsdp: bool, steps: int = 3, lr: float = 1e-2) -> None:
+    want_losses, want_params = _reference_training(cfg, steps, lr)
+    mesh, model, specs, opt = _parallel_trainer(sizes, cfg, fsdp, lr)
+    ids, labels = _rows(*_train_batch(cfg), mesh)
+    losses = [train_step(model, opt, ids, labels, mesh) for _ in range(steps)]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-6)
+    assert want_losses[-1] < want_losses[0] - 0.05, "training did not move the loss: the check is not informative"
+    assert_params_equal(model, specs, want_params, cfg, lr)
+
+
+def dcp_save_ep2(rank: int, world: int, folder: str) -> None:
+    """Two steps on ep=2 + FSDP, then a DCP checkpoint (resumed on 4 ranks and exported by the parent)."""
+    from ernie45.parallel.dist_checkpoint import save_train_checkpoint
+
+    mesh, model, _, opt = _parallel_trainer(ParallelConfig(ep=2), TINY_MOE, True, 1e-2)
+    ids, labels = _rows(*_train_batch(TINY_MOE), mesh)
+    for _ in range(2):
+        train_step(model, opt, ids, labels, mesh)
+    save_train_checkpoint(folder, model, opt, mesh, step=2)
+
+
+def dcp_resume_dp2_ep2(rank: int, world: int, folder: str) -> None:
+    """The 2-rank checkpoint resumed on dp=2 x ep=2: step 3 equals single-process step 3."""
+    from ernie45.parallel.dist_checkpoint import load_train_checkpoint
+
+    lr = 1e-2
+    want_losses, want_params = _reference_training(TINY_MOE, 3, lr)
+    mesh, model, specs, opt = _parallel_trainer(ParallelConfig(dp=2, ep=2), TINY_MOE, True, lr)
+    assert load_train_checkpoint(folder, model, opt, mesh) == 2
+    loss = train_step(model, opt, *_rows(*_train_batch(TINY_MOE), mesh), mesh)
+    assert abs(loss - want_losses[2]) <= 1e-5 * want_losses[2], (loss, want_losses)
+    assert_params_equal(model, specs, want_params, TINY_MOE, lr)
 
 
 def ep2_training(rank: int, world: int) -> None:

@@ -33,7 +33,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     del big
     small = init_weights(ErnieForCausalLM(dc.EP_CONFIGS["moe-noshared-interval"]), std=0.1, seed=3)
     save_model(small, root / "small", max_shard_size="200KB")
-    return {"big": str(root / "big"), "small": str(root / "small"),
+    return {"big": str(root / "big"), "small": str(root / "small"), "dcp": str(root / "dcp"),
             "big_bytes": BIG.num_params() * 2}
 
 
@@ -52,13 +52,15 @@ def two_ranks(checkpoints) -> dict:
         ("sharded_load_ep", functools.partial(dc.sharded_load_ep, path=checkpoints["small"])),
         ("engine_tp2", dc.engine_tp2),
         ("engine_ep2", dc.engine_ep2),
+        ("dcp_save_ep2", functools.partial(dc.dcp_save_ep2, folder=checkpoints["dcp"])),
     ]
     return run_checks(checks, world=2)
 
 
 @pytest.fixture(scope="module")
-def four_ranks(checkpoints) -> dict:
+def four_ranks(checkpoints, two_ranks) -> dict:
     checks = [
+        ("dcp_resume_dp2_ep2", functools.partial(dc.dcp_resume_dp2_ep2, folder=checkpoints["dcp"])),
         ("tp2_ep2_logits", dc.tp2_ep2_logits),
         ("dp2_ep2_training", dc.dp2_ep2_training),
         ("engine_tp2_ep2", dc.engine_tp2_ep2),
@@ -125,3 +127,20 @@ def test_engine_ep2_greedy_equals_single_process_engine(two_ranks):
 
 def test_engine_tp2_x_ep2_greedy_equals_single_process_engine(four_ranks):
     assert_passed(four_ranks, "engine_tp2_ep2")
+
+
+def test_training_checkpoint_from_2_ranks_resumes_on_4(four_ranks, two_ranks):
+    assert_passed(two_ranks, "dcp_save_ep2")
+    assert_passed(four_ranks, "dcp_resume_dp2_ep2")
+
+
+def test_training_checkpoint_exports_to_hf(two_ranks, checkpoints, tmp_path):
+    from ernie45 import load_model
+    from ernie45.parallel.dist_checkpoint import export_hf
+
+    assert_passed(two_ranks, "dcp_save_ep2")
+    export_hf(checkpoints["dcp"], str(tmp_path), dtype=torch.float32)
+    got = load_model(tmp_path, dtype=torch.float32)
+    _, want = dc._reference_training(dc.TINY_MOE, 2, 1e-2)
+    for name, p in got.named_parameters():
+        torch.testing.assert_close(p, want[name], rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
