@@ -97,3 +97,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def serve_cli(args: Any) -> int:
+    """``ernie45 serve MODEL --tp N --ep M`` (the argparse namespace of that verb)."""
+    sizes = ParallelConfig(tp=args.tp, ep=args.ep)
+    if getattr(args, "quant", None):
+        raise ValueError("--quant with --tp/--ep is not supported: serve the unquantized checkpoint over several ranks")
+    if not under_torchrun():
+        sizes.validate(ModelConfig.from_json(resolve_model_path(args.model)))
+        return relaunch_with_torchrun(sizes.world_size)
+    engine = {k: getattr(args, k, None) for k in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
+                                                   "max_model_len", "max_waiting", "block_size")}
+    if getattr(args, "no_prefix_caching", False):
+        engine["enable_prefix_caching"] = False
+    return serve_parallel(args.model, sizes, dtype=args.dtype, host=args.host, port=args.port,
+                          api_key=args.api_key or os.environ.get("ERNIE45_API_KEY"),
+                          served_model_name=args.served_model_name or args.model,
+                          max_body_bytes=args.max_body_bytes, **{k: v for k, v in engine.items() if v is not None})
