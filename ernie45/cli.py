@@ -84,10 +84,12 @@ def _sampling_params(args: argparse.Namespace, stop_token_ids: list[int] | None 
     return SamplingParams(max_tokens=args.max_tokens, stop_token_ids=stop_token_ids, **fields)
 
 
-def _stream(engine, request_id: str, prompt, params) -> tuple[str, str | None]:
-    """Run one request to the end, writing each step's new text to stdout; returns (text, finish)."""
+def _stream(engine, request_id: str, prompt, params) -> tuple[str, str | None, object]:
+    """Run one request to the end, writing each step's new text to stdout.
+
+    Returns (text, finish_reason, the last RequestOutput or None)."""
     engine.add_request(request_id, prompt, params)
-    text, finish = "", None
+    text, finish, last = "", None, None
     try:
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -95,28 +97,29 @@ def _stream(engine, request_id: str, prompt, params) -> tuple[str, str | None]:
                 if c.delta_text:
                     sys.stdout.write(c.delta_text)
                     sys.stdout.flush()
-                text, finish = c.text, c.finish_reason
+                text, finish, last = c.text, c.finish_reason, out
     except KeyboardInterrupt:  # Ctrl-C stops this reply, frees its KV blocks
         engine.abort(request_id)
         finish = "abort"
     sys.stdout.write("\n")
     sys.stdout.flush()
-    return text, finish
+    return text, finish, last
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import time
-
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = _sampling_params(args)  # validated before the model is loaded
     engine = _make_engine(args)
     if engine.tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.model in the checkpoint folder; text prompts need one")
-    t0 = time.monotonic()
-    _, finish = _stream(engine, "generate-0", prompt, params)
-    st = engine.stats()
-    n, dt = st.get("generation_tokens_total", 0), time.monotonic() - t0
-    print(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tok/s, finish={finish}]", file=sys.stderr)
+    _, finish, last = _stream(engine, "generate-0", prompt, params)
+    if last is not None:  # timings from the engine's own metrics (time.monotonic())
+        m, n = last.metrics, len(last.outputs[0].token_ids)
+        start, first, end = m.get("arrival_time"), m.get("first_token_time"), m.get("finished_time")
+        ttft = f"first token after {first - start:.2f} s" if first and start else "no token"
+        rate = f", then {(n - 1) / (end - first):.1f} tok/s" if n > 1 and first and end and end > first else ""
+        print(f"[{len(last.prompt_token_ids)} prompt + {n} generated tokens; {ttft}{rate}; finish={finish}]",
+              file=sys.stderr)
     return 130 if finish == "abort" else 0
 
 
@@ -150,7 +153,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": line})
         try:
             ids = tok.encode_chat(messages)
-            reply, finish = _stream(engine, f"chat-{turn}", ids, params)
+            reply, finish, _ = _stream(engine, f"chat-{turn}", ids, params)
         except ValueError as e:  # e.g. the conversation outgrew the context: keep the session alive
             messages.pop()
             print(f"ernie45 chat: error: {e} (type /reset to start over)", file=sys.stderr)

@@ -84,7 +84,8 @@ def test_generate_subprocess(model_dir, llm):
     r = _run(["generate", model_dir, prompt, *GREEDY, *ENGINE_FLAGS])
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected + "\n"
-    assert "tok/s" in r.stderr and "finish=length" in r.stderr
+    assert "generated tokens; first token after" in r.stderr and "tok/s" in r.stderr
+    assert "finish=length" in r.stderr
 
 
 def test_generate_stop_strings(model_dir, llm, capsys):
