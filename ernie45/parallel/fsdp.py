@@ -88,11 +88,47 @@ def sync_grads(model: ErnieForCausalLM, mesh: ParallelMesh) -> None:
             p.grad.div_(n)
 
 
+def clip_grad_norm_(model: ErnieForCausalLM, max_norm: float, mesh: ParallelMesh) -> float:
+    """Scale every gradient so the global L2 norm is at most ``max_norm`` (as
+    ``torch.nn.utils.clip_grad_norm_`` on one process); returns the norm before clipping.
+
+    Squares are summed where each shard lives: FSDP shards over the data ranks, expert slices over the
+    ep group (replicated over dp), replicated tensors once."""
+    zero = torch.zeros((), dtype=torch.float64)
+    dense, experts, replicated = zero.clone(), zero.clone(), zero.clone()
+    grads = []
+    for name, p in model.named_parameters():
+        g = p.grad
+        if g is None:
+            continue
+        local = g.to_local() if isinstance(g, DTensor) else g
+        grads.append(local)
+        sq = local.detach().double().pow(2).sum().cpu()
+        if isinstance(g, DTensor):
+            dense += sq
+        elif is_expert_param(name):
+            experts += sq
+        else:
+            replicated += sq
+    if data_ranks(mesh) > 1:
+        dist.all_reduce(dense)  # tp == 1: the world is the data ranks
+    if mesh.ep > 1:
+        dist.all_reduce(experts, group=mesh.group("ep"))
+    norm = float((dense + experts + replicated).sqrt())
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1:
+        for g in grads:
+            g.mul_(scale)
+    return norm
+
+
 def train_step(model: ErnieForCausalLM, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
-               labels: torch.Tensor, mesh: ParallelMesh, ignore_index: int = -100) -> float:
+               labels: torch.Tensor, mesh: ParallelMesh, ignore_index: int = -100,
+               max_grad_norm: float | None = None) -> float:
     """One optimizer step on this rank's micro-batch; returns the global mean token loss.
 
-    input_ids/labels: [B_local, T]. Equal to a single-process step on the concatenated global batch.
+    input_ids/labels: [B_local, T]. Equal to a single-process step on the concatenated global batch
+    (with ``max_grad_norm``: clipped by the global gradient norm, as on one process).
     """
     total = global_token_count(labels, mesh, ignore_index)
     if total == 0:
@@ -101,6 +137,8 @@ def train_step(model: ErnieForCausalLM, optimizer: torch.optim.Optimizer, input_
     loss, summed = local_loss(model, input_ids, labels, total, mesh, ignore_index)
     loss.backward()
     sync_grads(model, mesh)
+    if max_grad_norm is not None:
+        clip_grad_norm_(model, max_grad_norm, mesh)
     optimizer.step()
     dist.all_reduce(summed)
     return summed.item() / total

@@ -96,6 +96,7 @@ class ParallelMesh:
     def __init__(self, device_mesh: DeviceMesh, sizes: ParallelConfig) -> None:
         self.device_mesh = device_mesh
         self.sizes = sizes
+        self._data_mesh: DeviceMesh | None = None
 
     @property
     def tp(self) -> int:
@@ -121,7 +122,9 @@ class ParallelMesh:
 
     def data_mesh(self) -> DeviceMesh:
         """The dp x ep ranks flattened into one dim: the ranks that see different training data."""
-        return self.device_mesh["dp", "ep"]._flatten("dp_ep")
+        if self._data_mesh is None:  # flatten once: the name may be registered only once per mesh
+            self._data_mesh = self.device_mesh["dp", "ep"]._flatten("dp_ep")
+        return self._data_mesh
 
     @property
     def device_type(self) -> str:

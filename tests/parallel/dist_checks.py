@@ -109,7 +109,8 @@ def _train_batch(cfg: ModelConfig, b: int = 4, t: int = 16) -> tuple[torch.Tenso
     return ids[:, :-1].contiguous(), labels
 
 
-def _reference_training(cfg: ModelConfig, steps: int, lr: float) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _reference_training(cfg: ModelConfig, steps: int, lr: float, clip: float | None = None
+                        ) -> tuple[list[float], dict[str, torch.Tensor]]:
     model = build(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     ids, labels = _train_batch(cfg)
@@ -119,6 +120,9 @@ def _reference_training(cfg: ModelConfig, steps: int, lr: float) -> tuple[list[f
         logits = model(ids).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         loss.backward()
+        if clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            assert norm > 2 * clip, "clipping is not active: the check would not test it"
         opt.step()
         losses.append(loss.item())
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -157,11 +161,12 @@ def assert_params_equal(model: ErnieForCausalLM, specs: dict, want_params: dict,
     assert moved == len(got), f"only {moved} of {len(got)} parameters moved"
 
 
-def compare_training(sizes: ParallelConfig, cfg: ModelConfig, fsdp: bool, steps: int = 3, lr: float = 1e-2) -> None:
-    want_losses, want_params = _reference_training(cfg, steps, lr)
+def compare_training(sizes: ParallelConfig, cfg: ModelConfig, fsdp: bool, steps: int = 3, lr: float = 1e-2,
+                     clip: float | None = None) -> None:
+    want_losses, want_params = _reference_training(cfg, steps, lr, clip)
     mesh, model, specs, opt = _parallel_trainer(sizes, cfg, fsdp, lr)
     ids, labels = _rows(*_train_batch(cfg), mesh)
-    losses = [train_step(model, opt, ids, labels, mesh) for _ in range(steps)]
+    losses = [train_step(model, opt, ids, labels, mesh, max_grad_norm=clip) for _ in range(steps)]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-6)
     assert want_losses[-1] < want_losses[0] - 0.05, "training did not move the loss: the check is not informative"
     assert_params_equal(model, specs, want_params, cfg, lr)
@@ -196,7 +201,7 @@ def ep2_training(rank: int, world: int) -> None:
 
 
 def ep2_fsdp_training(rank: int, world: int) -> None:
-    compare_training(ParallelConfig(ep=2), TINY_MOE, fsdp=True)
+    compare_training(ParallelConfig(ep=2), TINY_MOE, fsdp=True, clip=0.05)  # global-norm clipping active
 
 
 def dp2_fsdp_dense_training(rank: int, world: int) -> None:
@@ -280,4 +285,4 @@ def engine_tp2_ep2(rank: int, world: int) -> None:
 
 
 def dp2_ep2_training(rank: int, world: int) -> None:
-    compare_training(ParallelConfig(dp=2, ep=2), TINY_MOE, fsdp=True)
+    compare_training(ParallelConfig(dp=2, ep=2), TINY_MOE, fsdp=True, clip=0.05)
