@@ -183,3 +183,9 @@ def test_sampling_params_validation_names_the_field(field, value):
         SamplingParams(**{field: value})
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=5, max_tokens=3)
+
+
+def test_public_names_are_re_exported():
+    import ernie45
+
+    assert ernie45.LLM is LLM and ernie45.LLMEngine is LLMEngine and ernie45.SamplingParams is SamplingParams
