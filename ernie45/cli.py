@@ -51,13 +51,24 @@ def _add_generation_flags(s: argparse.ArgumentParser) -> None:
     e.add_argument("--kv-cache-memory", help="KV cache budget, bytes or '2GB' (default: a share of free memory)")
     e.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     e.add_argument("--quant", help="quantize on load (passed to load_model)")
+    e.add_argument("--device", default="cpu", help="where the weights and KV cache live: cpu, cuda, cuda:1, ...")
 
 
 def _make_engine(args: argparse.Namespace):
+    import torch
+
     from ernie45.engine.llm import LLMEngine
 
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device (use --device cpu)")
     kv = args.kv_cache_memory
     kwargs = {"quant": args.quant} if args.quant else {}
+    if device.type != "cpu":
+        kwargs["device"] = device
     return LLMEngine(args.model, dtype=args.dtype, max_num_seqs=1, max_model_len=args.max_model_len,
                      kv_cache_memory=int(kv) if kv and kv.isdigit() else kv, **kwargs)
 

@@ -25,6 +25,15 @@ GREEDY = ["--temperature", "0", "--max-tokens", "10"]
 llm_module = pytest.importorskip("ernie45.engine.llm", reason="the engine (ernie45/engine/llm.py) is not there yet")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models decode fastest on one thread; two threads on a shared 2-core machine spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
     """Tiny random MoE checkpoint + test tokenizer in one folder.
@@ -167,6 +176,7 @@ def test_chat_stops_on_end_of_sentence(stop_model_dir, capsys, monkeypatch):
     (["generate", "MODEL", "hi", "--max-tokens", "0"], "max_tokens"),
     (["generate", "MODEL", "word " * 400, "--max-model-len", "64"], "64"),
     (["chat", "MODEL", "--top-k", "-5"], "top_k"),
+    (["generate", "MODEL", "hi", "--device", "gpu0"], "--device"),
 ])
 def test_clear_one_line_errors(model_dir, argv, match, capsys):
     argv = [model_dir if a == "MODEL" else a for a in argv]
