@@ -35,11 +35,18 @@ def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor
     return x if _size(group) == 1 else _AllReduce.apply(x, group)
 
 
+def _inference_only(x: torch.Tensor, what: str) -> None:
+    if x.requires_grad:
+        raise RuntimeError(f"{what} has no backward: tensor-parallel layers and tokens='replicated' expert "
+                           "parallelism are for inference; train with parallelize(..., tokens='sharded') and tp=1")
+
+
 def all_gather_last(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Concatenate each rank's ``x`` along the last dim (vocab-parallel logits; inference only)."""
     n = _size(group)
     if n == 1:
         return x
+    _inference_only(x, "the vocab-parallel logits gather")
     parts = [torch.empty_like(x) for _ in range(n)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
@@ -49,6 +56,7 @@ def all_gather_rows(x: torch.Tensor, counts: list[int], group: dist.ProcessGroup
     """Concatenate each rank's rows (rank r contributes counts[r] rows); inference only."""
     if _size(group) == 1:
         return x
+    _inference_only(x, "the expert-parallel token gather")
     width = x.shape[1:]
     parts = [x.new_empty((c, *width)) for c in counts]
     dist.all_gather(parts, x.contiguous(), group=group)
