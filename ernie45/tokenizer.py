@@ -113,7 +113,11 @@ class Tokenizer:
             self._token_to_id.setdefault(content, tid)
             if special_flag.get(content, False):
                 special_ids.add(tid)
-        for i in range(n_sp):  # control and unknown pieces (<s>, </s>, <unk>) are special, as in HF
+        for i in range(n_sp):
+            # Control and unknown pieces are skipped on decode like HF's special tokens. A control piece
+            # that is not a named special token is NOT split out of text: SentencePiece never matches
+            # control symbols, so '<mask:2>' in text stays characters (Baidu's Ernie4_5_Tokenizer and
+            # transformers 5 do the same).
             if sp.is_control(i) or sp.is_unknown(i):
                 special_ids.add(i)
         self.all_special_ids = frozenset(special_ids)

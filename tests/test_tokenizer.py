@@ -40,6 +40,11 @@ TEXTS = [
 ]
 
 
+# Reserved pieces of type CONTROL, as a real vocabulary has: never produced from text by SentencePiece,
+# skipped on decode, and (unlike the named special tokens) not split out of text.
+CONTROL = ["<mask:0>", "<mask:2>"]
+
+
 def training_corpus(n: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     lines = []
@@ -72,6 +77,7 @@ def write_test_tokenizer(folder: str, add_dummy_prefix: bool = False, vocab_size
     spm.SentencePieceTrainer.train(
         input=corpus, model_prefix=os.path.join(folder, "tokenizer"), model_type="bpe", vocab_size=vocab_size,
         byte_fallback=True, character_coverage=0.9995, user_defined_symbols=specials,
+        control_symbols=CONTROL,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
         add_dummy_prefix=add_dummy_prefix, remove_extra_whitespaces=False, minloglevel=2)
     os.remove(corpus)
@@ -122,6 +128,12 @@ def test_added_and_special_tokens_are_split_before_sentencepiece(tok):
                    tok.token_to_id("<mask:4>"), *tok.sp.encode("c")]
     assert tok.decode(ids, skip_special_tokens=False) == "a<|end_of_sentence|>b<|LOC_5|><mask:4>c"
     assert tok.decode(ids) == "abc"
+    # a control piece that is not a named special token stays text (as in Baidu's tokenizer and HF)...
+    assert tok.encode("x<mask:2>y") == tok.sp.encode("x<mask:2>y")
+    assert tok.sp.piece_to_id("<mask:2>") not in tok.encode("x<mask:2>y")
+    # ...but its id is special when decoding
+    ids = [*tok.sp.encode("x"), tok.sp.piece_to_id("<mask:2>"), *tok.sp.encode("y")]
+    assert tok.decode(ids) == "xy" and tok.decode(ids, skip_special_tokens=False) == "x<mask:2>y"
     # '<|LOC_50|>' must not be read as '<|LOC_5|>' followed by text
     assert tok.encode("<|LOC_50|>") == [tok.token_to_id("<|LOC_50|>")]
 
@@ -302,7 +314,8 @@ def test_matches_transformers_llama_tokenizer(tok_dir, tok):
     # how transformers serves ERNIE's tokenizer (spec §4)
     hf = transformers.LlamaTokenizer.from_pretrained(tok_dir, legacy=True, add_bos_token=False,
                                                      add_prefix_space=False)
-    texts = [*TEXTS, "a<|end_of_sentence|>b<|LOC_5|><mask:4>c", tok.apply_chat_template(CONVERSATIONS[3])]
+    texts = [*TEXTS, "a<|end_of_sentence|>b<|LOC_5|><mask:4>c", "x<mask:2>y<s>z</s>",
+             tok.apply_chat_template(CONVERSATIONS[3])]
     for text in texts:
         ids = tok.encode(text)
         assert ids == hf.encode(text, add_special_tokens=False), text
