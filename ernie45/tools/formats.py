@@ -125,14 +125,27 @@ FORMAT_HELP = {
 }
 ALIASES = {"2bit": "wint2", "2-bit": "wint2", "w4w2": "wint2", "ccq": "wint2", "baidu-2bit": "wint2",
            "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "fp8-block": "fp8"}
-# The presets of ernie45.quant (QuantConfig.from_name): (experts, dense, head) as
-# (bits, group or None, asymmetric). Its symmetric int8 per-channel layout stores no offsets; every
-# other layout stores a scale and an offset per group, in the compute dtype.
-QUANT_PRESETS = {
-    "int8": ((8, None, False), (8, None, False), (8, None, False)),
-    "int4": ((4, 128, True), (4, 128, True), (8, None, False)),
-    "int2": ((2, 64, True), (4, 128, True), (8, None, False)),
-}
+QUANT_PRESETS = ("int8", "int4", "int2")
+"""Formats that are ernie45.quant's own presets: read from its QuantConfig, so the two never drift."""
+
+
+def scheme_storage(scheme, scale_bits: int) -> Storage:  # noqa: ANN001 - ernie45.quant.TensorScheme
+    """The storage ernie45.quant gives a TensorScheme: codes packed along K, and per group a scale and an
+    offset in the compute dtype; only the symmetric per-channel int8 layout (torch's int8 kernel) stores
+    no offsets."""
+    offsets = not (scheme.bits == 8 and scheme.symmetric and scheme.group_size is None)
+    return int_storage(scheme.bits, scheme.group_size, offsets, scale_bits)
+
+
+def quant_format(name: str, dtype: str = "bf16") -> WeightFormat:
+    """A WeightFormat from ``ernie45.quant.QuantConfig.from_name(name)``."""
+    from ernie45.quant.scheme import QuantConfig
+
+    qc = QuantConfig.from_name(name)
+    full = float_storage(dtype)
+    return WeightFormat(name, scheme_storage(qc.dense, full.bits), scheme_storage(qc.experts, full.bits), full,
+                        head=scheme_storage(qc.head, full.bits) if qc.head else None,
+                        description=f"{FORMAT_HELP.get(name, name)} [{qc.describe()}]")
 
 
 def parse_weight_format(name: str, dtype: str = "bf16") -> WeightFormat:
@@ -150,9 +163,7 @@ def parse_weight_format(name: str, dtype: str = "bf16") -> WeightFormat:
     if key == "fp8":
         return WeightFormat("fp8", FP8_BLOCK, FP8_BLOCK, full, description=FORMAT_HELP["fp8"])
     if key in QUANT_PRESETS:
-        sb = full.bits
-        experts, dense, head = (int_storage(b, g, a, sb) for b, g, a in QUANT_PRESETS[key])
-        return WeightFormat(key, dense, experts, full, head=head, description=FORMAT_HELP[key])
+        return quant_format(key, full.name)
     if key in ("wint8", "wint4"):
         s = int_storage(int(key[4]))
         return WeightFormat(key, s, s, full, description=FORMAT_HELP[key])
