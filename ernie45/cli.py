@@ -54,7 +54,9 @@ def _add_generation_flags(s: argparse.ArgumentParser) -> None:
     e.add_argument("--device", default="cpu", help="where the weights and KV cache live: cpu, cuda, cuda:1, ...")
 
 
-def _make_engine(args: argparse.Namespace):
+def _make_engine(args: argparse.Namespace, verb: str):
+    import os
+
     import torch
 
     from ernie45.engine.llm import LLMEngine
@@ -65,6 +67,11 @@ def _make_engine(args: argparse.Namespace):
         raise ValueError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this machine has no CUDA device (use --device cpu)")
+    from ernie45.model.checkpoint import resolve_model_path
+
+    if not os.path.isfile(os.path.join(resolve_model_path(args.model), "tokenizer.model")):  # before loading
+        raise ValueError(f"{args.model}: no tokenizer.model in the checkpoint folder; {verb} needs one (copy the "
+                         f"checkpoint's tokenizer.model and tokenizer_config.json there)")
     kv = args.kv_cache_memory
     kwargs = {"quant": args.quant} if args.quant else {}
     if device.type != "cpu":
@@ -118,11 +125,10 @@ def _stream(engine, request_id: str, prompt, params) -> tuple[str, str | None, o
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    # '-' reads stdin, without the newline that `echo` and editors put at the end
+    prompt = sys.stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
     params = _sampling_params(args)  # validated before the model is loaded
-    engine = _make_engine(args)
-    if engine.tokenizer is None:
-        raise ValueError(f"{args.model}: no tokenizer.model in the checkpoint folder; text prompts need one")
+    engine = _make_engine(args, "generate")
     _, finish, last = _stream(engine, "generate-0", prompt, params)
     if last is not None:  # timings from the engine's own metrics (time.monotonic())
         m, n = last.metrics, len(last.outputs[0].token_ids)
@@ -135,10 +141,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    engine = _make_engine(args)
+    engine = _make_engine(args, "chat")
     tok = engine.tokenizer
-    if tok is None:
-        raise ValueError(f"{args.model}: no tokenizer.model in the checkpoint folder; chat needs one")
     params = _sampling_params(args, stop_token_ids=tok.stop_token_ids)  # stop on </s> and <|end_of_sentence|>
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 
@@ -183,6 +184,22 @@ def test_clear_one_line_errors(model_dir, argv, match, capsys):
     assert main([*argv, *ENGINE_FLAGS]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"ernie45 {argv[0]}: error:") and match in err and "\n" not in err, err
+
+
+def test_folder_without_tokenizer(model_dir, tmp_path, capsys):
+    for name in os.listdir(model_dir):
+        if name.endswith((".json", ".safetensors")):
+            shutil.copy(os.path.join(model_dir, name), tmp_path)
+    for verb in (["generate", str(tmp_path), "hi"], ["chat", str(tmp_path)]):
+        assert main([*verb, *ENGINE_FLAGS]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path}: no tokenizer.model" in err and f"{verb[0]} needs one" in err
+
+
+def test_generate_prompt_from_stdin(model_dir, llm, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello world\n"))
+    assert main(["generate", model_dir, "-", *GREEDY, *ENGINE_FLAGS]) == 0
+    assert capsys.readouterr().out == llm.generate("Hello world", _greedy())[0].outputs[0].text + "\n"
 
 
 def test_chat_reports_a_too_long_turn_and_goes_on(model_dir, llm, capsys, monkeypatch):
