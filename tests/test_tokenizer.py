@@ -187,6 +187,24 @@ def test_incremental_decode_equals_full_decode(tok, tok_prefix, text):
             assert _check_stream(t, ids, chunk=chunk) == text
 
 
+def test_incremental_decode_random_ids(tok, tok_prefix):
+    """Random ids, half of them byte pieces: broken UTF-8 everywhere, and still equal to the full decode."""
+    rng = random.Random(0)
+    for t in (tok, tok_prefix):
+        byte_ids = [i for i in range(t.sp.get_piece_size()) if t.sp.is_byte(i)]
+        lead = [i for i in byte_ids if int(t.sp.id_to_piece(i)[3:-1], 16) >= 0xC2]  # starts of multi-byte chars
+        for _ in range(100):
+            ids = [rng.choice(lead) if rng.random() < 0.25 else rng.choice(byte_ids) if rng.random() < 0.5
+                   else rng.randrange(t.vocab_size) for _ in range(30)]
+            det = t.detokenizer()
+            for k in range(1, len(ids) + 1):
+                det.step(ids[k - 1:k])
+                full = t.decode(ids[:k])
+                assert full.startswith(det.text) and set(full[len(det.text):]) <= {"\ufffd"}, (ids[:k], det.text)
+            det.finish()
+            assert det.text == t.decode(ids)
+
+
 def test_incremental_decode_after_a_prompt(tok, tok_prefix):
     for t in (tok, tok_prefix):
         # with a dummy prefix, SentencePiece itself puts the '▁' in front of "world"
