@@ -111,6 +111,8 @@ def _stream(engine, request_id: str, prompt, params) -> tuple[str, str | None, o
     try:
         while engine.has_unfinished_requests():
             for out in engine.step():
+                if out.request_id != request_id:  # e.g. the final output of a reply aborted earlier
+                    continue
                 c = out.outputs[0]
                 if c.delta_text:
                     sys.stdout.write(c.delta_text)
@@ -140,7 +142,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 130 if finish == "abort" else 0
 
 
+def _read_line(interactive: bool) -> str | None:
+    """One line of user input without its newline; None at end of input (or Ctrl-C/Ctrl-D at the prompt)."""
+    if not interactive:
+        line = sys.stdin.readline()
+        return line.removesuffix("\n") if line else None
+    try:
+        return input("you> ")
+    except (EOFError, KeyboardInterrupt):
+        print(file=sys.stderr)
+        return None
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
+    import contextlib
+
     engine = _make_engine(args, "chat")
     tok = engine.tokenizer
     params = _sampling_params(args, stop_token_ids=tok.stop_token_ids)  # stop on </s> and <|end_of_sentence|>
@@ -148,15 +164,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     messages = list(system)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("chat: /reset starts over, /exit quits", file=sys.stderr)
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401 - line editing and history for input()
+        print("chat: /reset starts over, /exit quits, Ctrl-C stops a reply", file=sys.stderr)
     turn = 0
     while True:
-        if interactive:
-            print("you> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:  # end of input
+        line = _read_line(interactive)
+        if line is None:  # end of input
             return 0
-        line = line.rstrip("\n")
         if line.strip() == "/exit":
             return 0
         if line.strip() == "/reset":
