@@ -1,0 +1,381 @@
+"""Quantized decode speed: ernie45 int8 / int4 against the memory-bandwidth roofline and llama.cpp.
+
+Parts (each in its own process, so one's memory never adds to another's):
+
+- ``mid4l``: the real ERNIE-4.5-21B-A3B shape with 4 layers (2.76B parameters), random bf16 weights saved as
+  our checkpoint and as a BF16 ``ernie4_5-moe`` GGUF (PyPI ``gguf``); ours quantizes on load
+  (``load_model(path, quant=...)``), llama.cpp quantizes the GGUF to Q8_0 / Q4_K_M
+  (``llama_model_quantize``). Same weights, batch-1 greedy decode, both on 2 threads.
+- ``full``: all 28 layers of the 21B-A3B, int4, built directly in quantized form with random codes (it
+  does not fit in bf16 here); against the roofline only (a 40 GiB bf16 GGUF for llama.cpp does not fit
+  this machine's RAM-bound budget in one run).
+- ``check``: a tiny model whose GGUF logits must match ours (proves the GGUF the peer reads is ours).
+
+Roofline = measured DRAM read bandwidth / bytes of weights read per token at batch 1 (every dense
+weight, k of E experts per MoE layer, the LM head, the router), the same bytes our decode reads.
+
+    flock /tmp/ernie45-heavy.lock python benchmarks/bench_quant.py [--parts check mid4l full] [--tokens 32]
+
+llama-cpp-python (``pip install llama-cpp-python==0.3.36 gguf``) is a benchmark-only dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from ernie45 import ModelConfig, load_model, save_model  # noqa: E402
+from ernie45.model.checkpoint import build_empty  # noqa: E402
+from ernie45.model.moe import Router  # noqa: E402
+from ernie45.quant import QuantConfig, QuantExperts, QWeight, quantized_nbytes  # noqa: E402
+from ernie45.quant.load import build_quantized  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+# ------------------------------------------------------------------------------------------ measures
+def dram_bandwidth(gib: float = 1.0) -> float:
+    """Read bandwidth in bytes/s: best of 5 sums over a buffer far larger than the 32 MiB L3."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def bytes_per_token(model) -> int:  # noqa: ANN001
+    """Weight bytes one batch-1 decode step reads: all quantized dense weights and the head, k/E of each
+    expert stack, the fp32 routers; the embedding contributes one row."""
+    cfg = model.config
+    total = 0
+    for _, m in model.named_modules():
+        if isinstance(m, QuantExperts):
+            total += (m.gate_up_proj.nbytes() + m.down_proj.nbytes()) * cfg.moe_k // cfg.moe_num_experts
+        elif isinstance(m, QWeight) and not isinstance(m, QuantExperts):
+            total += m.nbytes()
+        elif isinstance(m, Router):
+            total += m.weight.numel() * 4
+        elif isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total + cfg.hidden_size * 2
+
+
+def decode_ours(model, prompt_len: int, tokens: int) -> float:  # noqa: ANN001
+    """Batch-1 greedy decode tok/s through the engine (paged KV cache), prefill excluded."""
+    from ernie45.engine import LLMEngine, SamplingParams
+
+    eng = LLMEngine(model, max_num_seqs=1, kv_cache_memory="256MB", max_model_len=prompt_len + tokens + 8,
+                    enable_prefix_caching=False)
+    prompt = torch.randint(3, model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1))
+    eng.add_request("r", prompt.tolist(), SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True))
+    eng.step()  # prefill + first token
+    t0, n = time.perf_counter(), 0
+    while eng.has_unfinished_requests():
+        n += sum(len(o.outputs[0].token_ids) > 0 for o in eng.step())
+    return n / (time.perf_counter() - t0)
+
+
+def decode_llama(path: str, prompt_len: int, tokens: int) -> float:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_ctx=prompt_len + tokens + 16, n_threads=2, n_threads_batch=2, n_batch=64,
+                verbose=False)
+    ids = torch.randint(3, llm.n_vocab(), (prompt_len + tokens,), generator=torch.Generator().manual_seed(1))
+    llm.eval(ids[:prompt_len].tolist())
+    t0 = time.perf_counter()
+    for t in ids[prompt_len:].tolist():
+        llm.eval([t])
+    rate = tokens / (time.perf_counter() - t0)
+    llm.close()
+    return rate
+
+
+# --------------------------------------------------------------------------------------------- GGUF
+def write_gguf(model, path: str) -> None:  # noqa: ANN001
+    """Our weights as a BF16 ``ernie4_5-moe`` GGUF (tensor names as llama.cpp's converter writes them)."""
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(path, "ernie4_5-moe")
+    w.add_context_length(4096)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_expert_count(cfg.moe_num_experts)
+    w.add_expert_used_count(cfg.moe_k)
+    w.add_interleave_moe_layer_step(cfg.moe_layer_interval)
+    w.add_leading_dense_block_count(cfg.moe_layer_start_index)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_shared_count(cfg.moe_num_shared_experts)
+    # llama.cpp derives the shared width this way (MACHINE.md); true for the real 21B.
+    w.add_expert_shared_feed_forward_length(cfg.intermediate_size // cfg.num_key_value_heads)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<t{i}>".encode() for i in range(cfg.vocab_size)])
+    w.add_token_scores([0.0] * cfg.vocab_size)
+    w.add_token_types([3 if i < 3 else 1 for i in range(cfg.vocab_size)])
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    w.add_unk_token_id(0)
+
+    def bf16(name: str, t: torch.Tensor) -> None:
+        w.add_tensor(name, t.detach().to(torch.bfloat16).view(torch.int16).numpy(),
+                     raw_dtype=gguf.GGMLQuantizationType.BF16)
+
+    def f32(name: str, t: torch.Tensor) -> None:
+        w.add_tensor(name, t.detach().float().numpy())
+
+    m = model.model
+    bf16("token_embd.weight", m.embed_tokens.weight)
+    f32("output_norm.weight", m.norm.weight)
+    if not cfg.tie_word_embeddings:
+        bf16("output.weight", model.lm_head.weight)
+    for i, layer in enumerate(m.layers):
+        b = f"blk.{i}."
+        f32(b + "attn_norm.weight", layer.input_layernorm.weight)
+        f32(b + "ffn_norm.weight", layer.post_attention_layernorm.weight)
+        for ours, theirs in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"),
+                             ("o_proj", "attn_output")):
+            bf16(b + theirs + ".weight", getattr(layer.self_attn, ours).weight)
+        if not layer.is_moe:
+            for p in ("gate", "up", "down"):
+                bf16(b + f"ffn_{p}.weight", getattr(layer.mlp, f"{p}_proj").weight)
+            continue
+        moe = layer.mlp
+        f32(b + "ffn_gate_inp.weight", moe.gate.weight)
+        f32(b + "exp_probs_b.bias", moe.gate.e_score_correction_bias)
+        gate_up, inter = moe.experts.gate_up_proj, cfg.moe_intermediate_size
+        bf16(b + "ffn_gate_exps.weight", gate_up[:, :inter])
+        bf16(b + "ffn_up_exps.weight", gate_up[:, inter:])
+        bf16(b + "ffn_down_exps.weight", moe.experts.down_proj)
+        if moe.shared_experts is not None:
+            for p in ("gate", "up", "down"):
+                bf16(b + f"ffn_{p}_shexp.weight", getattr(moe.shared_experts, f"{p}_proj").weight)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_quantize(src: str, dst: str, ftype: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize {ftype} failed")
+
+
+# -------------------------------------------------------------------------------------------- parts
+@torch.no_grad()
+def fill_random(model) -> None:  # noqa: ANN001
+    """Slices of one random pool (values do not change speed; real random init of GBs takes minutes)."""
+    pool = torch.randn(1 << 24, generator=torch.Generator().manual_seed(0)) * 0.02
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith("e_score_correction_bias") or not p.is_floating_point():
+            p.zero_() if p.is_floating_point() else None
+            continue
+        if "norm" in name:
+            p.fill_(1.0)
+            continue
+        flat = p.view(-1)
+        for i in range(0, flat.numel(), pool.numel()):
+            n = min(pool.numel(), flat.numel() - i)
+            off = (i // 7 + zlib.crc32(name.encode())) % (pool.numel() - n + 1)
+            flat[i:i + n].copy_(pool[off:off + n])
+
+
+@torch.no_grad()
+def part_check(tokens: int) -> dict:
+    """Tiny model: llama.cpp's logits on our GGUF against our forward (the GGUF is right)."""
+    from llama_cpp import Llama
+
+    cfg = ModelConfig.from_name("tiny-moe").replace(moe_intermediate_size=64)  # 128 == 64 * 1 shared * 2 kv
+    model = build_empty(cfg, torch.float32)
+    fill_random(model)
+    for n, p in model.named_parameters():  # make the router decisive and the norms non-trivial
+        if "norm" in n:
+            p.uniform_(0.5, 1.5)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "tiny.gguf")
+        write_gguf(model.to(torch.bfloat16).float(), path)
+        ids = list(range(5, 5 + tokens))
+        llm = Llama(model_path=path, n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+        llm.eval(ids)
+        theirs = torch.tensor(llm.scores[: len(ids)])
+        llm.close()
+    ours = model.to(torch.bfloat16).float()(torch.tensor([ids])).logits[0]
+    err = float((ours - theirs).abs().max() / ours.abs().max())
+    return {"max_rel_logit_diff": err}
+
+
+def real_shape(layers: int | None = None) -> ModelConfig:
+    cfg = ModelConfig.from_name("ernie-4.5-21b-a3b").replace(num_nextn_predict_layers=0)
+    if SMOKE:  # the whole pipeline on a tiny shape, to check the script itself in seconds
+        cfg = ModelConfig.from_name("tiny-moe").replace(moe_intermediate_size=64, hidden_size=128,
+                                                        intermediate_size=128, num_key_value_heads=2)
+    if layers is not None:
+        cfg = cfg.replace(num_hidden_layers=layers, moe_layer_end_index=layers - 1)
+    return cfg
+
+
+SMOKE = bool(os.environ.get("BENCH_QUANT_SMOKE"))
+
+
+def part_mid4l(tokens: int, prompt: int, work: str) -> dict:
+    cfg = real_shape(4)
+    ckpt, gguf_bf16 = os.path.join(work, "mid4l"), os.path.join(work, "mid4l-bf16.gguf")
+    model = build_empty(cfg, torch.bfloat16)
+    fill_random(model)
+    save_model(model, ckpt)
+    write_gguf(model, gguf_bf16)
+    del model
+    gc.collect()
+    out: dict = {"bandwidth": dram_bandwidth()}
+    for ftype in ("Q8_0", "Q4_K_M", "Q4_0"):
+        dst = os.path.join(work, f"mid4l-{ftype}.gguf")
+        t0 = time.perf_counter()
+        llama_quantize(gguf_bf16, dst, ftype)
+        out[f"llama_{ftype}_quantize_s"] = time.perf_counter() - t0
+        out[f"llama_{ftype}_bytes"] = os.path.getsize(dst)
+        out[f"llama_{ftype}"] = decode_llama(dst, prompt, tokens)
+        os.unlink(dst)
+    for quant in ("int8", "int4"):
+        t0 = time.perf_counter()
+        model = load_model(ckpt, quant=quant, progress=False)
+        out[f"{quant}_load_s"] = time.perf_counter() - t0
+        out[f"{quant}_bytes"] = quantized_nbytes(model)
+        out[f"{quant}_bytes_per_token"] = bytes_per_token(model)
+        out[quant] = decode_ours(model, prompt, tokens)
+        del model
+        gc.collect()
+    return out
+
+
+def part_full(tokens: int, prompt: int) -> dict:
+    cfg = real_shape()
+    t0 = time.perf_counter()
+    model = build_quantized(cfg, QuantConfig.from_name("int4"), torch.bfloat16)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for name, b in model.named_buffers():
+            if b.dtype in (torch.uint8, torch.int8):
+                flat = b.view(torch.uint8).view(-1)
+                chunk = torch.randint(0, 256, (1 << 26,), dtype=torch.uint8, generator=g)
+                for i in range(0, flat.numel(), chunk.numel()):
+                    n = min(chunk.numel(), flat.numel() - i)
+                    flat[i:i + n].copy_(chunk[(i // 3) % (chunk.numel() - n + 1):][:n])
+            elif name.endswith("scale_zeros"):
+                b[..., 0].fill_(0.02 / 8)  # weights ~ U(-0.02, 0.02)
+                b[..., 1].zero_()
+            elif name.endswith("scales"):
+                b.fill_(0.02 / 127)
+            elif name.endswith("e_score_correction_bias"):
+                b.zero_()
+        fill_params = [(n, p) for n, p in model.named_parameters()]
+        pool = torch.randn(1 << 24, generator=g) * 0.02
+        for name, p in fill_params:
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                flat = p.view(-1)
+                for i in range(0, flat.numel(), pool.numel()):
+                    n = min(pool.numel(), flat.numel() - i)
+                    flat[i:i + n].copy_(pool[:n])
+    out = {"build_s": time.perf_counter() - t0, "bandwidth": dram_bandwidth(), "int4_bytes": quantized_nbytes(model),
+           "int4_bytes_per_token": bytes_per_token(model)}
+    out["int4"] = decode_ours(model, prompt, tokens)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", nargs="+", default=["check", "mid4l", "full"], choices=["check", "mid4l", "full"])
+    ap.add_argument("--tokens", type=int, default=32, help="decode steps timed")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (prefill, not timed)")
+    ap.add_argument("--workdir", default=None, help="where the mid-4L checkpoint and GGUFs go (~17 GB)")
+    ap.add_argument("--_part", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._part:  # child process: one part, JSON on the last line
+        if args._part == "check":
+            res = part_check(8)
+        elif args._part == "mid4l":
+            with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+                res = part_mid4l(args.tokens, args.prompt, work)
+        else:
+            res = part_full(args.tokens, args.prompt)
+        print(json.dumps(res))
+        return
+    from common import write_result
+
+    results = {}
+    for part in args.parts:
+        cmd = [sys.executable, __file__, "--_part", part, "--tokens", str(args.tokens), "--prompt", str(args.prompt)]
+        if args.workdir:
+            cmd += ["--workdir", args.workdir]
+        t0 = time.perf_counter()
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode:
+            print(run.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"part {part} failed")
+        results[part] = json.loads(run.stdout.strip().splitlines()[-1])
+        print(f"{part} ({time.perf_counter() - t0:.0f} s): {json.dumps(results[part])}", flush=True)
+    text = report(results, args)
+    print(text)
+    print("wrote", write_result("quant", text))
+
+
+def report(r: dict, args: argparse.Namespace) -> str:
+    lines = [f"Batch-1 greedy decode, {args.prompt}-token prompt, {args.tokens} timed steps, 2 threads. "
+             "Roofline = measured DRAM read bandwidth / weight bytes read per token (ours).", ""]
+    if "check" in r:
+        lines.append(f"GGUF check (tiny model): llama.cpp logits vs ours, max relative difference "
+                     f"{r['check']['max_rel_logit_diff']:.2e}.\n")
+    lines += ["| model | ours | tok/s | roofline tok/s | of roofline | peer | peer tok/s | ours / peer |",
+              "|---|---|---|---|---|---|---|---|"]
+    if "mid4l" in r:
+        m = r["mid4l"]
+        for quant, peer in (("int8", "Q8_0"), ("int4", "Q4_K_M"), ("int4", "Q4_0")):
+            roof = m["bandwidth"] / m[f"{quant}_bytes_per_token"]
+            lines.append(f"| mid-4L | {quant} ({m[f'{quant}_bytes'] / 2**30:.2f} GiB) | {m[quant]:.1f} | {roof:.1f} | "
+                         f"{m[quant] / roof:.0%} | llama.cpp {peer} ({m[f'llama_{peer}_bytes'] / 2**30:.2f} GiB) | "
+                         f"{m[f'llama_{peer}']:.1f} | {m[quant] / m[f'llama_{peer}']:.2f} |")
+    if "full" in r:
+        f = r["full"]
+        roof = f["bandwidth"] / f["int4_bytes_per_token"]
+        lines.append(f"| 21B-A3B, 28 layers | int4 ({f['int4_bytes'] / 2**30:.2f} GiB) | {f['int4']:.1f} | "
+                     f"{roof:.1f} | {f['int4'] / roof:.0%} | - | - | - |")
+    lines.append("")
+    for part, vals in r.items():
+        bw = vals.get("bandwidth")
+        extra = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in vals.items() if k != "bandwidth"}
+        lines.append(f"- {part}: " + (f"DRAM read {bw / 1e9:.1f} GB/s; " if bw else "") + json.dumps(extra))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
