@@ -209,3 +209,24 @@ def test_chat_reports_a_too_long_turn_and_goes_on(model_dir, llm, capsys, monkey
     assert "ernie45 chat: error:" in out.err and "/reset" in out.err
     # the long turn was dropped from the conversation: the next answer is the one to "Hi" alone
     assert out.out == llm.chat([{"role": "user", "content": "Hi"}], _greedy())[0].outputs[0].text + "\n"
+
+
+def _demo_or_skip() -> str:
+    from ernie45 import assets
+
+    try:
+        return assets.demo_path()
+    except FileNotFoundError:
+        pytest.skip("the bundled demo model is not built yet (scripts/build_demo.sh)")
+
+
+def test_demo_is_the_default_model(capsys, monkeypatch):
+    _demo_or_skip()
+    llm = llm_module.LLM("demo", dtype="float32", kv_cache_memory="64MB")
+    flags = ["--temperature", "0", "--max-tokens", "12", "--dtype", "float32", "--kv-cache-memory", "64MB"]
+    assert main(["generate", "床前明月光，", *flags]) == 0
+    assert capsys.readouterr().out == llm.generate("床前明月光，", _greedy(12))[0].outputs[0].text + "\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello!\n"))
+    assert main(["chat", *flags]) == 0
+    expected = llm.chat([{"role": "user", "content": "Hello!"}], _greedy(12))[0].outputs[0].text
+    assert capsys.readouterr().out == expected + "\n"
