@@ -136,7 +136,7 @@ class Tokenizer:
         # Longest first, so that '<mask:10>' wins over a hypothetical '<mask:1>' prefix (HF uses a trie).
         tokens = sorted(self._token_to_id, key=len, reverse=True)
         self._split_re = re.compile("|".join(map(re.escape, tokens))) if tokens else None
-        self._build_byte_table(added)
+        self._build_byte_table()
 
     # ----------------------------------------------------------------------------------------- loading
     @classmethod
@@ -179,7 +179,7 @@ class Tokenizer:
         tid = self.sp.piece_to_id(content)
         return tid if self.sp.id_to_piece(tid) == content else None
 
-    def _build_byte_table(self, added: dict[str, int]) -> None:
+    def _build_byte_table(self) -> None:
         """Bytes each id decodes to, and whether SentencePiece adds a dummy '▁' in front of text."""
         sp = self.sp
         table: list[bytes] = [b""] * self.vocab_size
