@@ -37,7 +37,7 @@ WORDS = ("the a model token text engine quick brown fox jumps over lazy dog cach
          "streaming server request answer question hello world python code tensor batch").split()
 
 
-def make_checkpoint(folder: str, preset: str) -> str:
+def make_checkpoint(folder: str, preset: str, layers: int | None) -> str:
     """A random-weight checkpoint of a preset's shape, vocabulary cut to a small trained SentencePiece."""
     import sentencepiece as spm
     import torch
@@ -50,6 +50,8 @@ def make_checkpoint(folder: str, preset: str) -> str:
     write_tokenizer(folder, vocab_size=400)
     vocab = spm.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model")).get_piece_size()
     config = ModelConfig.from_name(preset).replace(vocab_size=vocab, tie_word_embeddings=True)
+    if layers:
+        config = config.replace(num_hidden_layers=layers)
     model = ernie45.init_weights(ernie45.ErnieForCausalLM(config), std=0.05, seed=0).to(torch.bfloat16)
     ernie45.save_model(model, folder)
     return folder
@@ -111,7 +113,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            ev = json.loads(line[6:])
+            ev = json.loads(line[6:], strict=False)  # transformers serve sends raw control characters
             if ev.get("usage"):
                 usage = ev["usage"]
             for c in ev.get("choices", []):
@@ -176,6 +178,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint folder or 'demo' (default: build a random one)")
     ap.add_argument("--preset", default="ernie-4.5-0.3b", help="shape of the random checkpoint")
+    ap.add_argument("--layers", type=int, default=4, help="layers of the random checkpoint (0 = the preset's)")
     ap.add_argument("--levels", default="1,4,16,64")
     ap.add_argument("--words", type=int, default=96, help="words per random prompt (~1.3 tokens each)")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -187,7 +190,7 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     n_prompts = {c: max(4, 2 * c) if c < 16 else c for c in levels}  # small: the peer is slow on CPU
     work = tempfile.mkdtemp(prefix="bench-serving-")
-    model = args.model or make_checkpoint(os.path.join(work, "ckpt"), args.preset)
+    model = args.model or make_checkpoint(os.path.join(work, "ckpt"), args.preset, args.layers)
     rows = []
     port = free_port()
     ours = [sys.executable, "-m", "ernie45.cli", "serve", model, "--port", str(port), "--served-model-name", "m",
@@ -202,10 +205,26 @@ def main() -> None:
         with Server(peer, port, os.path.join(work, "transformers.log")):
             rows += sweep("transformers", f"http://127.0.0.1:{port}", model, levels, n_prompts, args.words,
                           args.max_tokens, args.level_timeout)
-    write_report(args, rows, model)
+    offline = offline_ceiling(model, prompts(n_prompts[levels[-1]], args.words, seed=levels[-1]), args.max_tokens)
+    print(f"offline LLM.generate, {n_prompts[levels[-1]]} prompts at once: {offline:.1f} out tok/s", flush=True)
+    write_report(args, rows, model, offline, n_prompts[levels[-1]])
 
 
-def write_report(args: argparse.Namespace, rows: list[dict], model: str) -> None:
+def offline_ceiling(model: str, texts: list[str], max_tokens: int) -> float:
+    """The same engine without HTTP: all prompts handed to LLM.generate at once (output tokens/s)."""
+    import torch
+
+    from ernie45 import LLM, SamplingParams
+
+    torch.set_num_threads(2)
+    llm = LLM(model, dtype="bfloat16", max_num_seqs=64, kv_cache_memory="2GB", max_model_len=1024)
+    llm.generate(texts[:2], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(texts, SamplingParams(max_tokens=max_tokens, temperature=0))
+    return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
+
+
+def write_report(args: argparse.Namespace, rows: list[dict], model: str, offline: float, n_offline: int) -> None:
     from ernie45.utils import atomic_write_text
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -213,11 +232,13 @@ def write_report(args: argparse.Namespace, rows: list[dict], model: str) -> None
     import transformers
 
     date = datetime.date.today().isoformat()
+    desc = args.model or (f"random-weight {args.preset} shape, {args.layers or 'all'} layers, 400-token "
+                          "SentencePiece vocabulary")
     lines = [f"# Serving benchmark ({date})", "",
              f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
              f"Python {platform.python_version()}; commit {commit}; transformers {transformers.__version__}",
              f"- command: `flock /tmp/ernie45-heavy.lock python benchmarks/bench_serving.py {' '.join(sys.argv[1:])}`",
-             f"- model: {args.model or f'random-weight {args.preset} shape, 400-token SentencePiece vocabulary'}, "
+             f"- model: {desc}, "
              f"bf16; prompts of {args.words} random words, {args.max_tokens} output tokens max, greedy, streamed "
              "/v1/completions; each server alone on 2 threads",
              "- TTFT = time to the first streamed text; TPOT = (latency - TTFT) / (output tokens - 1); "
@@ -236,6 +257,11 @@ def write_report(args: argparse.Namespace, rows: list[dict], model: str) -> None
     if ratios:
         lines += ["", "Output tokens/s, ernie45 / transformers serve: " + ", ".join(ratios)]
         print("ratios (ernie45 / transformers):", ", ".join(ratios))
+    last = int(args.levels.split(",")[-1])
+    top = [r for r in rows if r["server"] == "ernie45" and r["concurrency"] == last and r["output_tok_s"] > 0]
+    lines += ["", f"Same engine offline (`LLM.generate`, the {n_offline} prompts of the last level at once, no "
+              f"HTTP): {offline:.1f} output tok/s"
+              + (f"; the server at c={last} reaches {top[0]['output_tok_s'] / offline:.2f}x of it" if top else "")]
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"{date}-serving.md")
     atomic_write_text(out, "\n".join(lines) + "\n")
     print("wrote", out)
