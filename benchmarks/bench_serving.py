@@ -194,7 +194,7 @@ def main() -> None:
     rows = []
     port = free_port()
     ours = [sys.executable, "-m", "ernie45.cli", "serve", model, "--port", str(port), "--served-model-name", "m",
-            "--dtype", "bfloat16", "--max-num-seqs", "64", "--kv-cache-memory", "2GB", "--max-model-len", "1024"]
+            "--dtype", "bfloat16", "--max-num-seqs", "64", "--kv-cache-memory", "512MB", "--max-model-len", "1024"]
     with Server(ours, port, os.path.join(work, "ernie45.log")):
         rows += sweep("ernie45", f"http://127.0.0.1:{port}", "m", levels, n_prompts, args.words, args.max_tokens,
                       args.level_timeout)
@@ -217,7 +217,7 @@ def offline_ceiling(model: str, texts: list[str], max_tokens: int) -> float:
     from ernie45 import LLM, SamplingParams
 
     torch.set_num_threads(2)
-    llm = LLM(model, dtype="bfloat16", max_num_seqs=64, kv_cache_memory="2GB", max_model_len=1024)
+    llm = LLM(model, dtype="bfloat16", max_num_seqs=64, kv_cache_memory="512MB", max_model_len=1024)
     llm.generate(texts[:2], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     t0 = time.perf_counter()
     outs = llm.generate(texts, SamplingParams(max_tokens=max_tokens, temperature=0))
