@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -32,6 +33,41 @@ def cmd_info(args: argparse.Namespace) -> int:
         for k, v in info.items():
             print(f"{k:>26}: {v:,}" if isinstance(v, int) else f"{k:>26}: {v}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from ernie45.serve import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("ERNIE45_API_KEY"),
+          served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, dtype=args.dtype,
+          quant=args.quant, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+          kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
+          block_size=args.block_size, enable_prefix_caching=False if args.no_prefix_caching else None)
+    return 0
+
+
+def add_serve_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, chat page)")
+    s.add_argument("model", nargs="?", default="demo", help="checkpoint folder, HF-style name, or 'demo' (default)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
+    s.add_argument("--port", type=int, default=8000, help="TCP port")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes "
+                   "(or set ERNIE45_API_KEY)")
+    s.add_argument("--served-model-name", default=None, help="model name clients send (default: MODEL as given)")
+    s.add_argument("--dtype", default="bfloat16", help="weights dtype: bfloat16, float16, float32")
+    s.add_argument("--quant", default=None, help="quantize on load (e.g. int8, int4)")
+    s.add_argument("--max-num-seqs", type=int, default=None, help="requests in the running batch at most")
+    s.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per engine step at most")
+    s.add_argument("--kv-cache-memory", default=None, help="KV cache budget, bytes or '2GB' (default: share of RAM)")
+    s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    s.add_argument("--max-waiting", type=int, default=256, help="waiting requests at most; more get HTTP 429")
+    s.add_argument("--block-size", type=int, default=None, help="tokens per paged-KV block")
+    s.add_argument("--no-prefix-caching", action="store_true", help="turn off prefix-cache block reuse")
+    s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit (HTTP 413)")
+    s.set_defaults(func=cmd_serve)
 
 
 # ----------------------------------------------------------------------------- generate / chat
@@ -257,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="preset name (ernie-4.5-21b-a3b, ...) or checkpoint folder")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_info)
+    add_serve_parser(sub)
     add_generate_parsers(sub)
     add_quantize_parser(sub)
     return p
