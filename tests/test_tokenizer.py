@@ -156,6 +156,15 @@ def test_rare_characters_use_byte_fallback(tok):
     assert tok.decode([ids[0], *tok.encode("a")]) == "\ufffda"
 
 
+def test_numpy_and_torch_ids(tok):
+    torch = pytest.importorskip("torch")
+    np = pytest.importorskip("numpy")
+    ids = tok.encode("你好<|end_of_sentence|>")
+    assert tok.decode(torch.tensor(ids)) == tok.decode(np.array(ids)) == tok.decode(ids) == "你好"
+    det = tok.detokenizer(torch.tensor(ids[:2]))
+    assert det.step(torch.tensor(ids[2:])) == tok.decode(ids[2:])
+
+
 def test_ids_past_the_tokenizer_decode_to_nothing(tok):
     # the model's embedding is padded past the tokenizer (103424 rows > 101304 ids in the real model)
     assert tok.decode([*tok.encode("ok"), tok.vocab_size + 5]) == "ok"
