@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ernie45.config import ModelConfig
 from ernie45.model.checkpoint import build_empty, save_model
+from ernie45.model.model import ErnieForCausalLM
 from ernie45.parallel.expert_parallel import is_expert_param
 from ernie45.parallel.mesh import ParallelMesh
 from ernie45.utils import atomic_write_text
@@ -62,13 +63,17 @@ def train_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
 
 
 def save_train_checkpoint(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                          mesh: ParallelMesh, step: int) -> None:
-    """Every rank calls this; each writes its own shards (DCP), rank 0 the config and the step."""
+                          mesh: ParallelMesh, step: int, extra: dict | None = None) -> None:
+    """Every rank calls this; each writes its own shards (DCP), rank 0 the config, the step and
+    ``extra`` (JSON: e.g. the data sampler's position). META is written last: its presence marks a
+    complete checkpoint."""
     dcp.save(train_state_dict(model, optimizer, mesh), checkpoint_id=folder)
+    dist.barrier()
     if dist.get_rank() == 0:
         cfg = model.config
         atomic_write_text(os.path.join(folder, META), json.dumps({"step": step, "config": cfg.to_hf_dict(),
-                                                                   "saved_by": vars(mesh.sizes)}, indent=2))
+                                                                   "saved_by": vars(mesh.sizes),
+                                                                   "extra": extra or {}}, indent=2))
     dist.barrier()
 
 
@@ -93,9 +98,8 @@ def load_train_checkpoint(folder: str, model: torch.nn.Module, optimizer: torch.
         return int(json.load(f)["step"])
 
 
-def export_hf(folder: str, out: str, dtype: torch.dtype = torch.bfloat16) -> None:
-    """One process, no process group: gather the full weights of a DCP checkpoint and write an HF
-    folder (``load_model`` / transformers read it)."""
+def load_full_model(folder: str) -> ErnieForCausalLM:
+    """The full fp32 model of a DCP checkpoint, in one process (no process group needed)."""
     with open(os.path.join(folder, META)) as f:
         cfg = ModelConfig.from_hf_dict(json.load(f)["config"], source=os.path.join(folder, META))
     model = build_empty(cfg, torch.float32)
@@ -105,5 +109,11 @@ def export_hf(folder: str, out: str, dtype: torch.dtype = torch.bfloat16) -> Non
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=folder, no_dist=True)
     model.tie_weights()
-    save_model(model.to(dtype), out)
+    return model.eval()
+
+
+def export_hf(folder: str, out: str, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Gather the full weights of a DCP checkpoint and write an HF folder (``load_model`` and
+    transformers read it)."""
+    save_model(load_full_model(folder).to(dtype), out)
     log.info("exported %s to %s (%s)", folder, out, dtype)

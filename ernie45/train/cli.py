@@ -15,9 +15,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.task != args.task:
         raise ValueError(f"{args.config} is a {cfg.task!r} recipe; run `ernie45 train {cfg.task} --config "
                          f"{args.config}` or set task: {args.task} in it")
-    trainer = Trainer(cfg)
+    if args.ep > 1 or args.fsdp > 1:  # several ranks: ernie45.parallel (torchrun started here when needed)
+        from ernie45.parallel.launch import relaunch_with_torchrun, under_torchrun
+
+        if not under_torchrun():
+            return relaunch_with_torchrun(args.fsdp if args.fsdp > 1 else args.ep)
+        from ernie45.parallel.trainer import DistributedTrainer
+
+        trainer = DistributedTrainer(cfg, ep=args.ep, fsdp=args.fsdp)
+    else:
+        trainer = Trainer(cfg)
     history = trainer.train(resume=args.resume)
-    if history:
+    if history and getattr(trainer, "rank", 0) == 0:
         last = history[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f}; model in {cfg.output_dir}/final")
     return 0
@@ -30,4 +39,7 @@ def add_train_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparse
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     s.add_argument("--output-dir", help="override the recipe's output_dir")
     s.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
+    s.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (MoE); runs under torchrun")
+    s.add_argument("--fsdp", type=int, default=1, help="ranks that shard the dense weights with FSDP2 (= the number "
+                   "of processes; ep must divide it); runs under torchrun")
     s.set_defaults(func=cmd_train)
