@@ -52,6 +52,25 @@ def train_layout(ep: int, fsdp: int, world: int) -> ParallelConfig:
     return ParallelConfig(dp=data // ep, ep=ep)
 
 
+def check_layout(cfg: TrainConfig, ep: int, fsdp: int) -> int:
+    """Validate ``--ep/--fsdp`` against the recipe's model before any process starts; returns the
+    number of processes to launch."""
+    from ernie45.config import ModelConfig
+    from ernie45.model.checkpoint import resolve_model_path
+
+    world = fsdp if fsdp > 1 else ep
+    if cfg.init_from:
+        model = ModelConfig.from_json(resolve_model_path(cfg.init_from))
+    else:
+        fields = dict(cfg.model)
+        preset = fields.pop("preset", None)
+        model = ModelConfig.from_name(preset).replace(**fields) if preset else ModelConfig(**fields)
+    train_layout(ep, fsdp, world).validate(model, world)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} data ranks")
+    return world
+
+
 class DistributedTrainer(Trainer):
     """The Trainer on dp x ep ranks (see the module docstring). Every rank constructs it."""
 

@@ -17,10 +17,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                          f"{args.config}` or set task: {args.task} in it")
     if args.ep > 1 or args.fsdp > 1:  # several ranks: ernie45.parallel (torchrun started here when needed)
         from ernie45.parallel.launch import relaunch_with_torchrun, under_torchrun
+        from ernie45.parallel.trainer import DistributedTrainer, check_layout
 
+        nproc = check_layout(cfg, args.ep, args.fsdp)
         if not under_torchrun():
-            return relaunch_with_torchrun(args.fsdp if args.fsdp > 1 else args.ep)
-        from ernie45.parallel.trainer import DistributedTrainer
+            return relaunch_with_torchrun(nproc)
 
         trainer = DistributedTrainer(cfg, ep=args.ep, fsdp=args.fsdp)
     else:

@@ -56,3 +56,19 @@ def test_shard_spec_halves_take_the_same_rows_of_gate_and_up():
     spec = ShardSpec.split((2, 8, 3), 0, 1, 2).then(1, 1, 2, halves=True)
     assert spec.local_shape == (1, 4, 3)
     torch.testing.assert_close(spec.take(full), torch.cat([full[1:, 2:4], full[1:, 6:8]], dim=1))
+
+
+@pytest.mark.parametrize("ep, fsdp, message", [
+    (3, 1, "8 experts cannot be split evenly over ep=3"),
+    (2, 3, "--ep 2 does not divide --fsdp 3"),
+    (0, 2, "--ep 0 --fsdp 2: both must be >= 1"),
+    (2, 8, "batch_size=4 must be divisible by the 8 data ranks"),
+])
+def test_train_layout_errors_before_launch(ep, fsdp, message):
+    from ernie45.parallel.trainer import check_layout
+    from ernie45.train.recipe import TrainConfig
+
+    cfg = TrainConfig(data=["x"], model={"preset": "tiny-moe"}, tokenizer="t", batch_size=4)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        check_layout(cfg, ep, fsdp)
+    assert check_layout(cfg, 2, 4) == 4
