@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_generate_parsers(sub)
     add_quantize_parser(sub)
+    from ernie45.train.cli import add_train_parser
+
+    add_train_parser(sub)
     from ernie45.tools.plan_cli import add_plan_parser
 
     add_plan_parser(sub)
