@@ -104,6 +104,9 @@ class TrainConfig:
             raise ValueError(f"data_repeat has {len(self.data_repeat)} entries for {len(self.data)} data files")
         if self.init_from is None and not self.model:
             raise ValueError("give init_from (a checkpoint folder or 'demo') or model (a preset and/or fields)")
+        if self.lora and self.aux_free_rate:
+            raise ValueError("aux_free_rate updates the routers' correction bias, which a LoRA adapter does not "
+                             "carry; set aux_free_rate: 0 for a LoRA run")
         if self.tokenizer is None and self.init_from is None:
             raise ValueError("tokenizer is not set: give the folder holding tokenizer.model")
 
