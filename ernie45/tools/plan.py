@@ -172,14 +172,13 @@ def kv_cache_bytes(config: ModelConfig, req: PlanRequest, par: Parallel) -> int:
     # One code path with the engine: everything derives from ModelConfig.kv_bytes_per_token.
     per_layer_head = config.kv_bytes_per_token(kvb) // (config.num_hidden_layers * config.num_key_value_heads)
     tokens = math.ceil(req.context / req.block_size) * req.block_size
-    seqs = math.ceil(req.batch / par.attention_dp)
-    return per_layer_head * layers * heads * tokens * seqs
+    return per_layer_head * layers * heads * tokens * req.batch
 
 
 def _layer_live_elems(config: ModelConfig, t: int, par: Parallel, moe: bool) -> tuple[int, int]:
     """(model-dtype elements, fp32 elements) alive at the peak of one layer's forward over t tokens."""
     c = config
-    tp, slices = par.tp, par.stage_gpus // max(1, par.ep)
+    tp = par.tp
     h, d = c.hidden_size, c.head_dim
     nq, nkv = c.num_attention_heads // tp, math.ceil(c.num_key_value_heads / tp)
     residual = 2 * t * h  # the stream and its normed copy
@@ -187,7 +186,7 @@ def _layer_live_elems(config: ModelConfig, t: int, par: Parallel, moe: bool) -> 
     if not moe:
         return residual + max(attn, 3 * t * c.intermediate_size // tp), 0
     s = t * c.moe_k  # token-expert pairs
-    w = math.ceil(c.moe_intermediate_size / slices)
+    w = math.ceil(c.moe_intermediate_size / tp)
     routed = 2 * s * h + 3 * s * w  # gathered inputs and outputs, gate|up and the activation
     shared = 3 * t * c.shared_intermediate_size // tp + t * h
     return residual + max(attn, routed + shared), 2 * t * c.moe_num_experts  # router logits and probs
@@ -196,9 +195,9 @@ def _layer_live_elems(config: ModelConfig, t: int, par: Parallel, moe: bool) -> 
 def activation_bytes(config: ModelConfig, req: PlanRequest, par: Parallel) -> int:
     """Peak activations and workspace of the largest step on one GPU.
 
-    Inference: one prefill chunk of min(prefill_chunk, batch x context) tokens (split over DP-attention
-    groups) through the widest layer, or the logits of one row per sequence (model dtype + an fp32 copy
-    for sampling), whichever is larger. Training: the whole micro-batch; with gradient checkpointing each
+    Inference: one prefill chunk of min(prefill_chunk, batch x context) tokens through the widest layer,
+    or the logits of one row per sequence (model dtype + an fp32 copy for sampling), whichever is larger.
+    Training: the whole micro-batch; with gradient checkpointing each
     layer keeps its input and one layer at a time is recomputed; the logits and their gradient are fp32.
     """
     ab = FLOAT_BYTES[req.dtype.lower()]
@@ -206,11 +205,10 @@ def activation_bytes(config: ModelConfig, req: PlanRequest, par: Parallel) -> in
     layers = max(len(r) for r in par.stages(config.num_hidden_layers))
     v = config.vocab_size
     if req.mode == "inference":
-        t = math.ceil(min(req.prefill_chunk, req.batch * req.context) / par.attention_dp)
+        t = min(req.prefill_chunk, req.batch * req.context)
         peak = max(e * ab + f * 4 for e, f in (_layer_live_elems(config, t, par, m) for m in kinds))
-        rows = math.ceil(req.batch / par.attention_dp)
-        return max(peak, t * config.hidden_size * ab + rows * v * (ab + 4))
-    t = math.ceil(req.batch * req.context / par.attention_dp)
+        return max(peak, t * config.hidden_size * ab + req.batch * v * (ab + 4))
+    t = req.batch * req.context
     one = max(e * ab + f * 4 for e, f in (_layer_live_elems(config, t, par, m) for m in kinds))
     if req.gradient_checkpointing:
         stored = layers * t * config.hidden_size * ab + 2 * one  # inputs + one layer's forward and backward
@@ -280,12 +278,20 @@ def _per_gpu(config: ModelConfig, req: PlanRequest, fmt: WeightFormat, par: Para
 
 def candidate_layouts(config: ModelConfig, max_gpus: int = 512, node: int = 8) -> list[Parallel]:
     """One layout per power-of-two GPU count: tensor parallel up to ``node`` GPUs (the largest power of
-    two dividing the attention heads), pipeline stages beyond that."""
+    two ernie45.parallel accepts for the model), pipeline stages beyond that."""
+
+    def valid(par: Parallel) -> bool:
+        try:
+            par.validate(config)
+        except ValueError:
+            return False
+        return True
+
     out = []
     n = 1
     while n <= max_gpus:
         tp = 1
-        while tp * 2 <= min(n, node) and config.num_attention_heads % (tp * 2) == 0:
+        while tp * 2 <= min(n, node) and valid(Parallel(tp=tp * 2)):
             tp *= 2
         pp = n // tp
         if pp <= config.num_hidden_layers:

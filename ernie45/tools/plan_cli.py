@@ -58,7 +58,7 @@ def add_plan_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparser
     s.add_argument("--context", type=int, default=4096, help="tokens per sequence (prompt + output)")
     s.add_argument("--batch", type=int, default=1, help="concurrent sequences, or sequences per micro-batch")
     s.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    s.add_argument("--ep", type=int, default=1, help="expert-parallel size (ep > tp: data-parallel attention)")
+    s.add_argument("--ep", type=int, default=1, help="expert-parallel size (GPUs = tp x ep x pp)")
     s.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
     s.add_argument("--mode", default="inference", choices=["inference", "full", "lora"],
                    help="inference, full fine-tuning, or LoRA")

@@ -4,14 +4,15 @@ storage a weight format gives it, and the share one GPU holds under tensor / exp
 The tensor list is built from ``ModelConfig`` arithmetic (no model is instantiated) and is tested to be
 exactly the native model's state dict; its element count is ``ModelConfig.num_params``.
 
-Parallel layout (the vLLM / SGLang convention):
-- ``tp`` splits attention heads, dense MLP widths and the vocabulary (embeddings, LM head); KV heads are
-  replicated when tp exceeds them (each rank keeps ceil(kv_heads / tp)).
-- ``ep`` gives each rank moe_num_experts / ep whole experts. GPUs per pipeline stage = max(tp, ep); when
-  ep > tp the attention runs data-parallel over ep / tp groups (DP attention); when tp > ep each expert
-  is further sliced on its width. Either way a GPU holds 1 / max(tp, ep) of the routed experts.
+Parallel layout: the one ``ernie45.parallel`` runs (``mesh.py``: world = dp x ep x tp, tp innermost).
+- ``tp`` splits attention heads, dense and shared MLP widths, the vocabulary (embeddings, LM head) and the
+  width of every routed expert; KV heads are replicated when tp exceeds them (each rank keeps
+  ceil(kv_heads / tp)).
+- ``ep`` gives each rank moe_num_experts / ep whole experts; the attention and its KV cache are repeated
+  on the ep ranks, which all see the same tokens in inference. A GPU holds 1 / (tp x ep) of the experts.
 - ``pp`` cuts the decoder layers into contiguous stages (earlier stages take the remainder); the
-  embeddings live on the first stage, the final norm, LM head and MTP block on the last.
+  embeddings live on the first stage, the final norm, LM head and MTP block on the last. (ernie45.parallel
+  has no pipeline parallelism yet; the planner answers for engines that do.)
 """
 
 from __future__ import annotations
@@ -53,33 +54,20 @@ class Parallel:
 
     @property
     def stage_gpus(self) -> int:
-        return max(self.tp, self.ep)
+        return self.tp * self.ep
 
     @property
     def gpus(self) -> int:
         return self.pp * self.stage_gpus
 
-    @property
-    def attention_dp(self) -> int:
-        """Data-parallel attention groups per stage (ep > tp)."""
-        return self.stage_gpus // self.tp
-
     def validate(self, config: ModelConfig) -> None:
-        """Raise ValueError naming the size that does not divide the model."""
-        for name in ("tp", "ep", "pp"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
-        if config.num_attention_heads % self.tp:
-            raise ValueError(f"tp={self.tp} does not divide num_attention_heads={config.num_attention_heads}; "
-                             f"use a tensor-parallel size that divides it")
-        if self.ep > 1:
-            if not config.is_moe:
-                raise ValueError(f"ep={self.ep} needs a MoE model; this one is dense (use ep=1)")
-            if config.moe_num_experts % self.ep:
-                raise ValueError(f"ep={self.ep} does not divide moe_num_experts={config.moe_num_experts}")
-            if self.stage_gpus % min(self.tp, self.ep):
-                raise ValueError(f"tp={self.tp} and ep={self.ep}: the larger must be a multiple of the smaller")
+        """Raise ValueError naming the size that does not fit the model: ernie45.parallel's own rules
+        (``ParallelConfig.validate``), plus pp <= layers."""
+        from ernie45.parallel.mesh import ParallelConfig
+
+        if not isinstance(self.pp, int) or isinstance(self.pp, bool) or self.pp < 1:
+            raise ValueError(f"pp={self.pp!r} must be a positive integer")
+        ParallelConfig(ep=self.ep, tp=self.tp).validate(config)
         if self.pp > config.num_hidden_layers:
             raise ValueError(f"pp={self.pp} exceeds num_hidden_layers={config.num_hidden_layers}")
 
@@ -183,12 +171,11 @@ def shard_bytes(spec: TensorSpec, storage: Storage, par: Parallel, config: Model
         shape[-1] = math.ceil(shape[-1] / par.tp)
     elif spec.split == "experts":
         count, rows, cols = shape
-        count //= par.ep
-        slices = par.stage_gpus // par.ep  # each expert's width is cut this many ways
+        count //= par.ep  # whole experts per ep rank, each cut by tp on its width
         if spec.name.endswith("gate_up_proj"):
-            rows = math.ceil(rows / slices)
+            rows = math.ceil(rows / par.tp)
         else:
-            cols = math.ceil(cols / slices)
+            cols = math.ceil(cols / par.tp)
         return storage.matrix_bytes(rows, cols, count)
     if len(shape) == 1:
         return storage.vector_bytes(shape[0])

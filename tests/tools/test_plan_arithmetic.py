@@ -151,22 +151,28 @@ def test_tensor_parallel_splits_weights():
     replicated = sum(2 * s.numel for s in tensor_inventory(cfg) if s.kind == "norm") + \
         sum(4 * s.numel for s in tensor_inventory(cfg) if s.kind == "router")
     assert tp8.per_gpu_bytes == (one.total_bytes - replicated) // 8 + replicated
-    ep8 = weight_bytes(cfg, fmt, Parallel(tp=8, ep=8))
-    assert ep8.per_gpu_bytes == tp8.per_gpu_bytes  # whole experts or slices: the same bytes per GPU
+    ep8 = weight_bytes(cfg, fmt, Parallel(tp=1, ep=8))
+    experts = sum(2 * s.numel for s in tensor_inventory(cfg) if s.kind == "experts")
+    # ep=8: an eighth of the experts (whole ones), everything else whole on every rank (ernie45.parallel)
+    assert ep8.per_gpu_bytes == one.total_bytes - experts + experts // 8
+    tp2ep4 = weight_bytes(cfg, fmt, Parallel(tp=2, ep=4))
+    assert tp2ep4.per_gpu_bytes == (one.total_bytes - experts - replicated) // 2 + replicated + experts // 8
     pp2 = weight_bytes(cfg, fmt, Parallel(pp=2))
     assert sum(pp2.stage_bytes) == one.total_bytes and pp2.per_gpu_bytes == max(pp2.stage_bytes)
 
 
-def test_dp_attention_splits_sequences():
+def test_expert_parallel_repeats_attention_and_kv():
     kw = dict(weights="wint4", context=8192, batch=8, devices=[])
-    tp8 = plan_memory("ernie-4.5-300b-a47b", tp=8, **kw)
-    dp8 = plan_memory("ernie-4.5-300b-a47b", tp=1, ep=8, **kw)
-    assert dp8.parallel["gpus"] == 8
-    # Each DP rank holds 1 of 8 sequences with all 8 KV heads; TP8 holds 8 sequences with 1 head each.
-    assert dp8.kv_cache_bytes == tp8.kv_cache_bytes
+    one = plan_memory("ernie-4.5-300b-a47b", **kw)
+    ep8 = plan_memory("ernie-4.5-300b-a47b", ep=8, **kw)
+    tp2ep4 = plan_memory("ernie-4.5-300b-a47b", tp=2, ep=4, **kw)
+    assert ep8.parallel["gpus"] == 8 and tp2ep4.parallel["gpus"] == 8
+    assert ep8.kv_cache_bytes == one.kv_cache_bytes  # every ep rank sees every token
+    assert tp2ep4.kv_cache_bytes == one.kv_cache_bytes // 2
 
 
 @pytest.mark.parametrize("kw,word", [({"tp": 3}, "tp=3"), ({"ep": 3}, "ep=3"), ({"pp": 99}, "pp=99"),
+                                     ({"tp": 128}, "tp=128"),
                                      ({"context": 0}, "context"), ({"weights": "int5"}, "int5"),
                                      ({"kv_dtype": "int4"}, "kv-dtype"), ({"context": 10**6}, "max_position"),
                                      ({"mode": "full", "weights": "wint4"}, "lora"), ({"batch_size": 2}, "unknown")])
@@ -176,7 +182,7 @@ def test_bad_requests_name_the_problem(kw, word):
 
 
 def test_ep_on_dense_model_is_refused():
-    with pytest.raises(ValueError, match="dense"):
+    with pytest.raises(ValueError, match="Mixture-of-Experts"):
         plan_memory("ernie-4.5-0.3b", ep=2, devices=[])
 
 
