@@ -30,6 +30,7 @@ CPU_PROCESS_BYTES = 320 * MiB
 # AdamW keeps two fp32 moments per trainable parameter; mixed precision also keeps an fp32 master copy.
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "none": 0}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""ernie45.train.lora's default targets besides the routed experts (which are adapted too)."""
 
 
 def load_config(model: str | os.PathLike | ModelConfig) -> ModelConfig:
@@ -219,27 +220,40 @@ def activation_bytes(config: ModelConfig, req: PlanRequest, par: Parallel) -> in
 
 
 def trainable_params(config: ModelConfig, req: PlanRequest, par: Parallel) -> tuple[int, int]:
-    """(trainable parameters in all, on the busiest GPU). LoRA adapts the attention and dense/shared MLP
-    projections (not the routed experts): rank x (in + out) per matrix."""
+    """(trainable parameters in all, on the busiest GPU).
+
+    LoRA adapts what ``ernie45.train.lora`` adapts by default: q/k/v/o and the gate/up/down projections
+    (dense and shared MLPs), rank x (in + out) per matrix, and every routed expert with its own pair for
+    gate_up [2I, H] and down [H, I].
+    """
     if req.mode == "inference":
         return 0, 0
     if req.mode == "full":
         f32 = parse_weight_format("fp32")
         wb = weight_bytes(config, f32, par, mtp=req.mtp)
         return wb.total_bytes // 4, wb.per_gpu_bytes // 4
+    r = req.lora_rank
     stages = par.stages(config.num_hidden_layers)
     total, per_stage = 0, [0] * par.pp
     for spec in tensor_inventory(config, mtp=req.mtp):
-        if spec.kind != "linear" or spec.name.rsplit(".", 2)[-2] not in LORA_TARGETS:
+        if spec.kind == "experts":
+            e, rows, cols = spec.shape
+            n = e * r * (rows + cols)
+            # The pair of each of its E/ep experts; the factor on the width axis is cut by tp.
+            width, other = (rows, cols) if spec.name.endswith("gate_up_proj") else (cols, rows)
+            shard = e // par.ep * r * (other + math.ceil(width / par.tp))
+        elif spec.kind == "linear" and spec.name.rsplit(".", 2)[-2] in LORA_TARGETS:
+            rows, cols = spec.shape
+            n = r * (rows + cols)
+            # A and B: the factor along the base matrix's split axis is cut, the other one replicated.
+            cut = rows if spec.split in ("rows", "kv_rows") else cols if spec.split == "cols" else 0
+            shard = n - r * (cut - math.ceil(cut / par.tp))
+        else:
             continue
-        rows, cols = spec.shape
-        n = req.lora_rank * (rows + cols)
         total += n
         layer = spec.layer if spec.layer is not None and spec.layer < config.num_hidden_layers else None
-        stage = par.pp - 1 if layer is None else next(s for s, r in enumerate(stages) if layer in r)
-        # A and B are cut along the same axis as the base matrix; the other factor is replicated.
-        cut = rows if spec.split in ("rows", "kv_rows") else cols if spec.split == "cols" else 0
-        per_stage[stage] += n - req.lora_rank * (cut - math.ceil(cut / par.tp))
+        stage = par.pp - 1 if layer is None else next(s for s, rg in enumerate(stages) if layer in rg)
+        per_stage[stage] += shard
     return total, max(per_stage)
 
 

@@ -254,6 +254,14 @@ def test_lora_trainable_params_by_hand():
     plan = plan_memory(cfg, mode="lora", lora_rank=r, weights="wint4", context=2048, batch=2, devices=[])
     assert plan.trainable_params == 18 * per_layer
     assert plan.gradient_bytes == 4 * 18 * per_layer and plan.optimizer_bytes == 12 * 18 * per_layer
+    moe = ModelConfig.from_name("tiny-moe")  # H 64, q 64 / kv 32 wide, dense I 128, 8 experts of 32, shared 32
+    attn = (64 + 64) * 2 + (64 + 32) * 2
+    expected = 3 * attn + 3 * (64 + 128) + 2 * (3 * (64 + 32) + 8 * ((64 + 64) + (32 + 64)))
+    assert plan_memory(moe, mode="lora", lora_rank=1, devices=[]).trainable_params == expected
+    from ernie45.train.lora import LoRAConfig, apply_lora
+
+    model = apply_lora(ErnieForCausalLM(moe.replace(num_nextn_predict_layers=0)), LoRAConfig(r=1))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected  # the trainer agrees
     full = plan_memory(cfg, mode="full", context=2048, batch=2, devices=[])
     ckpt_off = plan_memory(cfg, mode="full", context=2048, batch=2, gradient_checkpointing=False, devices=[])
     assert ckpt_off.activation_bytes > full.activation_bytes > 2048 * 2 * V * 4  # logits dominate
