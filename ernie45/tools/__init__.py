@@ -2,7 +2,8 @@
 
 from ernie45.tools.formats import Storage, WeightFormat, parse_weight_format
 from ernie45.tools.hardware import CATALOGUE, Device, catalogue, find_device
-from ernie45.tools.plan import MemoryPlan, PlanRequest, format_plan, plan_memory
+from ernie45.tools.plan import MemoryPlan, PlanRequest, plan_memory
+from ernie45.tools.plan_cli import format_plan
 from ernie45.tools.weights import Parallel, tensor_inventory, weight_bytes
 
 __all__ = [

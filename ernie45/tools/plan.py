@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from ernie45.config import ModelConfig
 from ernie45.tools.formats import CANONICAL_FLOAT, FLOAT_BYTES, WeightFormat, kv_dtype_bytes, parse_weight_format
-from ernie45.tools.hardware import DEFAULT_UTILIZATION, Device, GiB, MiB, catalogue
+from ernie45.tools.hardware import DEFAULT_UTILIZATION, Device, MiB, catalogue
 from ernie45.tools.weights import Parallel, tensor_inventory, weight_bytes
 
 Mode = Literal["inference", "full", "lora"]
@@ -375,30 +375,3 @@ def plan_memory(model: str | os.PathLike | ModelConfig, request: PlanRequest | N
     for device in devices if devices is not None else catalogue():
         plan.fits.append(fit_device(config, req, fmt, device, plan.total_bytes, utilization))
     return plan
-
-
-def format_plan(plan: MemoryPlan) -> str:
-    """The human-readable table ``ernie45 plan`` prints."""
-    p = plan.parallel
-    lines = [
-        f"{plan.model}: {plan.params / 1e9:.2f}B params ({plan.active_params / 1e9:.2f}B active), "
-        f"{plan.mode}, weights {plan.weights_format}, KV {plan.kv_dtype}",
-        f"context {plan.context:,} x batch {plan.batch}, tp={p['tp']} ep={p['ep']} pp={p['pp']} "
-        f"({p['gpus']} GPU{'s' if p['gpus'] > 1 else ''}); KV {plan.kv_bytes_per_token:,} B/token (all layers)",
-        "",
-        "per GPU              GiB          bytes",
-    ]
-    rows = [("weights", plan.weights_bytes), ("KV cache", plan.kv_cache_bytes),
-            ("activations", plan.activation_bytes)]
-    if plan.mode != "inference":
-        rows += [("gradients", plan.gradient_bytes), ("optimizer state", plan.optimizer_bytes)]
-    rows += [("overhead", plan.overhead_bytes), ("total", plan.total_bytes)]
-    lines += [f"  {k:<16}{v / GiB:>9.2f}  {v:>15,}" for k, v in rows]
-    lines += ["", f"  all weights, one copy: {plan.weights_total_bytes / GiB:.2f} GiB", "",
-              "device                                   usable GiB   as configured   fewest (layout)"]
-    for f in plan.fits:
-        fewest = "does not fit" if f.min_gpus is None else \
-            f"{f.min_gpus} (tp={f.layout['tp']} pp={f.layout['pp']})"
-        lines.append(f"  {f.name:<40}{f.usable_bytes / GiB:>9.1f}   {'fits' if f.fits_as_configured else 'no':<14}"
-                     f"  {fewest}")
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""``ernie45 plan MODEL``: memory per GPU and the GPUs that fit, as a table, JSON or a PNG plot.
+"""``ernie45 plan MODEL``: memory per GPU and the GPUs that fit, as a table (``format_plan``), JSON or a PNG plot.
 
 Example: ``ernie45 plan ernie-4.5-300b-a47b --weights wint4 --context 131072 --batch 1 --json``.
 """
@@ -10,13 +10,14 @@ import json
 import logging
 
 from ernie45.tools.formats import FORMAT_HELP, KV_BYTES
-from ernie45.tools.hardware import DEFAULT_UTILIZATION, catalogue, find_device
+from ernie45.tools.hardware import DEFAULT_UTILIZATION, GiB, catalogue, find_device
+from ernie45.tools.plan import MemoryPlan
 
 log = logging.getLogger(__name__)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ernie45.tools.plan import PlanRequest, format_plan, plan_memory
+    from ernie45.tools.plan import PlanRequest, plan_memory
 
     req = PlanRequest(
         weights=args.weights, dtype=args.dtype, kv_dtype=args.kv_dtype, context=args.context,
@@ -41,6 +42,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.plot:
             print(f"\nplot: {args.plot}")
     return 0
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The human-readable table ``ernie45 plan`` prints."""
+    p = plan.parallel
+    lines = [
+        f"{plan.model}: {plan.params / 1e9:.2f}B params ({plan.active_params / 1e9:.2f}B active), "
+        f"{plan.mode}, weights {plan.weights_format}, KV {plan.kv_dtype}",
+        f"context {plan.context:,} x batch {plan.batch}, tp={p['tp']} ep={p['ep']} pp={p['pp']} "
+        f"({p['gpus']} GPU{'s' if p['gpus'] > 1 else ''}); KV {plan.kv_bytes_per_token:,} B/token (all layers)",
+        "",
+        "per GPU              GiB          bytes",
+    ]
+    rows = [("weights", plan.weights_bytes), ("KV cache", plan.kv_cache_bytes),
+            ("activations", plan.activation_bytes)]
+    if plan.mode != "inference":
+        rows += [("gradients", plan.gradient_bytes), ("optimizer state", plan.optimizer_bytes)]
+    rows += [("overhead", plan.overhead_bytes), ("total", plan.total_bytes)]
+    lines += [f"  {k:<16}{v / GiB:>9.2f}  {v:>15,}" for k, v in rows]
+    lines += ["", f"  all weights, one copy: {plan.weights_total_bytes / GiB:.2f} GiB", "",
+              "device                                   usable GiB   as configured   fewest (layout)"]
+    for f in plan.fits:
+        fewest = "does not fit" if f.min_gpus is None else \
+            f"{f.min_gpus} (tp={f.layout['tp']} pp={f.layout['pp']})"
+        lines.append(f"  {f.name:<40}{f.usable_bytes / GiB:>9.1f}   {'fits' if f.fits_as_configured else 'no':<14}"
+                     f"  {fewest}")
+    return "\n".join(lines)
 
 
 def add_plan_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
