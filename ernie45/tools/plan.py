@@ -315,17 +315,19 @@ def candidate_layouts(config: ModelConfig, max_gpus: int = 512, node: int = 8) -
 
 
 def fit_device(config: ModelConfig, req: PlanRequest, fmt: WeightFormat, device: Device,
-               per_gpu_total: int, utilization: float = DEFAULT_UTILIZATION) -> DeviceFit:
-    """Does the requested layout fit ``device``; what is the fewest of it that holds the model."""
+               utilization: float = DEFAULT_UTILIZATION) -> DeviceFit:
+    """Does the requested layout fit ``device``; what is the fewest of it that holds the model. Each
+    device is planned with its own overhead (a CUDA process on a GPU, a plain process in host RAM)."""
     usable = int(device.memory_bytes * utilization)
-    as_cpu = PlanRequest(**{**asdict(req), "device": "cpu"}) if device.kind == "cpu" else req
+    req = replace(req, device=device.kind)
     requested = Parallel(req.tp, req.ep, req.pp)
     if device.kind == "cpu":  # one host: the plan as a single CPU process
-        total = _per_gpu(config, as_cpu, fmt, Parallel())["total_bytes"]
+        total = _per_gpu(config, req, fmt, Parallel())["total_bytes"]
         ok = total <= usable
         return DeviceFit(device.key, device.name, device.memory_bytes, usable, ok and requested.gpus == 1,
                          1 if ok else None, asdict(Parallel()) if ok else None, total)
-    fit = DeviceFit(device.key, device.name, device.memory_bytes, usable, per_gpu_total <= usable, None)
+    as_configured = _per_gpu(config, req, fmt, requested)["total_bytes"]
+    fit = DeviceFit(device.key, device.name, device.memory_bytes, usable, as_configured <= usable, None)
     for par in candidate_layouts(config, device.max_count):
         total = _per_gpu(config, req, fmt, par)["total_bytes"]
         if total <= usable:
@@ -373,5 +375,5 @@ def plan_memory(model: str | os.PathLike | ModelConfig, request: PlanRequest | N
         trainable_params=trainable_params(config, req, par)[0],
     )
     for device in devices if devices is not None else catalogue():
-        plan.fits.append(fit_device(config, req, fmt, device, plan.total_bytes, utilization))
+        plan.fits.append(fit_device(config, req, fmt, device, utilization))
     return plan
