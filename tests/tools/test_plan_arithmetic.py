@@ -81,6 +81,54 @@ def test_300b_weights_by_hand(fmt, bits):
     assert got.total_bytes == expected
 
 
+def _parts_21b() -> dict[str, int]:
+    h, e, w = 2560, 64, 1536
+    return {
+        "attn": 28 * (2560 * h * 2 + 512 * h * 2),
+        "attn_rows": 28 * (2560 + 512 + 512 + 2560),
+        "dense": 3 * 12288 * h + 27 * 3 * 3072 * h,            # layer 0 dense; 27 shared experts of 2 x 1536
+        "dense_rows": (2 * 12288 + h) + 27 * (2 * 3072 + h),
+        "experts": 27 * e * 3 * w * h,
+        "expert_rows": 27 * e * (2 * w + h),
+        "embed_head": V * h,                                  # tied
+        "norms": 28 * 2 * h + h,
+        "router": 27 * (e * h + e),
+    }
+
+
+def _parts_03b() -> dict[str, int]:
+    h = 1024
+    return {
+        "attn": 18 * (2048 * h * 2 + 256 * h * 2),              # head_dim 128: q/o are 2048 wide
+        "attn_rows": 18 * (2048 + 256 + 256 + 1024),
+        "dense": 18 * 3 * 3072 * h,
+        "dense_rows": 18 * (2 * 3072 + h),
+        "experts": 0, "expert_rows": 0,
+        "embed_head": V * h,                                  # tied
+        "norms": 18 * 2 * h + h,
+        "router": 0,
+    }
+
+
+@pytest.mark.parametrize("name,parts", [("ernie-4.5-0.3b", _parts_03b), ("ernie-4.5-21b-a3b", _parts_21b),
+                                        ("ernie-4.5-300b-a47b", _parts_300b)])
+@pytest.mark.parametrize("fmt,bits", [("fp32", 32), ("bf16", 16), ("fp8", 8), ("wint8", 8), ("wint4", 4)])
+def test_three_configs_weights_by_hand(name, parts, fmt, bits):
+    p = parts()
+    cfg = ModelConfig.from_name(name)
+    linear = p["attn"] + p["dense"] + p["experts"]
+    rest = p["embed_head"] + p["norms"]
+    assert linear + rest + p["router"] == cfg.num_params()
+    if fmt in ("fp32", "bf16"):
+        expected = bits // 8 * (linear + rest) + 4 * p["router"]
+    elif fmt == "fp8":  # one fp32 scale per 128 x 128 block; every matrix here is a multiple of 128
+        expected = linear + 4 * linear // (128 * 128) + 2 * rest + 4 * p["router"]
+    else:
+        rows = p["attn_rows"] + p["dense_rows"] + p["expert_rows"]
+        expected = linear * bits // 8 + 2 * rows + 2 * rest + 4 * p["router"]
+    assert weight_bytes(cfg, parse_weight_format(fmt)).total_bytes == expected
+
+
 def test_wint2_300b_by_hand_and_against_baidus_89gb():
     p = _parts_300b()
     h, e, i_exp = 8192, 64, 3584
