@@ -20,7 +20,7 @@ pytestmark = pytest.mark.multiprocess
 # A checkpoint of a few hundred MB (bf16), MoE-heavy like the real models.
 BIG = ModelConfig.from_name("tiny-moe").replace(
     vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
-    num_key_value_heads=4, head_dim=64, moe_num_experts=32, moe_k=4, moe_intermediate_size=512,
+    num_key_value_heads=4, head_dim=64, moe_num_experts=48, moe_k=4, moe_intermediate_size=512,
     moe_num_shared_experts=1, moe_layer_start_index=1)
 
 
