@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}"
+# One thread: on the shared 2-core machine two OpenMP threads spin at barriers while the other core is
+# busy, and a step takes ~10x longer (measured). Set OMP_NUM_THREADS=2 on an idle machine.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 python3 -m ernie45.train.spm runs/demo_tokenizer data/corpus/en_fortunes.jsonl data/corpus/zh_poems.jsonl \
   --vocab-size 6144 --model-max-length 4096
 python3 -m ernie45.cli train pretrain --config recipes/demo_pretrain.yaml
