@@ -38,6 +38,8 @@ def quantize_tensor(w_NK: torch.Tensor, scheme: TensorScheme) -> tuple[torch.Ten
     g = scheme.group_for(w_NK.shape[-1])
     if scheme.method == "hqq":
         return qm.quantize_hqq(w_NK, scheme.bits, g)
+    if scheme.method == "mse":
+        return qm.quantize_mse(w_NK, scheme.bits, g)
     return qm.quantize_rtn(w_NK, scheme.bits, g, scheme.symmetric)
 
 

@@ -16,8 +16,8 @@ from typing import Any, Literal
 from ernie45.quant.math import check_bits
 
 METADATA_KEY = "ernie45.quant"
-METHODS = ("rtn", "hqq")
-Method = Literal["rtn", "hqq"]
+METHODS = ("rtn", "mse", "hqq")
+Method = Literal["rtn", "mse", "hqq"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class TensorScheme:
     symmetric: bool = False
     """Zero exactly representable, no stored minimum (int8 uses it: the int8 kernel is symmetric)."""
     method: Method = "rtn"
-    """rtn: round to nearest on the min/max grid; hqq: data-free zero-point optimisation (better at 2 bits)."""
+    """rtn: round to nearest on the min/max grid; mse: data-free range search + least-squares refit of scale and
+    offset (best at 2 bits); hqq: HQQ's lp zero-point optimisation (Badri & Shaji 2023)."""
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -40,8 +41,8 @@ class TensorScheme:
                              f"or None for per-channel")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not supported; choose one of {list(METHODS)}")
-        if self.method == "hqq" and self.symmetric:
-            raise ValueError("method='hqq' optimises zero points, so it needs symmetric=False")
+        if self.method != "rtn" and self.symmetric:
+            raise ValueError(f"method={self.method!r} optimises offsets, so it needs symmetric=False")
 
     def group_for(self, k: int) -> int:
         """The group size used for a row of k columns: per-channel is k; a group wider than the row
@@ -61,7 +62,7 @@ class TensorScheme:
 BASE: dict[int, TensorScheme] = {
     8: TensorScheme(8, None, symmetric=True),  # per-channel: torch's int8 kernel
     4: TensorScheme(4, 128),  # torch's int4 kernel takes groups of 32..256
-    2: TensorScheme(2, 64, method="hqq"),  # Baidu's 2-bit experts use groups of 64 (spec §5)
+    2: TensorScheme(2, 64, method="mse"),  # Baidu's 2-bit experts use groups of 64 (spec §5)
 }
 """The default scheme for each bit width."""
 
@@ -84,7 +85,7 @@ class QuantConfig:
 
         int8: every linear int8 per-channel symmetric (FastDeploy's WINT8; runs on torch's int8 kernel).
         int4: int4 asymmetric groups of 128 (torch's int4 kernel); head int8.
-        int2: experts 2-bit groups of 64 optimised with HQQ, dense linears int4 g128, head int8: the
+        int2: experts 2-bit groups of 64 with optimised scales (method "mse"), dense linears int4 g128, head int8: the
             mixed layout of Baidu's 2-bit release (experts low-bit, everything read per token higher).
         group_size / method override the main (expert) scheme, and the dense one when it has the same bits.
         dense_bits: bits for the dense linears (8, 4 or 2). head_bits: bits for the LM head, None = bf16.

@@ -21,6 +21,7 @@ SCHEMES = {
     "int4-g32-hqq": (TensorScheme(4, 32, method="hqq"), "int4"),
     "int2-g64": (TensorScheme(2, 64), "packed"),
     "int2-g64-hqq": (TensorScheme(2, 64, method="hqq"), "packed"),
+    "int2-g64-mse": (TensorScheme(2, 64, method="mse"), "packed"),
 }
 
 
