@@ -277,8 +277,8 @@ def add_quantize_parser(sub) -> None:  # noqa: ANN001 - argparse's private subpa
     s.add_argument("--bits", type=int, default=4, choices=[8, 4, 2], help="bits of the expert weights")
     s.add_argument("--group-size", type=int, default=None,
                    help="columns per scale (32/64/128; 0 = per channel); default per --bits: 8->channel, 4->128, 2->64")
-    s.add_argument("--method", choices=["rtn", "hqq"], default=None,
-                   help="rtn: round to nearest; hqq: data-free optimised zero points (default for 2-bit)")
+    s.add_argument("--method", choices=["rtn", "mse", "hqq"], default=None,
+                   help="rtn: round to nearest; mse: optimised scales/offsets (default for 2-bit); hqq: HQQ zeros")
     s.add_argument("--dense-bits", type=int, choices=[8, 4, 2], help="bits of attention/dense/shared linears")
     s.add_argument("--head-bits", type=int, choices=[0, 8, 4, 2], help="bits of the LM head (0 = keep bf16)")
     s.add_argument("--dtype", default="bfloat16", help="compute dtype of the quantized model")
