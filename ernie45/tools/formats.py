@@ -137,11 +137,12 @@ def scheme_storage(scheme, scale_bits: int) -> Storage:  # noqa: ANN001 - ernie4
     return int_storage(scheme.bits, scheme.group_size, offsets, scale_bits)
 
 
-def quant_format(name: str, dtype: str = "bf16") -> WeightFormat:
-    """A WeightFormat from ``ernie45.quant.QuantConfig.from_name(name)``."""
+def quant_format(scheme, dtype: str = "bf16") -> WeightFormat:  # noqa: ANN001 - str or QuantConfig
+    """A WeightFormat from an ``ernie45.quant.QuantConfig`` or the name of one of its presets."""
     from ernie45.quant.scheme import QuantConfig
 
-    qc = QuantConfig.from_name(name)
+    qc = QuantConfig.from_name(scheme) if isinstance(scheme, str) else scheme
+    name = scheme if isinstance(scheme, str) else f"checkpoint:{qc.name}"
     full = float_storage(dtype)
     return WeightFormat(name, scheme_storage(qc.dense, full.bits), scheme_storage(qc.experts, full.bits), full,
                         head=scheme_storage(qc.head, full.bits) if qc.head else None,

@@ -14,7 +14,14 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from ernie45.config import ModelConfig
-from ernie45.tools.formats import CANONICAL_FLOAT, FLOAT_BYTES, WeightFormat, kv_dtype_bytes, parse_weight_format
+from ernie45.tools.formats import (
+    CANONICAL_FLOAT,
+    FLOAT_BYTES,
+    WeightFormat,
+    kv_dtype_bytes,
+    parse_weight_format,
+    quant_format,
+)
 from ernie45.tools.hardware import DEFAULT_UTILIZATION, Device, MiB, catalogue
 from ernie45.tools.weights import Parallel, tensor_inventory, weight_bytes
 
@@ -31,6 +38,20 @@ CPU_PROCESS_BYTES = 320 * MiB
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "none": 0}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """ernie45.train.lora's default targets besides the routed experts (which are adapted too)."""
+
+
+def checkpoint_quant_config(model: str | os.PathLike | ModelConfig):  # noqa: ANN201 - QuantConfig | None
+    """The ernie45.quant scheme stored in a quantized checkpoint folder's metadata, else None."""
+    if isinstance(model, ModelConfig) or not os.path.isdir(os.fspath(model)):
+        return None
+    from ernie45.model.checkpoint import CheckpointError, index_checkpoint
+    from ernie45.quant.scheme import METADATA_KEY, QuantConfig
+
+    try:
+        _, meta = index_checkpoint(os.fspath(model))
+    except CheckpointError:  # a folder with only config.json: nothing to read
+        return None
+    return QuantConfig.from_json(meta[METADATA_KEY], os.fspath(model)) if METADATA_KEY in meta else None
 
 
 def load_config(model: str | os.PathLike | ModelConfig) -> ModelConfig:
@@ -50,8 +71,9 @@ def load_config(model: str | os.PathLike | ModelConfig) -> ModelConfig:
 class PlanRequest:
     """What to plan for. Sizes are tokens and sequences; parallel sizes are GPU counts."""
 
-    weights: str = "bf16"
-    """Weight format: fp32, bf16, fp16, fp8, int8, int4, int2, wint2, int<b>-g<N>[-asym]."""
+    weights: str | None = None
+    """Weight format: fp32, bf16, fp16, fp8, int8, int4, int2, wint8, wint4, wint2, int<b>-g<N>[-asym];
+    None = a checkpoint folder's own format (its ernie45.quant scheme, or its torch_dtype), else bf16."""
     dtype: str | None = None
     """Compute dtype: activations, and the tensors a quantized format keeps in full precision; None = the
     weights' own float type (fp32 for fp32 weights), else bf16."""
@@ -89,7 +111,7 @@ class PlanRequest:
         """A copy with dtype and kv_dtype filled in."""
         dtype = self.dtype
         if dtype is None:
-            fmt = parse_weight_format(self.weights)
+            fmt = parse_weight_format(self.weights or "bf16")
             dtype = "bf16" if fmt.quantized else fmt.full.name
         dtype = CANONICAL_FLOAT.get(dtype.lower(), dtype.lower())
         return replace(self, dtype=dtype, kv_dtype=(self.kv_dtype or dtype).lower())
@@ -350,11 +372,18 @@ def plan_memory(model: str | os.PathLike | ModelConfig, request: PlanRequest | N
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"plan_memory got unknown option(s) {unknown}; known: {sorted(known)}")
-    req = PlanRequest(**{**(asdict(request) if request else {}), **overrides}).resolved()
+    req = PlanRequest(**{**(asdict(request) if request else {}), **overrides})
+    qc = checkpoint_quant_config(model) if req.weights is None else None
+    if req.weights is None:  # the checkpoint's own format
+        folder = not isinstance(model, ModelConfig) and os.path.isdir(os.fspath(model))
+        stored = CANONICAL_FLOAT.get(config.torch_dtype, config.torch_dtype) if folder else "bf16"
+        req = replace(req, weights=qc.name if qc else stored if stored in FLOAT_BYTES else "bf16",
+                      dtype=req.dtype or (stored if qc and stored in FLOAT_BYTES else None))
+    req = req.resolved()
     req.validate(config)
     if not 0 < utilization <= 1:
         raise ValueError(f"utilization={utilization} must be in (0, 1]")
-    fmt = parse_weight_format(req.weights, req.dtype)
+    fmt = quant_format(qc, req.dtype) if qc else parse_weight_format(req.weights, req.dtype)
     if req.mode == "full" and fmt.quantized:
         raise ValueError(f"full fine-tuning needs float weights, not {req.weights!r}; use --mode lora to train "
                          f"adapters on a quantized base")

@@ -79,7 +79,8 @@ def add_plan_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparser
                                    "batch, activations, training state; fit it to a GPU catalogue.")
     s.add_argument("model", help="preset name (ernie-4.5-300b-a47b, ernie-4.5-21b-a3b, ernie-4.5-0.3b) or "
                                  "checkpoint folder")
-    s.add_argument("--weights", default="bf16", help=f"weight format: {formats}; or int<b>[-g<N>][-asym]")
+    s.add_argument("--weights", default=None, help=f"weight format: {formats}; or int<b>[-g<N>][-asym]. Default: "
+                                                   "a checkpoint folder's own format (quantized or not), else bf16")
     s.add_argument("--dtype", default=None, help="compute dtype (bf16, fp16, fp32); default: the weights' "
                                                  "own float type, else bf16")
     s.add_argument("--kv-dtype", default=None, choices=sorted(KV_BYTES), help="KV cache dtype (default: dtype)")

@@ -63,3 +63,26 @@ def test_quantize_on_load_resident_moe_2bit(tmp_path_factory):
     cfg = ModelConfig.from_name("ernie-4.5-21b-a3b").replace(num_hidden_layers=2, moe_num_experts=2, moe_k=2,
                                                             moe_layer_end_index=1, num_nextn_predict_layers=0)
     _check(random_checkpoint(cfg, str(tmp_path_factory.mktemp("q-mid-int2"))), "int2")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantized_checkpoint_folder_plans_its_own_scheme(tmp_path, dtype):
+    """A folder written by save_model from a quantized model is planned in its stored scheme (group size
+    overridden here, so not a preset) and compute dtype, byte for byte what the model holds."""
+    from ernie45 import init_weights, load_model, save_model
+    from ernie45.quant.scheme import QuantConfig
+
+    cfg = ModelConfig.from_name("tiny-moe")
+    model = init_weights(ErnieForCausalLM(cfg), seed=0).to(dtype)
+    quantize_model(model, QuantConfig.from_name("int4", group_size=32), progress=False)
+    save_model(model, tmp_path)
+    plan = plan_memory(tmp_path, devices=[])
+    assert plan.weights_format == "checkpoint:int4"
+    loaded = load_model(tmp_path, dtype=dtype)
+    assert plan.weights_bytes == quantized_nbytes(loaded) - _nonpersistent_bytes(loaded)
+    # an explicit --weights still wins; and a plain folder is planned in its stored dtype
+    assert plan_memory(tmp_path, weights="bf16", devices=[]).weights_format == "bf16"
+    plain = tmp_path / "plain"
+    save_model(init_weights(ErnieForCausalLM(cfg), seed=0).to(dtype), plain)
+    expected = "fp32" if dtype == torch.float32 else "bf16"
+    assert plan_memory(plain, devices=[]).weights_format == expected
