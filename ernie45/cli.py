@@ -41,6 +41,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ernie45.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.tp * args.ep > 1:  # several ranks under torchrun (started here when needed): ernie45.parallel
+        from ernie45.parallel.launch import serve_cli
+
+        return serve_cli(args)
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("ERNIE45_API_KEY"),
           served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, dtype=args.dtype,
           quant=args.quant, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -67,6 +71,8 @@ def add_serve_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparse
     s.add_argument("--block-size", type=int, default=None, help="tokens per paged-KV block")
     s.add_argument("--no-prefix-caching", action="store_true", help="turn off prefix-cache block reuse")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit (HTTP 413)")
+    s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (torchrun; started for you if needed)")
+    s.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (MoE models)")
     s.set_defaults(func=cmd_serve)
 
 
