@@ -64,10 +64,11 @@ def bytes_per_token(model) -> int:  # noqa: ANN001
     expert stack, the fp32 routers; the embedding contributes one row."""
     cfg = model.config
     total = 0
+    in_experts = {id(w) for m in model.modules() if isinstance(m, QuantExperts) for w in m.children()}
     for _, m in model.named_modules():
         if isinstance(m, QuantExperts):
             total += (m.gate_up_proj.nbytes() + m.down_proj.nbytes()) * cfg.moe_k // cfg.moe_num_experts
-        elif isinstance(m, QWeight) and not isinstance(m, QuantExperts):
+        elif isinstance(m, QWeight) and id(m) not in in_experts:
             total += m.nbytes()
         elif isinstance(m, Router):
             total += m.weight.numel() * 4
@@ -263,9 +264,9 @@ def part_mid4l(tokens: int, prompt: int, work: str) -> dict:
         out[f"llama_{ftype}_bytes"] = os.path.getsize(dst)
         out[f"llama_{ftype}"] = decode_llama(dst, prompt, tokens)
         os.unlink(dst)
-    for quant in ("int8", "int4"):
+    for quant, opts in (("int8", {}), ("int4", {}), ("int4-head4", {"head_bits": 4})):
         t0 = time.perf_counter()
-        model = load_model(ckpt, quant=quant, progress=False)
+        model = load_model(ckpt, quant=quant.split("-")[0], progress=False, **opts)
         out[f"{quant}_load_s"] = time.perf_counter() - t0
         out[f"{quant}_bytes"] = quantized_nbytes(model)
         out[f"{quant}_bytes_per_token"] = bytes_per_token(model)
@@ -359,7 +360,7 @@ def report(r: dict, args: argparse.Namespace) -> str:
               "|---|---|---|---|---|---|---|---|"]
     if "mid4l" in r:
         m = r["mid4l"]
-        for quant, peer in (("int8", "Q8_0"), ("int4", "Q4_K_M"), ("int4", "Q4_0")):
+        for quant, peer in (("int8", "Q8_0"), ("int4", "Q4_K_M"), ("int4-head4", "Q4_K_M"), ("int4-head4", "Q4_0")):
             roof = m["bandwidth"] / m[f"{quant}_bytes_per_token"]
             lines.append(f"| mid-4L | {quant} ({m[f'{quant}_bytes'] / 2**30:.2f} GiB) | {m[quant]:.1f} | {roof:.1f} | "
                          f"{m[quant] / roof:.0%} | llama.cpp {peer} ({m[f'llama_{peer}_bytes'] / 2**30:.2f} GiB) | "

@@ -62,7 +62,9 @@ class TensorScheme:
 BASE: dict[int, TensorScheme] = {
     8: TensorScheme(8, None, symmetric=True),  # per-channel: torch's int8 kernel
     4: TensorScheme(4, 128),  # torch's int4 kernel takes groups of 32..256
-    2: TensorScheme(2, 64, method="mse"),  # Baidu's 2-bit experts use groups of 64 (spec §5)
+    # Baidu's 2-bit experts use groups of 64 (spec §5). RTN, not mse/hqq: on our trained test model their
+    # lower weight error gave a higher next-token KL (tests/quant/test_quality.py records the table).
+    2: TensorScheme(2, 64),
 }
 """The default scheme for each bit width."""
 
@@ -85,7 +87,7 @@ class QuantConfig:
 
         int8: every linear int8 per-channel symmetric (FastDeploy's WINT8; runs on torch's int8 kernel).
         int4: int4 asymmetric groups of 128 (torch's int4 kernel); head int8.
-        int2: experts 2-bit groups of 64 with optimised scales (method "mse"), dense linears int4 g128, head int8: the
+        int2: experts 2-bit groups of 64, dense linears int4 g128, head int8: the
             mixed layout of Baidu's 2-bit release (experts low-bit, everything read per token higher).
         group_size / method override the main (expert) scheme, and the dense one when it has the same bits.
         dense_bits: bits for the dense linears (8, 4 or 2). head_bits: bits for the LM head, None = bf16.
