@@ -40,6 +40,9 @@ def quantize_tensor(w_NK: torch.Tensor, scheme: TensorScheme) -> tuple[torch.Ten
         return qm.quantize_hqq(w_NK, scheme.bits, g)
     if scheme.method == "mse":
         return qm.quantize_mse(w_NK, scheme.bits, g)
+    if scheme.method == "gptq":
+        raise ValueError("method='gptq' needs calibration activations: use quantize_model(model, config, "
+                         "calibration=token_ids) on a loaded full-precision model")
     return qm.quantize_rtn(w_NK, scheme.bits, g, scheme.symmetric)
 
 

@@ -41,7 +41,8 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | str, *, build_only: bool = False,
-                   dtype: torch.dtype | None = None, progress: bool | None = None) -> nn.Module:
+                   dtype: torch.dtype | None = None, progress: bool | None = None,
+                   calibration: torch.Tensor | None = None) -> nn.Module:
     """Swap the model's linears and experts for quantized modules in place; returns the model.
 
     config: a ``QuantConfig`` or a preset name ("int8", "int4", "int2").
@@ -49,6 +50,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | str, *, build_only: b
         quantizing; the loader fills them tensor by tensor.
     dtype: compute dtype of scales and activations (default: each module's weight dtype).
     progress: a bar over modules (None: only on a terminal).
+    calibration: token ids [B, T] for ``method="gptq"`` (the hessians of every layer's inputs).
     """
     if isinstance(config, str):
         config = QuantConfig.from_name(config)
@@ -56,10 +58,19 @@ def quantize_model(model: nn.Module, config: QuantConfig | str, *, build_only: b
         raise ValueError(f"the model is already quantized ({model.quant_config.describe()}); load the "
                          f"full-precision checkpoint to quantize it with another scheme")
     todo = list(plan_modules(model, config))
+    hess = None
+    if not build_only and any(s.method == "gptq" for _, _, s in todo):
+        if calibration is None:
+            raise ValueError("method='gptq' needs calibration=token_ids [batch, seq] to measure layer inputs")
+        from ernie45.quant.gptq import collect_hessians
+
+        hess = collect_hessians(model, calibration)
     bar = tqdm(todo, desc="quantizing", unit="module", disable=None if progress is None else not progress)
     for name, m, scheme in bar:
         try:
-            if isinstance(m, Experts):
+            if hess is not None and scheme.method == "gptq":
+                new = _quantize_gptq(name, m, scheme, dtype, hess)
+            elif isinstance(m, Experts):
                 w = m.gate_up_proj
                 e, two_i, h = w.shape
                 dt = dtype or w.dtype
@@ -75,6 +86,28 @@ def quantize_model(model: nn.Module, config: QuantConfig | str, *, build_only: b
     model.quant_config = config
     log.info("quantized %d modules (%s)", len(todo), config.describe())
     return model
+
+
+def _quantize_gptq(name: str, m: nn.Module, scheme: TensorScheme, dtype: torch.dtype | None,
+                   hess: dict[str, torch.Tensor]) -> nn.Module:
+    from ernie45.quant.gptq import quantize_gptq
+
+    if isinstance(m, Experts):
+        e, two_i, h = m.gate_up_proj.shape
+        new = QuantExperts(e, h, two_i // 2, scheme, dtype or m.gate_up_proj.dtype, m.gate_up_proj.device)
+        for i in range(e):
+            for proj in ("gate_up_proj", "down_proj"):
+                qw = getattr(new, proj)
+                w = getattr(m, proj)[i].detach()
+                qw.set(i, *quantize_gptq(w, hess.get(f"{name}.{proj}.{i}"), scheme.bits, qw.group))
+        return new
+    new = QuantLinear(m.in_features, m.out_features, scheme, m.bias is not None, dtype or m.weight.dtype,
+                      m.weight.device)
+    new.set(None, *quantize_gptq(m.weight.detach(), hess.get(name), scheme.bits, new.group))
+    if m.bias is not None:
+        with torch.no_grad():
+            new.bias.copy_(m.bias)
+    return new
 
 
 def quantized_nbytes(model: nn.Module) -> int:

@@ -16,8 +16,8 @@ from typing import Any, Literal
 from ernie45.quant.math import check_bits
 
 METADATA_KEY = "ernie45.quant"
-METHODS = ("rtn", "mse", "hqq")
-Method = Literal["rtn", "mse", "hqq"]
+METHODS = ("rtn", "mse", "hqq", "gptq")
+Method = Literal["rtn", "mse", "hqq", "gptq"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class TensorScheme:
     """Zero exactly representable, no stored minimum (int8 uses it: the int8 kernel is symmetric)."""
     method: Method = "rtn"
     """rtn: round to nearest on the min/max grid; mse: data-free range search + least-squares refit of scale and
-    offset (best at 2 bits); hqq: HQQ's lp zero-point optimisation (Badri & Shaji 2023)."""
+    offset; hqq: HQQ's lp zero-point optimisation (Badri & Shaji 2023); gptq: calibrated error feedback
+    (needs ``quantize_model(..., calibration=ids)``)."""
 
     def __post_init__(self) -> None:
         check_bits(self.bits)

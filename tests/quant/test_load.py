@@ -65,6 +65,8 @@ def test_quantized_checkpoint_round_trip(bf16_ckpt: str, tmp_path, quant: str) -
 def test_quantized_checkpoint_errors(bf16_ckpt: str, tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(TypeError, match="bits"):
         load_model(bf16_ckpt, quant="int4", bits=4)
+    with pytest.raises(ValueError, match="calibration"):
+        load_model(bf16_ckpt, quant="int2", method="gptq")  # GPTQ needs activations; on-load is data-free
     with pytest.raises(ValueError, match="device="):
         load_model(bf16_ckpt, quant="int4", device="cuda")
     out = str(tmp_path / "q")
