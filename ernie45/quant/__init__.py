@@ -4,6 +4,7 @@
 - ``scheme``: ``QuantConfig`` (what each class of weight gets), stored in checkpoint metadata;
 - ``modules``: ``QuantLinear`` and ``QuantExperts`` with decode kernels and a dequantize path;
 - ``quantize``: ``quantize_model(model, "int4")`` swaps modules by name;
+- ``gptq``: calibrated quantization (``quantize_model(..., calibration=ids)`` with method "gptq");
 - ``load``: quantize-on-load and quantized checkpoints (used by ``ernie45.load_model``/``save_model``).
 """
 

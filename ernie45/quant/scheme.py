@@ -63,8 +63,9 @@ class TensorScheme:
 BASE: dict[int, TensorScheme] = {
     8: TensorScheme(8, None, symmetric=True),  # per-channel: torch's int8 kernel
     4: TensorScheme(4, 128),  # torch's int4 kernel takes groups of 32..256
-    # Baidu's 2-bit experts use groups of 64 (spec §5). RTN, not mse/hqq: on our trained test model their
-    # lower weight error gave a higher next-token KL (tests/quant/test_quality.py records the table).
+    # Baidu's 2-bit experts use groups of 64 (spec §5). Data-free default RTN, not mse/hqq: on our trained test
+    # model their lower weight error gave a higher next-token KL; calibrated "gptq" beats all three
+    # (tests/quant/test_quality.py records the table) but needs activations, so it is not an on-load default.
     2: TensorScheme(2, 64),
 }
 """The default scheme for each bit width."""

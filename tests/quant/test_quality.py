@@ -62,11 +62,14 @@ def train_small_moe(data: torch.Tensor, steps: int = 250, lr: float = 1e-2) -> E
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[ErnieForCausalLM, torch.Tensor]:
+def trained() -> tuple[ErnieForCausalLM, torch.Tensor, torch.Tensor]:
+    """(model, held-out ids [32, SEQ], calibration ids [32, SEQ] from the training split, for GPTQ)."""
     torch.manual_seed(0)
     data = torch.tensor(list(stdlib_text()), dtype=torch.long)
     split = int(data.numel() * 0.9)
     held = data[split:split + 32 * SEQ].view(32, SEQ)
+    starts = torch.randint(0, split - SEQ, (32,), generator=torch.Generator().manual_seed(5))
+    calib = torch.stack([data[s:s + SEQ] for s in starts.tolist()])
     try:
         from ernie45.assets import demo_path
         from ernie45.model.checkpoint import load_model
@@ -74,10 +77,10 @@ def trained() -> tuple[ErnieForCausalLM, torch.Tensor]:
         model = load_model(demo_path(), dtype=torch.float32, progress=False)
         tok = _demo_tokens(demo_path(), data[split:])
         if tok is not None:
-            return model, tok
+            return model, tok[len(tok) // 2:], tok[:len(tok) // 2]
     except Exception:  # noqa: BLE001 - no demo model yet: train one here
         pass
-    return train_small_moe(data[:split]), held
+    return train_small_moe(data[:split]), held, calib
 
 
 def _demo_tokens(folder: str, raw: torch.Tensor) -> torch.Tensor | None:
@@ -104,17 +107,18 @@ EXPERTS = {
     "experts int2 g64 RTN": QuantConfig.from_name("int2", method="rtn", dense_bits=8, head_bits=None),
     "experts int2 g64 MSE": QuantConfig.from_name("int2", method="mse", dense_bits=8, head_bits=None),
     "experts int2 g64 HQQ": QuantConfig.from_name("int2", method="hqq", dense_bits=8, head_bits=None),
+    "experts int2 g64 GPTQ (calibrated)": QuantConfig.from_name("int2", method="gptq", dense_bits=8, head_bits=None),
 }
 
 
 @pytest.mark.slow
 def test_quality_table(trained, artifacts_dir: str) -> None:  # noqa: ANN001
-    model, held = trained
+    model, held, calib = trained
     base = compare(model, model, held)
     assert base["ppl"] < 20, f"the model did not train (held-out perplexity {base['ppl']:.1f})"
     rows = {}
     for name, cfg in {**PRESETS, **EXPERTS}.items():
-        q = quantize_model(copy.deepcopy(model), cfg, progress=False)
+        q = quantize_model(copy.deepcopy(model), cfg, progress=False, calibration=calib)
         r = compare(model, q, held)
         ex = q.model.layers[1].mlp.experts
         bpw = 8 * (ex.gate_up_proj.nbytes() + ex.down_proj.nbytes()) / (
@@ -134,5 +138,8 @@ def test_quality_table(trained, artifacts_dir: str) -> None:  # noqa: ANN001
     assert kl["int4 g32"] < kl["int4 g128"] * 1.05
     assert kl["int4 g128"] < kl["int2 (experts 2-bit g64, dense int4)"]
     assert kl["experts int4 g128"] < 0.25 * kl["experts int2 g64 RTN"]
-    assert rows["experts int2 g64 MSE"]["bpw"] == pytest.approx(rows["experts int2 g64 RTN"]["bpw"])
+    gptq = "experts int2 g64 GPTQ (calibrated)"
+    assert rows[gptq]["bpw"] == pytest.approx(rows["experts int2 g64 RTN"]["bpw"])  # same bits per weight
+    assert kl[gptq] < 0.5 * kl["experts int2 g64 RTN"]
+    assert rows[gptq]["ppl"] < rows["experts int2 g64 RTN"]["ppl"]
     assert rows["int8 (per-channel)"]["ppl"] < base["ppl"] * 1.01
