@@ -143,7 +143,10 @@ def worker(rank: int, world: int, port: int, sizes: dict, args: argparse.Namespa
         mesh = init_mesh(ParallelConfig(**sizes), bench_config(args.layers))
         model = sharded_load(args.ckpt, mesh, dtype=torch.bfloat16,
                              device=f"cuda:{rank}" if torch.cuda.is_available() else "cpu")
-    result = {"load_s": time.perf_counter() - t0, "rss_after_load_mb": rss_peak_mb()}
+    from ernie45.parallel.sharded_load import local_nbytes
+
+    result = {"load_s": time.perf_counter() - t0, "rss_after_load_mb": rss_peak_mb(),
+              "local_mb": local_nbytes(model) / 2**20}
     if rank == 0:
         result["runs"] = run_engine(model, args.batch_sizes, args.prompt_len, args.new_tokens, counts)
     else:
@@ -260,11 +263,11 @@ def main() -> None:
               f"(H x 2 B / 2 = {h:,} B, twice that at batch 1 where the empty chunk is padded): "
               f"{nmoe * (k * h + h):,} B; the engine's step broadcast adds a few int64 per token."]
     lines += ["", "## Memory per rank (peak RSS, MiB; sharded loading for tp/ep)", "",
-                            "| mode | rank | after load | peak | model share |", "|---|---|---|---|---|"]
+                            "| mode | rank | after load | peak | weights held |", "|---|---|---|---|---|"]
     for m in modes:
         for r, rr in enumerate(res[m]):
             lines.append(f"| {m} | {r} | {rr['rss_after_load_mb']:.0f} | {rr['rss_peak_mb']:.0f} | "
-                         f"{full_mb / len(res[m]):.0f} of {full_mb:.0f} |")
+                         f"{rr['local_mb']:.0f} of {full_mb:.0f} |")
     lines += ["", "Load time (s): " + ", ".join(f"{m} {res[m][0]['load_s']:.1f}" for m in modes), ""]
     text = "\n".join(lines)
     print(text)
