@@ -171,14 +171,15 @@ def report(args: argparse.Namespace, results: dict) -> None:
              f"--batch-sizes {' '.join(map(str, args.batch_sizes))}`",
              f"- commit: {commit}; model mid-4L (21B-A3B shape, 4 layers, random weights, bf16); "
              f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy", "",
-             "| batch | metric | ours | transformers | ratio |", "|---|---|---|---|---|"]
+             "| batch | metric | ours | transformers | ratio (>1: ours better) |", "|---|---|---|---|---|"]
     for b, ours in results["ours"].items():
         hf = results["transformers"].get(b, {})
         for key, label in (("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s"),
                            ("total_tok_s", "end-to-end tok/s"), ("ttft_s", "TTFT s")):
             theirs = hf.get(key)
+            # ratio > 1 means ours is better: throughput ours/theirs, TTFT theirs/ours
             ratio = "" if theirs is None else (f"{ours[key] / theirs:.2f}x" if key != "ttft_s"
-                                               else f"{theirs / ours[key]:.2f}x faster")
+                                               else f"{theirs / ours[key]:.2f}x")
             lines.append(f"| {b} | {label} | {ours[key]:.2f} | {'' if theirs is None else f'{theirs:.2f}'} "
                          f"| {ratio} |")
     text = "\n".join(lines) + "\n"
