@@ -20,5 +20,7 @@ rm -rf ernie45/assets/demo.tmp
 cp -r runs/demo_sft/final ernie45/assets/demo.tmp
 cp runs/demo_pretrain/metrics.jsonl ernie45/assets/demo.tmp/pretrain_metrics.jsonl
 cp runs/demo_sft/metrics.jsonl ernie45/assets/demo.tmp/sft_metrics.jsonl
+cp scripts/demo_README.md ernie45/assets/demo.tmp/README.md
+chmod 644 ernie45/assets/demo.tmp/*
 rm -rf ernie45/assets/demo && mv ernie45/assets/demo.tmp ernie45/assets/demo
 du -sh ernie45/assets/demo
