@@ -28,7 +28,9 @@ DISCONNECT_POLL_S = 1.0  # how often a non-streamed request checks that its clie
 
 
 def is_queue_full(e: BaseException) -> bool:
-    return any(c.__name__ == "QueueFullError" for c in type(e).__mro__)
+    from ernie45.engine.llm import QueueFullError
+
+    return isinstance(e, QueueFullError)
 
 
 class GenerationService:
