@@ -132,3 +132,12 @@ def test_cli_run_killed_mid_way_resumes_to_the_same_curve(tmp_path, tok_dir, sma
     assert 8 <= done < 24, "the run was not killed mid-way"
     subprocess.run(cmd + [recipe("cut"), "--resume"], check=True, env=env, capture_output=True)
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
+
+
+def test_every_shipped_recipe_parses():
+    recipes = os.path.join(ROOT, "recipes")
+    names = sorted(f for f in os.listdir(recipes) if f.endswith(".yaml"))
+    assert {"demo_pretrain.yaml", "demo_sft.yaml", "sft_lora.yaml", "dpo.yaml"} <= set(names)
+    for name in names:
+        cfg = TrainConfig.from_yaml(os.path.join(recipes, name))
+        assert cfg.task in ("pretrain", "sft", "dpo")
