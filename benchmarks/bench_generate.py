@@ -20,13 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from benchmarks.common import fill_random  # noqa: E402
 from ernie45 import ModelConfig, save_model  # noqa: E402
 from ernie45.engine import LLMEngine, SamplingParams  # noqa: E402
 from ernie45.model.checkpoint import build_empty  # noqa: E402
@@ -42,20 +42,7 @@ def mid_4l() -> ModelConfig:
 def build_model(cfg: ModelConfig):  # noqa: ANN201
     """Meta build + a cheap fill: slices of one random pool (speed does not depend on the values;
     random init of 2.8B parameters would take ~1 minute)."""
-    model = build_empty(cfg, torch.bfloat16)
-    pool = torch.randn(1 << 24, generator=torch.Generator().manual_seed(0)) * 0.02
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.fill_(1.0)
-            continue
-        flat = p.view(-1)
-        for i in range(0, flat.numel(), pool.numel()):
-            n = min(pool.numel(), flat.numel() - i)
-            off = (i // 7 + zlib.crc32(name.encode())) % (pool.numel() - n + 1)  # vary the pattern between tensors
-            flat[i:i + n].copy_(pool[off:off + n])
-    for name, b in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            b.zero_()
+    model = fill_random(build_empty(cfg, torch.bfloat16))
     return model.eval()
 
 

@@ -21,7 +21,6 @@ import os
 import sys
 import tempfile
 import time
-import zlib
 from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +30,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchmarks.common import RESULTS, commit, machine  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    commit,
+    fill_random,  # noqa: E402
+    machine,
+)
 from ernie45 import ModelConfig, load_model, save_model  # noqa: E402
 from ernie45.model.checkpoint import build_empty  # noqa: E402
 from ernie45.utils import atomic_write_text  # noqa: E402
@@ -48,20 +52,7 @@ def bench_config(layers: int) -> ModelConfig:
 @torch.no_grad()
 def make_checkpoint(cfg: ModelConfig, folder: str) -> None:
     """Random bf16 weights from slices of one random pool (decode speed does not depend on the values)."""
-    model = build_empty(cfg, torch.bfloat16)
-    pool = torch.randn(1 << 24, generator=torch.Generator().manual_seed(0)) * 0.02
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.fill_(1.0)
-            continue
-        flat = p.view(-1)
-        for i in range(0, flat.numel(), pool.numel()):
-            n = min(pool.numel(), flat.numel() - i)
-            off = (i // 7 + zlib.crc32(name.encode())) % (pool.numel() - n + 1)
-            flat[i:i + n].copy_(pool[off:off + n])
-    for name, b in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            b.zero_()
+    model = fill_random(build_empty(cfg, torch.bfloat16))
     save_model(model, folder, max_shard_size="1GB")
 
 

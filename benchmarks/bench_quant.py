@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from benchmarks.common import fill_random  # noqa: E402
 from ernie45 import ModelConfig, load_model, save_model  # noqa: E402
 from ernie45.model.checkpoint import build_empty  # noqa: E402
 from ernie45.model.moe import Router  # noqa: E402
@@ -191,24 +191,6 @@ def llama_quantize(src: str, dst: str, ftype: str) -> None:
 
 
 # -------------------------------------------------------------------------------------------- parts
-@torch.no_grad()
-def fill_random(model) -> None:  # noqa: ANN001
-    """Slices of one random pool (values do not change speed; real random init of GBs takes minutes)."""
-    pool = torch.randn(1 << 24, generator=torch.Generator().manual_seed(0)) * 0.02
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.endswith("e_score_correction_bias") or not p.is_floating_point():
-            p.zero_() if p.is_floating_point() else None
-            continue
-        if "norm" in name:
-            p.fill_(1.0)
-            continue
-        flat = p.view(-1)
-        for i in range(0, flat.numel(), pool.numel()):
-            n = min(pool.numel(), flat.numel() - i)
-            off = (i // 7 + zlib.crc32(name.encode())) % (pool.numel() - n + 1)
-            flat[i:i + n].copy_(pool[off:off + n])
-
-
 @torch.no_grad()
 def part_check(tokens: int) -> dict:
     """Tiny model: llama.cpp's logits on our GGUF against our forward (the GGUF is right)."""

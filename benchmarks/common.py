@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -60,21 +61,32 @@ def timeit(fn: Callable[[], object], warmup: int = 1, repeat: int = 3) -> float:
     return statistics.median(times)
 
 
-def random_model(config, dtype: torch.dtype, seed: int = 0):
-    """A model of any size filled with scaled random weights, without the slow default init."""
+@torch.no_grad()
+def fill_random(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
+    """Fill every weight with slices of one random pool: speed does not depend on the values, and a real
+    random init of several GB takes minutes. Norms get 1, the router's correction bias 0."""
+    pool = torch.randn(1 << 24, generator=torch.Generator().manual_seed(seed)) * std
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if not p.is_floating_point() or name.endswith("inv_freq"):
+            continue
+        if name.endswith("e_score_correction_bias"):
+            p.zero_()
+        elif "norm" in name:
+            p.fill_(1.0)
+        else:
+            flat = p.view(-1)
+            for i in range(0, flat.numel(), pool.numel()):
+                n = min(pool.numel(), flat.numel() - i)
+                off = (i // 7 + zlib.crc32(name.encode())) % (pool.numel() - n + 1)  # vary between tensors
+                flat[i:i + n].copy_(pool[off:off + n].to(p.dtype))
+    return model
+
+
+def random_model(config, dtype: torch.dtype, seed: int = 0):  # noqa: ANN001, ANN201
+    """A model of any size with random weights, built on the meta device and filled by ``fill_random``."""
     from ernie45.model.checkpoint import build_empty
 
-    model = build_empty(config, dtype)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            elif "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype))
-            else:
-                p.copy_((torch.randn(p.shape, generator=g, dtype=torch.float32) / p.shape[-1] ** 0.5).to(p.dtype))
-    return model.eval()
+    return fill_random(build_empty(config, dtype), seed=seed).eval()
 
 
 def write_result(name: str, text: str) -> str:

@@ -312,16 +312,20 @@ def plan_load(config: ModelConfig, refs: dict[str, TensorRef], folder: str) -> t
     return config, plan
 
 
-def _fill(param: torch.Tensor, ref: TensorRef, tgt: Target, f) -> None:  # noqa: ANN001
+def target_view(param: torch.Tensor, tgt: Target) -> torch.Tensor:
+    """The part of a native parameter a checkpoint tensor fills: one expert's slice (its gate or up half
+    of gate_up_proj), the [1, E] view of a squeezed bias, or the whole parameter."""
     if tgt.expert is not None:
         dest = param[tgt.expert]
-        if tgt.part is not None:
+        if tgt.part in ("gate", "up"):
             half = dest.shape[0] // 2
             dest = dest[:half] if tgt.part == "gate" else dest[half:]
-    elif tgt.squeeze:
-        dest = param.view(1, -1)
-    else:
-        dest = param
+        return dest
+    return param.view(1, -1) if tgt.squeeze else param
+
+
+def _fill(param: torch.Tensor, ref: TensorRef, tgt: Target, f) -> None:  # noqa: ANN001
+    dest = target_view(param, tgt)
     if tgt.part == "transposed":
         dest.copy_(read_tensor(ref, f).t())
     elif dest.dtype == ref.dtype and dest.device.type == "cpu" and dest.is_contiguous():

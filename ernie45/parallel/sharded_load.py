@@ -26,6 +26,7 @@ from ernie45.model.checkpoint import (
     read_tensor,
     reset_nonpersistent_buffers,
     resolve_model_path,
+    target_view,
 )
 from ernie45.model.model import ErnieForCausalLM
 from ernie45.parallel import parallelize
@@ -73,14 +74,7 @@ def fill_local(param: torch.Tensor, spec: ShardSpec | None, ref: TensorRef, tgt:
     """Write the part of checkpoint tensor ``ref`` (mapped by ``tgt``) that this rank owns into its
     local ``param``; returns bytes read (0 when this rank owns none of it)."""
     if spec is None:  # replicated parameter: the whole tensor, with the loader's layout rules
-        dest = param
-        if tgt.expert is not None:
-            dest = param[tgt.expert]
-            if tgt.part is not None:
-                half = dest.shape[0] // 2
-                dest = dest[:half] if tgt.part == "gate" else dest[half:]
-        elif tgt.squeeze:
-            dest = param.view(1, -1)
+        dest = target_view(param, tgt)
         if tgt.part == "transposed":
             dest.copy_(read_tensor(ref).t())
             return ref.nbytes
