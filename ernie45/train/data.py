@@ -153,11 +153,21 @@ class PackedDataset:
         return {"input_ids": w[:-1], "labels": w[1:]}
 
 
-class SFTDataset:
-    """Chats from JSONL records ``{"messages": [{"role", "content"}, ...]}``; loss on assistant tokens."""
+class ExampleList:
+    """A list of tokenized examples (dicts of tensors), one per JSONL record."""
 
     def __init__(self, examples: list[dict[str, torch.Tensor]]) -> None:
         self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.examples[i]
+
+
+class SFTDataset(ExampleList):
+    """Chats from JSONL records ``{"messages": [{"role", "content"}, ...]}``; loss on assistant tokens."""
 
     @classmethod
     def from_file(cls, path: str, tokenizer, max_len: int) -> SFTDataset:
@@ -176,22 +186,13 @@ class SFTDataset:
             raise DataError(f"{path}: no records")
         return cls(examples)
 
-    def __len__(self) -> int:
-        return len(self.examples)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.examples[i]
-
-
-class PreferenceDataset:
+class PreferenceDataset(ExampleList):
     """Preference pairs from JSONL records ``{"prompt": str | messages, "chosen": str, "rejected": str}``.
 
     Each example holds the chosen and the rejected sequence (prompt + reply + ``<|end_of_sentence|>``)
     as shifted ``input_ids``/``labels`` whose labels cover the reply only.
     """
-
-    def __init__(self, examples: list[dict[str, torch.Tensor]]) -> None:
-        self.examples = examples
 
     @classmethod
     def from_file(cls, path: str, tokenizer, max_len: int) -> PreferenceDataset:
@@ -217,11 +218,6 @@ class PreferenceDataset:
             raise DataError(f"{path}: no records")
         return cls(examples)
 
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.examples[i]
 
 
 # ----------------------------------------------------------------------------------------- batching
