@@ -49,6 +49,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+def meminfo_bytes(key: str) -> int | None:
+    """A /proc/meminfo field in bytes ("MemTotal", "MemAvailable"); None where there is no /proc."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ernie45.config import ModelConfig
 from ernie45.model.checkpoint import parse_size
+from ernie45.utils import meminfo_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,8 @@ def available_memory(device: torch.device) -> int:
     """Free bytes now: MemAvailable from /proc/meminfo on CPU, cudaMemGetInfo on CUDA."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    free = meminfo_bytes("MemAvailable")
+    return free if free is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def plan_num_blocks(config: ModelConfig, dtype: torch.dtype, block_size: int, budget_bytes: int) -> int:

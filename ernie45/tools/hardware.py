@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ernie45.utils import meminfo_bytes
+
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -46,14 +48,8 @@ CATALOGUE: tuple[Device, ...] = (
 
 def host_memory_bytes() -> int:
     """MemTotal of this machine (Linux /proc/meminfo; sysconf elsewhere)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = meminfo_bytes("MemTotal")
+    return total if total is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def host_device() -> Device:
