@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernie45.config import ModelConfig
-from ernie45.model.layers import apply_rope
+from ernie45.model.layers import Linear, apply_rope
 
 
 class AttentionCache(Protocol):
@@ -47,10 +47,10 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         h, q, kv = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(h, q, bias=config.use_bias)
-        self.k_proj = nn.Linear(h, kv, bias=config.use_bias)
-        self.v_proj = nn.Linear(h, kv, bias=config.use_bias)
-        self.o_proj = nn.Linear(q, h, bias=config.use_bias)
+        self.q_proj = Linear(h, q, bias=config.use_bias)
+        self.k_proj = Linear(h, kv, bias=config.use_bias)
+        self.v_proj = Linear(h, kv, bias=config.use_bias)
+        self.o_proj = Linear(q, h, bias=config.use_bias)
 
     def forward(
         self,

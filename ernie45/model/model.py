@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ernie45.config import ModelConfig
 from ernie45.model.attention import Attention, AttentionCache, causal_padding_mask
-from ernie45.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from ernie45.model.layers import Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from ernie45.model.moe import MoE
 
 
@@ -56,7 +56,7 @@ class ErnieModel(nn.Module):
             # Checkpoint layout: model.mtp_*.0.* ; the block is dense (index 0 < moe start).
             self.mtp_emb_norm = nn.ModuleList([RMSNorm(config.hidden_size, config.rms_norm_eps)])
             self.mtp_hidden_norm = nn.ModuleList([RMSNorm(config.hidden_size, config.rms_norm_eps)])
-            self.mtp_linear_proj = nn.ModuleList([nn.Linear(2 * config.hidden_size, config.hidden_size,
+            self.mtp_linear_proj = nn.ModuleList([Linear(2 * config.hidden_size, config.hidden_size,
                                                             bias=False)])
             # Its own cache slot (layer index L) so the engine can keep MTP keys apart from layer 0's.
             self.mtp_block = nn.ModuleList([DecoderLayer(config, config.num_hidden_layers, force_dense=True)])
@@ -71,7 +71,7 @@ class ErnieForCausalLM(nn.Module):
         self.config = config
         self.model = ErnieModel(config)
         # transformers' MoE class gives the head a bias when use_bias is set; its dense class does not.
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.use_bias and config.is_moe)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=config.use_bias and config.is_moe)
         self.tie_weights()
 
     def tie_weights(self) -> None:

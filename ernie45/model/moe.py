@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ernie45 import kernels
 from ernie45.config import ModelConfig
 from ernie45.model.layers import SwiGLU
 
@@ -61,8 +62,8 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))
 
     def expert_forward(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x_TH, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        gate, up = kernels.linear(x_TH, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return kernels.linear(F.silu(gate) * up, self.down_proj[e])
 
     def forward(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         """Sort token-expert pairs by expert, run each selected expert once on its contiguous slice,

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ernie45 import kernels
 from ernie45.config import ModelConfig
 from ernie45.model.attention import Attention
 from ernie45.model.layers import SwiGLU
@@ -46,7 +47,7 @@ class RowParallelLinear(nn.Linear):
     group: dist.ProcessGroup
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = comm.all_reduce(F.linear(x, self.weight), self.group)
+        y = comm.all_reduce(kernels.linear(x, self.weight), self.group)
         return y if self.bias is None else y + self.bias
 
 
@@ -78,7 +79,7 @@ class VocabParallelHead(nn.Linear):
     group: dist.ProcessGroup
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        return comm.all_gather_last(F.linear(x_TH, self.weight, self.bias), self.group)  # [T, V]
+        return comm.all_gather_last(kernels.linear(x_TH, self.weight, self.bias), self.group)  # [T, V]
 
 
 def _swap(module: nn.Module, cls: type, **attrs) -> None:

@@ -2,21 +2,26 @@
 
 Each quantized weight keeps the layout its CPU kernel wants, chosen once at construction:
 
+- ``span``: any bits, codes in the span layout of ``ernie45.kernels.qgemm`` (our AVX-512 VNNI kernel)
+  + ``scales``/``zeros [.., N, G]``; taken whenever the native kernels are available and the shape fits
+  (groups a multiple of 64 columns, K a multiple of 64 * 8 / bits);
 - ``int8``: per-channel symmetric int8 ``qweight [.., N, K]`` + ``scales [.., N]`` for
-  ``aten._weight_int8pack_mm``;
+  ``aten._weight_int8pack_mm`` (when the native kernels are not available);
 - ``int4``: ``qweight [.., N, K/2]`` in the int4 kernel's byte layout + ``scale_zeros [.., G, N, 2]`` for
   ``aten._weight_int4pack_mm_for_cpu`` (needs N % 64 == 0 and groups of 32..256);
 - ``packed``: any bits, codes packed along K (``math.pack``) + ``scales``/``zeros [.., N, G]``; the
-  portable layout (also what checkpoints store) and the 2-bit path, dequantized per call.
+  portable layout (also what checkpoints store) and the fallback, dequantized per call.
 
 Stored scales/zeros use the middle-code convention w = (code - 2**(bits-1)) * scale + zero
 (``math.dequantize_mid``) in the compute dtype, so every layout converts to and from the portable one
 bit-exactly.
 
-Decode (few rows) runs the weight-only kernels: they read 1 or 0.5 byte per weight instead of 2 and are
-2.3x / 4.7x faster than bf16 here (MACHINE.md). Prefill-size inputs are compute bound and the kernels are
-slow there, so above ``KERNEL_MAX_ROWS`` rows the weight is dequantized to the activation dtype and run
-by the ordinary GEMM. Shape suffixes: T rows (tokens), N out features, K in features, G groups.
+Decode (few rows) runs the kernels: they read 1, 0.5 or 0.25 byte per weight instead of 2. The span kernel
+quantizes the activations per 64 columns to int8 (as llama.cpp's Q8 activations; the rows stay independent,
+so a row's result does not depend on its batch); the aten kernels keep them in bf16. Prefill-size inputs are
+compute bound and the kernels are slow there, so above ``KERNEL_MAX_ROWS`` rows the weight is dequantized to
+the activation dtype and run by the ordinary GEMM. Shape suffixes: T rows (tokens), N out features, K in
+features, G groups.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ernie45 import kernels
 from ernie45.model.moe import Experts
 from ernie45.quant import math as qm
 from ernie45.quant.scheme import TensorScheme
@@ -60,7 +66,10 @@ class QWeight(nn.Module):
         if k * self.bits % 8:
             raise ValueError(f"{k} input features do not pack into whole bytes at {self.bits} bits")
         cpu = torch.device(device or "cpu").type in ("cpu", "meta")
-        if cpu and self.bits == 8 and scheme.symmetric and self.group == k:
+        self._zero_free: bool | None = None  # all zeros 0 (symmetric): the kernel skips them; set lazily
+        if cpu and kernels.span_ok(k, self.bits, self.group) and kernels.available():
+            self.layout = "span"
+        elif cpu and self.bits == 8 and scheme.symmetric and self.group == k:
             self.layout = "int8"
         elif cpu and self.bits == 4 and qm.int4_kernel_ok(n, k, self.group):
             self.layout = "int4"
@@ -74,10 +83,12 @@ class QWeight(nn.Module):
         elif self.layout == "int4":
             self.register_buffer("qweight", torch.empty(*lead, n, k // 2, dtype=torch.uint8, **kw))
             self.register_buffer("scale_zeros", torch.empty(*lead, g, n, 2, dtype=dtype, **kw))
-        else:
+        else:  # packed and span: the same buffers, codes in another order
             self.register_buffer("qweight", torch.empty(*lead, n, k * self.bits // 8, dtype=torch.uint8, **kw))
             self.register_buffer("scales", torch.empty(*lead, n, g, dtype=dtype, **kw))
-            self.register_buffer("zeros", torch.empty(*lead, n, g, dtype=dtype, **kw))
+            # Symmetric per-channel int8 has no zeros to store (as the int8 layout; the planner counts so).
+            no_zeros = self.layout == "span" and self.bits == 8 and scheme.symmetric and g == 1
+            self.register_buffer("zeros", None if no_zeros else torch.empty(*lead, n, g, dtype=dtype, **kw))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,7 +111,13 @@ class QWeight(nn.Module):
     def set_stored(self, i: int | None, codes_NK: torch.Tensor, scales_NG: torch.Tensor, zeros_NG: torch.Tensor
                    ) -> None:
         """Store weight ``i`` from the portable form (codes [N, K] uint8, scales/zeros [N, G], middle-code)."""
-        if self.layout == "int8":
+        self._zero_free = None
+        if self.layout == "span":
+            self._at("qweight", i).copy_(kernels.to_span(codes_NK, self.bits))
+            self._at("scales", i).copy_(scales_NG)
+            if self.zeros is not None:
+                self._at("zeros", i).copy_(zeros_NG)
+        elif self.layout == "int8":
             # symmetric: the zero is 0, so the signed value is code - 128.
             self._at("qweight", i).copy_((codes_NK.to(torch.int16) - 128).to(torch.int8))
             self._at("scales", i).copy_(scales_NG.reshape(self.n))
@@ -120,6 +137,10 @@ class QWeight(nn.Module):
         if self.layout == "int4":
             s, z = qm.int4_split_scale_zeros(self._at("scale_zeros", i))
             return qm.from_int4_kernel_layout(self._at("qweight", i)), s, z
+        if self.layout == "span":
+            s = self._at("scales", i)
+            z = torch.zeros_like(s) if self.zeros is None else self._at("zeros", i)
+            return kernels.from_span(self._at("qweight", i), self.bits), s, z
         return qm.unpack(self._at("qweight", i), self.bits), self._at("scales", i), self._at("zeros", i)
 
     def quantize_(self, i: int | None, w_NK: torch.Tensor) -> None:
@@ -141,7 +162,13 @@ class QWeight(nn.Module):
         lead = x_TK.shape[:-1]
         x2 = x_TK.reshape(-1, self.k)
         rows = x2.shape[0]
-        if self.layout != "packed" and rows <= KERNEL_MAX_ROWS and x2.device.type == "cpu":
+        if self.layout == "span" and 0 < rows <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and kernels.available():
+            if self._zero_free is None:
+                self._zero_free = self.zeros is None or not bool(self.zeros.any())
+            xk = x2 if x2.dtype in (torch.bfloat16, torch.float32) else x2.float()
+            y = kernels.qgemm(xk, self._at("qweight", i), self.bits, self._at("scales", i),
+                              None if self._zero_free else self._at("zeros", i), self.group).to(x_TK.dtype)
+        elif self.layout in ("int8", "int4") and rows <= KERNEL_MAX_ROWS and x2.device.type == "cpu":
             xk = x2.to(self.dtype).contiguous()
             if self.layout == "int8":
                 y = torch.ops.aten._weight_int8pack_mm(xk, self._at("qweight", i), self._at("scales", i))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ernie45.model.layers import Linear
 from ernie45.model.moe import Experts
 from ernie45.utils import atomic_path, atomic_write_text
 
@@ -115,7 +116,7 @@ def _targets(model: nn.Module, config: LoRAConfig) -> list[tuple[nn.Module, str,
             full = f"{name}.{child_name}" if name else child_name
             if full == "lm_head" or ".gate." in full + ".":
                 continue
-            if child_name in config.targets and type(child) is nn.Linear:
+            if child_name in config.targets and type(child) in (nn.Linear, Linear):
                 found.append((mod, child_name, child))
             elif child_name == "experts" and "experts" in config.targets and type(child) is Experts:
                 found.append((mod, child_name, child))

@@ -8,13 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from ernie45 import ErnieForCausalLM, ModelConfig, init_weights
+from ernie45 import ErnieForCausalLM, ModelConfig, init_weights, kernels
+from ernie45.model.layers import Linear
 from ernie45.model.moe import Experts
 from ernie45.quant import QuantConfig, QuantExperts, QuantLinear, TensorScheme, modules, quantize_model
 from ernie45.quant.quantize import qweights
 from ernie45.quant.scheme import BASE
+from tests.reference import act_quant_ref
 
-SCHEMES = {
+SCHEMES = {  # scheme, layout without the native kernels (with them: "span" where the shape fits)
     "int8-channel": (TensorScheme(8, None, True), "int8"),
     "int8-g64": (TensorScheme(8, 64), "packed"),
     "int4-g128": (TensorScheme(4, 128), "int4"),
@@ -25,30 +27,40 @@ SCHEMES = {
 }
 
 
+NATIVE = [pytest.param(True, marks=pytest.mark.skipif(not kernels.available(), reason="no native kernels")), False]
+
+
+@pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("name", list(SCHEMES))
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype: torch.dtype) -> None:
+def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype: torch.dtype, native: bool) -> None:
     scheme, layout = SCHEMES[name]
     torch.manual_seed(0)
     lin = nn.Linear(256, 128, bias=True).to(dtype)
-    q = QuantLinear.from_linear(lin, scheme)
-    assert q.layout == layout
-    x = torch.randn(rows, 256, dtype=dtype)
-    ref = x.float() @ q.dequantize(dtype=torch.float32).t() + lin.bias.float()
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    torch.testing.assert_close(q(x).float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    with kernels.use_kernels(native):
+        q = QuantLinear.from_linear(lin, scheme)
+        span = native and kernels.span_ok(256, scheme.bits, scheme.group_for(256))
+        assert q.layout == ("span" if span else layout)
+        x = torch.randn(rows, 256, dtype=dtype)
+        # The span kernel (few rows) multiplies int8-quantized activations: the reference does the same.
+        xr = act_quant_ref(x).float() if span and rows <= modules.KERNEL_MAX_ROWS else x.float()
+        ref = xr @ q.dequantize(dtype=torch.float32).t() + lin.bias.float()
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(q(x).float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
     # and the dequantized weight is close to the original (the scheme works at all)
     w = lin.weight.float()
     rel = ((q.dequantize(dtype=torch.float32) - w).norm() / w.norm()).item()
     assert rel < {8: 0.02, 4: 0.15, 2: 0.6}[scheme.bits], rel
 
 
-@pytest.mark.parametrize("name", ["int8-channel", "int4-g128"])
-def test_kernel_and_dequant_paths_agree(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("name", ["int8-channel", "int4-g128", "int2-g64"])
+def test_kernel_and_dequant_paths_agree(name: str, native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     scheme, _ = SCHEMES[name]
-    q = QuantLinear.from_linear(nn.Linear(128, 64, bias=False).bfloat16(), scheme)
-    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    with kernels.use_kernels(native):
+        q = QuantLinear.from_linear(nn.Linear(256, 64, bias=False).bfloat16(), scheme)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
     monkeypatch.setattr(modules, "KERNEL_MAX_ROWS", 16)
     y_kernel = q(x)
     monkeypatch.setattr(modules, "KERNEL_MAX_ROWS", 0)
@@ -56,11 +68,14 @@ def test_kernel_and_dequant_paths_agree(name: str, monkeypatch: pytest.MonkeyPat
     torch.testing.assert_close(y_kernel.float(), y_deq.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("layout_scheme", ["int8-channel", "int4-g128", "int2-g64"])
-def test_get_set_round_trip(layout_scheme: str) -> None:
+def test_get_set_round_trip(layout_scheme: str, native: bool) -> None:
     scheme, _ = SCHEMES[layout_scheme]
-    q = QuantLinear.from_linear(nn.Linear(128, 64).bfloat16(), scheme)
-    q2 = QuantLinear(128, 64, scheme, bias=True, dtype=torch.bfloat16)
+    with kernels.use_kernels(native):
+        q = QuantLinear.from_linear(nn.Linear(256, 64).bfloat16(), scheme)
+        q2 = QuantLinear(256, 64, scheme, bias=True, dtype=torch.bfloat16)
+    assert (q.layout == "span") == native
     q2.set_stored(None, *q.stored(None))
     for (name, a), (_, b) in zip(q.named_buffers(), q2.named_buffers()):
         assert torch.equal(a, b), name
@@ -102,7 +117,7 @@ def test_quantize_model_swaps_by_name_and_keeps_router_norms_embeddings() -> Non
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(model, "int4")
     no_head = quantize_model(copy.deepcopy(ref), QuantConfig.from_name("int4", head_bits=None))
-    assert type(no_head.lm_head) is nn.Linear
+    assert type(no_head.lm_head) is Linear  # ours: nn.Linear with the native bf16 decode kernel
 
 
 def test_forward_with_a_cache_object_uses_quantized_modules() -> None:

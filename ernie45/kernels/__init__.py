@@ -1,0 +1,242 @@
+"""Native CPU decode kernels (``cpu_kernels.c``): few-row matmuls that stream a weight at memory speed.
+
+Decode is memory bound: each step reads every active weight once for a handful of rows. torch's CPU paths
+for that case (oneDNN bf16 GEMV, the aten int8/int4 weight-only ops) reach half the DRAM bandwidth here
+(MACHINE.md, benchmarks/results); these kernels are written for exactly that shape:
+
+- :func:`qgemm`: weight-only quantized matmul for 8/4/2-bit codes in the *span* layout (:func:`to_span`),
+  activations quantized per 64 columns to int8 and multiplied with AVX-512 VNNI;
+- :func:`bgemm`: bf16 x bf16 with AVX-512 BF16 dot products and fp32 accumulation.
+
+The C file is compiled on first use with the system compiler (``$CC`` or ``gcc``, ``-O3 -march=native
+-fopenmp``) into ``$ERNIE45_CACHE`` (default ``~/.cache/ernie45``), keyed by the source, the compiler and the
+CPU, and loaded with ctypes; its OpenMP threads are the ones torch already runs (one libgomp in the process).
+Without a compiler or without AVX-512 BF16/VNNI, :func:`available` is False and callers use torch's own ops:
+the same results up to rounding, only slower. ``ERNIE45_KERNELS=0`` turns the kernels off;
+:func:`use_kernels` does it for a block of code (tests compare both paths with it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
+"""/proc/cpuinfo flags the kernels are written for."""
+BF16_MAX_ROWS = 16
+"""Rows up to which :func:`bgemm` beats oneDNN's bf16 GEMM here (benchmarks/bench_kernels.py measures it)."""
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_enabled = os.environ.get("ERNIE45_KERNELS", "1") != "0"
+_why_not = ""
+
+
+def _cpu_info() -> tuple[str, set[str]]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "", set()
+    model, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ERNIE45_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ernie45")
+    path = Path(root) / "kernels"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError:
+        path = Path(tempfile.gettempdir()) / f"ernie45-kernels-{os.getuid()}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (once per source/compiler/CPU) and load the library. Raises RuntimeError saying why not."""
+    model, flags = _cpu_info()
+    missing = [f for f in CPU_FLAGS if f not in flags]
+    if missing:
+        raise RuntimeError(f"this CPU lacks {', '.join(missing)}")
+    cc = os.environ.get("CC") or "gcc"
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler ({cc!r} not found; install gcc or set CC)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    args = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *version, model, " ".join(sorted(flags)), *args]).encode())
+    so = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if not so.exists():
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
+        os.close(fd)
+        try:
+            res = subprocess.run([cc, *args, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            if res.returncode:
+                raise RuntimeError(f"{cc} failed on {SOURCE.name}: {res.stderr.strip()[-800:]}")
+            os.replace(tmp, so)  # atomic: concurrent processes each build, the last rename wins, both valid
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(so))
+    i64, vp, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.ernie45_qgemm.argtypes = [vp, i32, i64, i64, i64, vp, i32, vp, vp, i32, i64, vp, i32, i32]
+    lib.ernie45_qgemm.restype = i32
+    lib.ernie45_bgemm.argtypes = [vp, i64, i64, i64, vp, vp, i32, i32]
+    lib.ernie45_bgemm.restype = i32
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first call; None when unavailable or turned off."""
+    global _lib, _tried, _why_not
+    if not _enabled:
+        return None
+    if not _tried:
+        with _lock:
+            if not _tried:
+                try:
+                    _lib = _build()
+                except (RuntimeError, OSError) as e:
+                    _why_not = str(e)
+                    warnings.warn(f"ernie45 native CPU kernels unavailable ({e}); using torch's ops (slower decode)",
+                                  stacklevel=3)
+                _tried = True
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def why_unavailable() -> str:
+    """Empty when the kernels run; else the reason (turned off, CPU, compiler output)."""
+    if not _enabled:
+        return "turned off (ERNIE45_KERNELS=0 or use_kernels(False))"
+    library()
+    return _why_not
+
+
+@contextlib.contextmanager
+def use_kernels(flag: bool) -> Iterator[None]:
+    """Turn the native kernels on or off inside a block (for comparisons and tests)."""
+    global _enabled
+    old, _enabled = _enabled, flag
+    try:
+        yield
+    finally:
+        _enabled = old
+
+
+# ------------------------------------------------------------------------------------------ layouts
+def span_ok(k: int, bits: int, group: int) -> bool:
+    """Whether an [.., k] weight at ``bits`` with this group size fits the span layout of :func:`qgemm`."""
+    return bits in (2, 4, 8) and group % 64 == 0 and k % group == 0 and k % (64 * 8 // bits) == 0
+
+
+def to_span(codes_NK: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes [.., N, K] into the span layout [.., N, K * bits / 8]: per span of 64 * (8/bits)
+    columns, byte j holds column j + 64 p in bits [p * bits, (p + 1) * bits)."""
+    per = 8 // bits
+    *lead, n, k = codes_NK.shape
+    c = codes_NK.to(torch.uint8).reshape(*lead, n, k // (64 * per), per, 64)
+    out = c[..., 0, :].clone()
+    for p in range(1, per):
+        out |= c[..., p, :] << (bits * p)
+    return out.reshape(*lead, n, k * bits // 8)
+
+
+def from_span(packed_NP: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`to_span`: [.., N, K * bits / 8] -> [.., N, K] uint8 codes."""
+    per, mask = 8 // bits, 2**bits - 1
+    *lead, n, p = packed_NP.shape
+    s = packed_NP.reshape(*lead, n, p // 64, 1, 64)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed_NP.device).reshape(per, 1)
+    return ((s >> shifts) & mask).reshape(*lead, n, p * per)
+
+
+# ------------------------------------------------------------------------------------------ compute
+_OUT_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def qgemm(x_MK: torch.Tensor, codes_NP: torch.Tensor, bits: int, scales_NG: torch.Tensor,
+          zeros_NG: torch.Tensor | None, group: int) -> torch.Tensor:
+    """x [M, K] (bf16/fp32) @ W^T for W = (code - 2**(bits-1)) * scale + zero, codes in the span layout.
+    ``zeros`` None means all zero (symmetric). Returns [M, N] in x's dtype. Needs :func:`available`."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {why_unavailable()}")
+    m, k = x_MK.shape
+    n = codes_NP.shape[0]
+    if x_MK.dtype not in _OUT_DTYPES or scales_NG.dtype not in _OUT_DTYPES:
+        raise TypeError(f"qgemm takes bf16/fp32 activations and scales, got {x_MK.dtype} and {scales_NG.dtype}")
+    if codes_NP.shape != (n, k * bits // 8) or not span_ok(k, bits, group):
+        raise ValueError(f"qgemm: codes {tuple(codes_NP.shape)} do not hold a [{n}, {k}] {bits}-bit weight "
+                         f"in groups of {group} in the span layout")
+    x = x_MK.contiguous()
+    sc = scales_NG.contiguous()
+    z = None if zeros_NG is None else zeros_NG.to(sc.dtype).contiguous()
+    out = torch.empty(m, n, dtype=x.dtype)
+    rc = lib.ernie45_qgemm(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, n, codes_NP.contiguous().data_ptr(),
+                           bits, sc.data_ptr(), _ptr(z), int(sc.dtype == torch.bfloat16), group, out.data_ptr(),
+                           int(out.dtype == torch.bfloat16), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"ernie45_qgemm rejected its arguments (code {rc})")
+    return out
+
+
+def bgemm(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T, both bf16, fp32 accumulation, bf16 out. Needs :func:`available`, K % 32 == 0."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {why_unavailable()}")
+    m, k = x_MK.shape
+    n = w_NK.shape[0]
+    if x_MK.dtype != torch.bfloat16 or w_NK.dtype != torch.bfloat16 or w_NK.shape[1] != k or k % 32:
+        raise ValueError(f"bgemm takes bf16 x [M, K] and w [N, K] with K % 32 == 0, got {tuple(x_MK.shape)} "
+                         f"{x_MK.dtype} and {tuple(w_NK.shape)} {w_NK.dtype}")
+    x, w = x_MK.contiguous(), w_NK.contiguous()
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = lib.ernie45_bgemm(x.data_ptr(), m, k, n, w.data_ptr(), out.data_ptr(), 1, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"ernie45_bgemm rejected its arguments (code {rc})")
+    return out
+
+
+def needs_grad(*ts: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, with few-row bf16 inference on CPU run by :func:`bgemm` (same math, fp32 accumulation)."""
+    k = weight.shape[-1]
+    if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and k % 32 == 0 and weight.dim() == 2 and weight.is_contiguous() and x.shape[-1] == k
+            and x.numel() <= BF16_MAX_ROWS * k and x.numel() > 0 and not needs_grad(x, weight)
+            and library() is not None):
+        y = bgemm(x.reshape(-1, k), weight).reshape(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)

@@ -1,0 +1,145 @@
+"""The native CPU decode kernels against independent fp64 references, their layout, dispatch and build."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ernie45 import kernels
+from ernie45.quant import math as qm
+from tests.reference import act_quant_ref
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.why_unavailable()}")
+
+
+def test_kernels_build_wherever_the_cpu_and_a_compiler_allow() -> None:
+    """CI's machine has AVX-512 BF16/VNNI and gcc: a silent fallback to torch's slower ops would fail here."""
+    _, flags = kernels._cpu_info()
+    if all(f in flags for f in kernels.CPU_FLAGS) and shutil.which(os.environ.get("CC") or "gcc"):
+        assert kernels.available(), kernels.why_unavailable()
+
+
+def test_one_openmp_runtime_shared_with_torch() -> None:
+    """The library must reuse torch's libgomp (one thread pool), not load the system's as a second one.
+    (Wheels that bundle a renamed copy, such as sentencepiece's libgomp-<hash>, are not ours to fix.)"""
+    assert kernels.available()
+    gomp = {line.split()[-1] for line in open("/proc/self/maps") if os.path.basename(line.split()[-1])
+            .startswith("libgomp.so")}
+    assert len(gomp) == 1 and "torch" in next(iter(gomp)), gomp
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_span_layout_round_trips(bits: int) -> None:
+    codes = torch.randint(0, 2**bits, (3, 5, 512), dtype=torch.uint8)
+    packed = kernels.to_span(codes, bits)
+    assert packed.shape == (3, 5, 512 * bits // 8)
+    assert torch.equal(kernels.from_span(packed, bits), codes)
+    if bits == 4:  # byte j of a 128-column span: column j low, column j + 64 high
+        assert packed[0, 0, 0] == codes[0, 0, 0] | (codes[0, 0, 64] << 4)
+
+
+def _qweight(n: int, k: int, bits: int, group: int, symmetric: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * (1 + torch.rand(n, 1, generator=g))
+    codes, scales, offsets = qm.quantize_rtn(w, bits, group, symmetric)
+    zeros = offsets + 2 ** (bits - 1) * scales
+    return codes, scales, zeros
+
+
+@pytest.mark.parametrize("bits,group", [(8, 512), (8, 64), (4, 128), (4, 64), (2, 64), (2, 256)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
+def test_qgemm_matches_fp64_reference(bits: int, group: int, symmetric: bool, rows: int) -> None:
+    """fp32 in and out: the only approximation is the documented int8 activation quantization."""
+    n, k = 96, 512
+    codes, scales, zeros = _qweight(n, k, bits, group, symmetric, seed=bits * rows)
+    x = torch.randn(rows, k) * torch.logspace(-2, 1, k)  # columns of very different size: per-block scales matter
+    w = qm.dequantize_mid(codes, scales, zeros, bits, dtype=torch.float64)
+    ref = act_quant_ref(x) @ w.t()
+    y = kernels.qgemm(x, kernels.to_span(codes, bits), bits, scales, None if symmetric else zeros, group)
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    if symmetric:
+        assert bool((zeros == 0).all())  # what lets the kernel skip them
+
+
+def test_qgemm_bf16_in_and_out_and_scales() -> None:
+    codes, scales, zeros = _qweight(64, 256, 4, 128, False)
+    x = torch.randn(3, 256).bfloat16()
+    w = qm.dequantize_mid(codes, scales.bfloat16(), zeros.bfloat16(), 4, dtype=torch.float64)
+    ref = act_quant_ref(x) @ w.t()
+    y = kernels.qgemm(x, kernels.to_span(codes, 4), 4, scales.bfloat16(), zeros.bfloat16(), 128)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref, rtol=2**-8, atol=1e-3 * ref.abs().max().item())
+
+
+def test_qgemm_rows_are_independent_of_their_batch() -> None:
+    """A row's result must not depend on which rows share its call (seeded sampling, batch == solo)."""
+    codes, scales, _ = _qweight(128, 512, 4, 128, True)
+    packed = kernels.to_span(codes, 4)
+    x = torch.randn(11, 512).bfloat16()
+    batch = kernels.qgemm(x, packed, 4, scales.bfloat16(), None, 128)
+    for i in (0, 5, 10):
+        assert torch.equal(kernels.qgemm(x[i:i + 1], packed, 4, scales.bfloat16(), None, 128), batch[i:i + 1])
+
+
+def test_qgemm_zero_rows_and_blocks() -> None:
+    codes, scales, zeros = _qweight(64, 256, 8, 256, False)
+    x = torch.zeros(2, 256)
+    x[1, 64:128] = 3.0  # one non-zero block
+    y = kernels.qgemm(x, kernels.to_span(codes, 8), 8, scales, zeros, 256)
+    ref = act_quant_ref(x) @ qm.dequantize_mid(codes, scales, zeros, 8, dtype=torch.float64).t()
+    assert torch.equal(y[0], torch.zeros(64))
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 16])
+@pytest.mark.parametrize("k", [64, 96, 2560])
+def test_bgemm_matches_fp64_reference(rows: int, k: int) -> None:
+    x = torch.randn(rows, k).bfloat16()
+    w = torch.randn(80, k).bfloat16()
+    ref = x.double() @ w.double().t()  # bf16 products are exact; only the sum order and the rounding differ
+    y = kernels.bgemm(x, w)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref, rtol=2**-8, atol=1e-6 * k)
+    # the same bits as fp32 accumulation rounded once, up to fp32 summation order
+    assert (y.float() - (x.float() @ w.float().t()).bfloat16().float()).abs().max() <= ref.abs().max() * 2**-8
+
+
+def test_linear_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = kernels.bgemm
+    monkeypatch.setattr(kernels, "bgemm", lambda x, w: calls.append(x.shape) or real(x, w))
+    w = torch.randn(48, 64).bfloat16()
+    x = torch.randn(2, 3, 64).bfloat16()
+    with torch.no_grad():
+        y = kernels.linear(x, w, torch.ones(48).bfloat16())
+    assert calls == [(6, 64)] and y.shape == (2, 3, 48)
+    torch.testing.assert_close(y.float(), torch.nn.functional.linear(x, w).float() + 1, rtol=2**-7, atol=2e-2)
+    with torch.no_grad():
+        kernels.linear(x.float(), w.float())  # fp32: torch
+        kernels.linear(torch.randn(17, 64).bfloat16(), w)  # too many rows: oneDNN's GEMM is faster
+        with kernels.use_kernels(False):
+            kernels.linear(x, w)
+    wp = torch.nn.Parameter(w.clone())
+    y = kernels.linear(x, wp)  # autograd needs torch's op
+    y.sum().backward()
+    assert wp.grad is not None and len(calls) == 1
+
+
+def test_missing_compiler_falls_back_with_a_reason(tmp_path) -> None:
+    code = ("import warnings, torch\nfrom ernie45 import kernels\n"
+            "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
+            "    ok = kernels.available()\nprint(ok, '|', kernels.why_unavailable(), '|', len(w))\n")
+    env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), ERNIE45_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    ok, why, warned = (s.strip() for s in out.split("|"))
+    assert ok == "False" and "no-such-cc" in why and warned == "1"
+    env = dict(os.environ, ERNIE45_KERNELS="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("False") and "turned off" in out
