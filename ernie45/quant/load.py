@@ -41,7 +41,7 @@ from ernie45.model.checkpoint import (
 from ernie45.model.model import ErnieForCausalLM
 from ernie45.quant.math import pack, unpack
 from ernie45.quant.modules import QuantExperts, QuantLinear, QWeight
-from ernie45.quant.quantize import quantize_model, qweights
+from ernie45.quant.quantize import _set_module, quantize_model, qweights
 from ernie45.quant.scheme import METADATA_KEY, QuantConfig
 from ernie45.utils import resolve_dtype
 
@@ -88,10 +88,9 @@ def load_quantized(folder: str, dtype: torch.dtype | str = torch.bfloat16, devic
 
     quant: "int8", "int4", "int2" or a ``QuantConfig``; opts: group_size, method ("rtn" | "hqq"),
     dense_bits, head_bits (see ``QuantConfig.from_name``). dtype: compute dtype (activations, scales).
+    device: loaded and quantized on the CPU, then moved (``to_device``: the packed layout off the CPU).
     """
-    if torch.device(device).type != "cpu":
-        raise ValueError(f"device={device!r}: quantized models run on the CPU kernels for now; load with "
-                         f"device='cpu', or load the full-precision checkpoint on the GPU")
+    device = torch.device(device)
     dtype = resolve_dtype(dtype)
     refs, meta = index_checkpoint(folder)
     config = ModelConfig.from_json(folder)
@@ -100,7 +99,7 @@ def load_quantized(folder: str, dtype: torch.dtype | str = torch.bfloat16, devic
         if quant is not None and _scheme_from(quant, opts) != stored:
             raise ValueError(f"{folder} is already quantized ({stored.describe()}); load it without quant=, "
                              f"or quantize the full-precision checkpoint")
-        return _load_prequantized(folder, config, stored, refs, meta, dtype, progress)
+        return to_device(_load_prequantized(folder, config, stored, refs, meta, dtype, progress), device)
     if quant is None:
         raise ValueError("load_quantized needs quant= ('int8', 'int4', 'int2') for a full-precision checkpoint")
     qconfig = _scheme_from(quant, opts)
@@ -143,7 +142,36 @@ def load_quantized(folder: str, dtype: torch.dtype | str = torch.bfloat16, devic
             model.lm_head.quantize_(None, model.model.embed_tokens.weight)  # a tied head: its own quantized copy
     bar.close()
     model.eval()
-    return model
+    return to_device(model, device)
+
+
+@torch.no_grad()
+def to_device(model: ErnieForCausalLM, device: str | torch.device) -> ErnieForCausalLM:
+    """Move a quantized model (loaded on the CPU) to ``device``. Off the CPU every quantized weight is
+    re-stored, bit-exactly, in the portable ``packed`` layout (dequantized per call): the ``int8``/``int4``
+    layouts are for the CPU kernels, which other devices do not have."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return model
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            new = QuantLinear(m.in_features, m.out_features, m.scheme, m.bias is not None, m.dtype, device)
+            new.set_stored(None, *(t.to(device) for t in m.stored(None)))
+            if m.bias is not None:
+                new.bias.copy_(m.bias)
+        elif isinstance(m, QuantExperts):
+            new = QuantExperts(m.num_experts, m.hidden, m.width, m.gate_up_proj.scheme, m.gate_up_proj.dtype,
+                               device)
+            for src, dst in ((m.gate_up_proj, new.gate_up_proj), (m.down_proj, new.down_proj)):
+                for i in range(m.num_experts):
+                    dst.set_stored(i, *(t.to(device) for t in src.stored(i)))
+        else:
+            continue
+        _set_module(model, name, new)
+    model.to(device)
+    if not isinstance(model.lm_head, QuantLinear):
+        model.tie_weights()
+    return model.eval()
 
 
 def _quantize_experts(qw: QWeight, entries: list[tuple[TensorRef, Target]], fh) -> None:  # noqa: ANN001

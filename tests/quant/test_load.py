@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from ernie45 import ErnieForCausalLM, ModelConfig, init_weights, load_model, sav
 from ernie45.cli import main as cli_main
 from ernie45.model.checkpoint import CheckpointError, read_header
 from ernie45.quant import QuantConfig, quantize_model
+from ernie45.quant.quantize import qweights
 from ernie45.quant.scheme import METADATA_KEY
 
 CFG = ModelConfig.from_name("tiny-moe").replace(hidden_size=128, moe_intermediate_size=64, intermediate_size=256,
@@ -67,8 +69,6 @@ def test_quantized_checkpoint_errors(bf16_ckpt: str, tmp_path) -> None:  # noqa:
         load_model(bf16_ckpt, quant="int4", bits=4)
     with pytest.raises(ValueError, match="calibration"):
         load_model(bf16_ckpt, quant="int2", method="gptq")  # GPTQ needs activations; on-load is data-free
-    with pytest.raises(ValueError, match="device="):
-        load_model(bf16_ckpt, quant="int4", device="cuda")
     out = str(tmp_path / "q")
     save_model(load_model(bf16_ckpt, quant="int4", progress=False), out)
     cfg = json.load(open(os.path.join(out, "config.json")))
@@ -133,3 +133,21 @@ def test_quantize_on_load_peak_memory(tmp_path) -> None:  # noqa: ANN001
           f"peak RSS growth {growth / 2**20:.0f} MiB")
     assert ckpt > 300 * 2**20 and r["model"] < ckpt / 3
     assert growth < min(r["model"] + 0.5 * ckpt, 0.8 * ckpt), (growth, r)  # a bf16 load alone needs ckpt
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_model_on_cuda_matches_cpu(bf16_ckpt: str, quant: str) -> None:
+    try:  # the CPU's native kernels quantize activations: compare with the exact CPU path
+        from ernie45.kernels import use_kernels
+    except ImportError:
+        use_kernels = lambda flag: contextlib.nullcontext()  # noqa: E731
+    gpu = load_model(bf16_ckpt, quant=quant, dtype=torch.float32, device="cuda", progress=False)
+    assert {q.layout for _, q in qweights(gpu)} == {"packed"}
+    assert all(t.device.type == "cuda" for t in gpu.state_dict().values())
+    ids = torch.randint(0, CFG.vocab_size, (2, 9))
+    with torch.no_grad(), use_kernels(False):
+        cpu = load_model(bf16_ckpt, quant=quant, dtype=torch.float32, progress=False)
+        want, got = cpu(ids).logits, gpu(ids.cuda()).logits.cpu()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
