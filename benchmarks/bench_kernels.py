@@ -51,6 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--only", nargs="+", default=None, help="weights to run: bf16 int8 int4 int2")
     args = ap.parse_args()
     if not kernels.available():
         sys.exit(f"native kernels unavailable: {kernels.why_unavailable()}")
@@ -89,6 +90,8 @@ def main() -> None:
     rows = ["| weight | rows | ours ms | ours GB/s | torch op | torch ms | torch GB/s | torch / ours |",
             "|---|---|---|---|---|---|---|---|"]
     for name, (nbytes, ours, peer) in variants.items():
+        if args.only and name.split()[0] not in args.only:
+            continue
         for m in args.rows:
             x = torch.randn(m, K, generator=g).bfloat16()
             t_ours = per_call_ms(lambda i, x=x, f=ours: f(x, i), e)

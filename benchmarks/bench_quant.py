@@ -276,6 +276,8 @@ def part_full(tokens: int, prompt: int) -> dict:
                 b[..., 1].zero_()
             elif name.endswith("scales"):
                 b.fill_(0.02 / 127)
+            elif name.endswith("zeros"):  # span/packed layouts of the asymmetric int4 preset
+                b.fill_(1e-3)
             elif name.endswith("e_score_correction_bias"):
                 b.zero_()
         fill_params = [(n, p) for n, p in model.named_parameters()]

@@ -8,9 +8,9 @@
 //   quantized per 64 columns to int8 (scale = max|x| / 127, as llama.cpp's Q8 activations) and the weight
 //   codes (unsigned, 0 .. 2^bits - 1) meet them in VPDPBUSD (u8 x s8 -> int32). With mid = 2^(bits-1),
 //       W[n, k] = (code[n, k] - mid) * scale[n, g] + zero[n, g]          (g = k / group)
-//       y[m, n] = sum_g scale[n, g] * sum_{b in g} sx[m, b] * (sum_{k in b} code * xq - mid * sum_{k in b} xq)
-//               + sum_g zero[n, g] * sum_{b in g} sx[m, b] * sum_{k in b} xq
-//   The bracket is exact in int32; everything else accumulates in fp32.
+//       y[m, n] = sum_g scale[n, g] * sum_{b in g} sx[m, b] * sum_{k in b} code * xq
+//               + sum_g (zero[n, g] - mid * scale[n, g]) * X[m, g],     X[m, g] = sum_{b in g} sx[m, b] * sum_{k in b} xq
+//   The inner sums are exact in int32; everything else accumulates in fp32.
 //   Weight layout ("span" layout): each row is K * bits / 8 bytes in spans of 64 bytes; a span holds
 //   64 * (8 / bits) consecutive columns, byte j carrying column j + 64 p of the span in bits [p*bits, (p+1)*bits).
 //   So unpacking plane p of a span is one shift and one mask, and gives 64 consecutive columns in order.
@@ -87,52 +87,70 @@ static inline float load_scale(const void* s, int s_bf16, int64_t i) {
     return s_bf16 ? bf16_to_f32(((const uint16_t*)s)[i]) : ((const float*)s)[i];
 }
 
-// One weight row against MT_ rows of x starting at m0. BITS and MT_ are compile-time constants after inlining.
+// One weight row against MT_ rows of x starting at m0. BITS, MT_ and SB (bf16 scales) are compile-time
+// constants after inlining, so the tile's accumulators and pointers stay in registers.
 static inline __attribute__((always_inline)) void qrow(
-    const uint8_t* wr, const int BITS, const int MT_, int64_t n, int64_t m0, int64_t K, int64_t N, int64_t group,
-    const int8_t* xq, const float* sx, const int32_t* corr, const float* xsum_g,
-    const void* scales, const void* zeros, int s_bf16, void* out, int out_bf16) {
+    const uint8_t* wr, const int BITS, const int MT_, const int SB, int64_t n, int64_t m0, int64_t K, int64_t N,
+    int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
+    const void* scales, const void* zeros, void* out, int out_bf16) {
     const int P = 8 / BITS;
-    const int64_t nb = K / 64, ng = K / group, spans = nb / P;
+    const int64_t nb = K / 64, spans = nb / P;
     const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
+    const uint16_t* s16 = (const uint16_t*)scales + n * ng;
+    const float* s32 = (const float*)scales + n * ng;
+    const int8_t* xm[MT];
+    const float* sxm[MT];
     __m512 acc[MT];
-    for (int i = 0; i < MT_; i++) acc[i] = _mm512_setzero_ps();
+    for (int i = 0; i < MT_; i++) {
+        xm[i] = xq + (m0 + i) * K;
+        sxm[i] = sx + (m0 + i) * nb;
+        acc[i] = _mm512_setzero_ps();
+    }
     for (int64_t s = 0; s < spans; s++) {
         __m512i v = _mm512_loadu_si512((const void*)(wr + s * 64));
+#pragma GCC unroll 4
         for (int p = 0; p < P; p++) {
             __m512i c = BITS == 8 ? v : _mm512_and_si512(_mm512_srli_epi16(v, p * BITS), mask);
             int64_t b = s * P + p;
-            float ws = load_scale(scales, s_bf16, n * ng + (b * 64) / group);
+            int32_t g = gidx[b];
+            __m512 ws = _mm512_set1_ps(SB ? bf16_to_f32(s16[g]) : s32[g]);
+#pragma GCC unroll 4
             for (int i = 0; i < MT_; i++) {
-                int64_t mb = (m0 + i) * nb + b;
-                __m512i init = _mm512_zextsi128_si512(_mm_cvtsi32_si128(corr[mb]));
-                __m512i d = _mm512_dpbusd_epi32(init, c, _mm512_loadu_si512((const void*)(xq + (m0 + i) * K + b * 64)));
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(ws * sx[mb]), acc[i]);
+                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c,
+                                                _mm512_loadu_si512((const void*)(xm[i] + b * 64)));
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(ws, _mm512_set1_ps(sxm[i][b])), acc[i]);
             }
         }
     }
+    // The codes' offset (mid) and the zeros, per group: sum_g (zero - mid * scale) * sum of the group's x.
+    const float mid = (float)(1 << (BITS - 1));
     for (int i = 0; i < MT_; i++) {
         float r = _mm512_reduce_add_ps(acc[i]);
-        if (zeros)
-            for (int64_t g = 0; g < ng; g++) r += load_scale(zeros, s_bf16, n * ng + g) * xsum_g[(m0 + i) * ng + g];
+        const float* xs = xsum_g + (m0 + i) * ng;
+        for (int64_t g = 0; g < ng; g++) {
+            float sc = SB ? bf16_to_f32(s16[g]) : s32[g];
+            float z = zeros ? (SB ? bf16_to_f32(((const uint16_t*)zeros)[n * ng + g]) : ((const float*)zeros)[n * ng + g])
+                            : 0.0f;
+            r += (z - mid * sc) * xs[g];
+        }
         store_out(out, out_bf16, (m0 + i) * N + n, r);
     }
 }
 
 static inline __attribute__((always_inline)) void qrows(
-    const uint8_t* w, const int BITS, int64_t n0, int64_t n1, int64_t M, int64_t K, int64_t N, int64_t group,
-    const int8_t* xq, const float* sx, const int32_t* corr, const float* xsum_g,
-    const void* scales, const void* zeros, int s_bf16, void* out, int out_bf16) {
+    const uint8_t* w, const int BITS, const int SB, int64_t n0, int64_t n1, int64_t M, int64_t K, int64_t N,
+    int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
+    const void* scales, const void* zeros, void* out, int out_bf16) {
     const int64_t rb = K * BITS / 8;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t* wr = w + n * rb;
         int64_t m0 = 0;
         for (; m0 + 4 <= M; m0 += 4)
-            qrow(wr, BITS, 4, n, m0, K, N, group, xq, sx, corr, xsum_g, scales, zeros, s_bf16, out, out_bf16);
+            qrow(wr, BITS, 4, SB, n, m0, K, N, ng, xq, sx, xsum_g, gidx, scales, zeros, out, out_bf16);
         switch (M - m0) {
-            case 3: qrow(wr, BITS, 3, n, m0, K, N, group, xq, sx, corr, xsum_g, scales, zeros, s_bf16, out, out_bf16); break;
-            case 2: qrow(wr, BITS, 2, n, m0, K, N, group, xq, sx, corr, xsum_g, scales, zeros, s_bf16, out, out_bf16); break;
-            case 1: qrow(wr, BITS, 1, n, m0, K, N, group, xq, sx, corr, xsum_g, scales, zeros, s_bf16, out, out_bf16); break;
+            case 3: qrow(wr, BITS, 3, SB, n, m0, K, N, ng, xq, sx, xsum_g, gidx, scales, zeros, out, out_bf16); break;
+            case 2: qrow(wr, BITS, 2, SB, n, m0, K, N, ng, xq, sx, xsum_g, gidx, scales, zeros, out, out_bf16); break;
+            case 1: qrow(wr, BITS, 1, SB, n, m0, K, N, ng, xq, sx, xsum_g, gidx, scales, zeros, out, out_bf16); break;
             default: break;
         }
     }
@@ -148,15 +166,14 @@ int ernie45_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t N, co
     int8_t* xq = (int8_t*)malloc((size_t)(M * K));
     float* sx = (float*)malloc((size_t)(M * nb) * sizeof(float));
     int32_t* sq = (int32_t*)malloc((size_t)(M * nb) * sizeof(int32_t));
-    int32_t* corr = (int32_t*)malloc((size_t)(M * nb) * sizeof(int32_t));
     float* xsum_g = (float*)calloc((size_t)(M * ng), sizeof(float));
-    if (!xq || !sx || !sq || !corr || !xsum_g) {
-        free(xq); free(sx); free(sq); free(corr); free(xsum_g);
+    int32_t* gidx = (int32_t*)malloc((size_t)nb * sizeof(int32_t));
+    if (!xq || !sx || !sq || !xsum_g || !gidx) {
+        free(xq); free(sx); free(sq); free(xsum_g); free(gidx);
         return -3;
     }
+    for (int64_t b = 0; b < nb; b++) gidx[b] = (int32_t)((b * 64) / group);
     quantize_rows(x, x_bf16, M, K, xq, sx, sq);
-    const int32_t mid = 1 << (bits - 1);
-    for (int64_t i = 0; i < M * nb; i++) corr[i] = -mid * sq[i];
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < nb; b++) xsum_g[m * ng + (b * 64) / group] += sx[m * nb + b] * (float)sq[m * nb + b];
     if (nthreads < 1) nthreads = 1;
@@ -165,15 +182,16 @@ int ernie45_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t N, co
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int64_t chunk = (N + nt - 1) / nt, n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
         if (n0 < n1) {
-            if (bits == 4)
-                qrows(w, 4, n0, n1, M, K, N, group, xq, sx, corr, xsum_g, scales, zeros, s_bf16, out, out_bf16);
-            else if (bits == 8)
-                qrows(w, 8, n0, n1, M, K, N, group, xq, sx, corr, xsum_g, scales, zeros, s_bf16, out, out_bf16);
-            else
-                qrows(w, 2, n0, n1, M, K, N, group, xq, sx, corr, xsum_g, scales, zeros, s_bf16, out, out_bf16);
+#define QROWS(B, SB) qrows(w, B, SB, n0, n1, M, K, N, ng, xq, sx, xsum_g, gidx, scales, zeros, out, out_bf16)
+            if (s_bf16) {
+                if (bits == 4) QROWS(4, 1); else if (bits == 8) QROWS(8, 1); else QROWS(2, 1);
+            } else {
+                if (bits == 4) QROWS(4, 0); else if (bits == 8) QROWS(8, 0); else QROWS(2, 0);
+            }
+#undef QROWS
         }
     }
-    free(xq); free(sx); free(sq); free(corr); free(xsum_g);
+    free(xq); free(sx); free(sq); free(xsum_g); free(gidx);
     return 0;
 }
 
