@@ -55,7 +55,9 @@ def _qweight(n: int, k: int, bits: int, group: int, symmetric: bool, seed: int =
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
 def test_qgemm_matches_fp64_reference(bits: int, group: int, symmetric: bool, rows: int) -> None:
-    """fp32 in and out: the only approximation is the documented int8 activation quantization."""
+    """fp32 in and out: the only approximation is the documented int8 activation quantization (errors of
+    ~1e-3 of the largest output, which this tolerance would catch); the rest is fp32 accumulation, whose
+    offset correction per group (mid * scale * sum x) leaves up to ~3e-5 of it for 8-bit codes."""
     n, k = 96, 512
     codes, scales, zeros = _qweight(n, k, bits, group, symmetric, seed=bits * rows)
     x = torch.randn(rows, k) * torch.logspace(-2, 1, k)  # columns of very different size: per-block scales matter
@@ -63,7 +65,9 @@ def test_qgemm_matches_fp64_reference(bits: int, group: int, symmetric: bool, ro
     ref = act_quant_ref(x) @ w.t()
     y = kernels.qgemm(x, kernels.to_span(codes, bits), bits, scales, None if symmetric else zeros, group)
     assert y.dtype == torch.float32 and y.shape == (rows, n)
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+    err_act = (x.double() @ w.t() - ref).abs().max() / ref.abs().max()
+    assert err_act > 3e-4  # the activation quantization is visible at this tolerance
     if symmetric:
         assert bool((zeros == 0).all())  # what lets the kernel skip them
 
