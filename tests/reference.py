@@ -55,13 +55,14 @@ def scale_weights(model: torch.nn.Module, seed: int = 0, bias_scale: float = 0.3
             p.copy_(torch.randn(shape, generator=g) / fan_in**0.5)
 
 
-def act_quant_ref(x_MK: torch.Tensor) -> torch.Tensor:
+def act_quant_ref(x_MK: torch.Tensor, block: int = 128) -> torch.Tensor:
     """The activations ``ernie45.kernels.qgemm`` multiplies with, written independently of it: each block of
-    64 columns scaled by max|x| / 127 in fp32, rounded half to even, clamped to +-127, and scaled back.
+    ``block`` columns scaled by max|x| / 127 in fp32, rounded half to even, clamped to +-127, and scaled back.
     Returns fp64 so a reference matmul adds no rounding of its own."""
     m, k = x_MK.shape
-    xb = x_MK.float().reshape(m, k // 64, 64)
+    xb = x_MK.float().reshape(m, k // block, block)
     amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # A tensor / tensor division: ``127.0 / amax`` is computed as 127 * (1 / amax) and can move an exact tie.
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     q = (xb * inv).round().clamp(-127, 127)
     return (q.double() * (amax / 127.0).double()).reshape(m, k)

@@ -5,7 +5,8 @@ for that case (oneDNN bf16 GEMV, the aten int8/int4 weight-only ops) reach half 
 (MACHINE.md, benchmarks/results); these kernels are written for exactly that shape:
 
 - :func:`qgemm`: weight-only quantized matmul for 8/4/2-bit codes in the *span* layout (:func:`to_span`),
-  activations quantized per 64 columns to int8 and multiplied with AVX-512 VNNI;
+  activations quantized per 128 columns (64 for groups of 64: :func:`xblock`) to int8 and multiplied with
+  AVX-512 VNNI;
 - :func:`bgemm`: bf16 x bf16 with AVX-512 BF16 dot products and fp32 accumulation.
 
 The C file is compiled on first use with the system compiler (``$CC`` or ``gcc``, ``-O3 -march=native
@@ -103,6 +104,8 @@ def _build() -> ctypes.CDLL:
     lib.ernie45_qgemm.restype = i32
     lib.ernie45_bgemm.argtypes = [vp, i64, i64, i64, vp, vp, i32, i32]
     lib.ernie45_bgemm.restype = i32
+    lib.ernie45_qgemm_xblock.argtypes = [i64, i64]
+    lib.ernie45_qgemm_xblock.restype = i32
     return lib
 
 
@@ -151,6 +154,11 @@ def use_kernels(flag: bool) -> Iterator[None]:
 def span_ok(k: int, bits: int, group: int) -> bool:
     """Whether an [.., k] weight at ``bits`` with this group size fits the span layout of :func:`qgemm`."""
     return bits in (2, 4, 8) and group % 64 == 0 and k % group == 0 and k % (64 * 8 // bits) == 0
+
+
+def xblock(k: int, group: int) -> int:
+    """Columns per activation scale in :func:`qgemm` (the C side's ``ernie45_qgemm_xblock``)."""
+    return 128 if group % 128 == 0 and k % 128 == 0 else 64
 
 
 def to_span(codes_NK: torch.Tensor, bits: int) -> torch.Tensor:

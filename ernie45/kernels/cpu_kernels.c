@@ -55,15 +55,17 @@ static inline void store_out(void* out, int out_bf16, int64_t i, float v) {
     else ((float*)out)[i] = v;
 }
 
-// x[M, K] -> xq[M, K] int8, sx[M, B] scales, sq[M, B] = sum of the block's int8 values.
-static void quantize_rows(const void* x, int x_bf16, int64_t M, int64_t K, int8_t* xq, float* sx, int32_t* sq) {
-    const int64_t nb = K / 64;
+// x[M, K] -> xq[M, K] int8, sx[M, K/XB] scales, sq[M, K/XB] = sum of the block's int8 values (XB = 64 or 128).
+static void quantize_rows(const void* x, int x_bf16, int64_t M, int64_t K, int64_t XB, int8_t* xq, float* sx,
+                          int32_t* sq) {
+    const int64_t nx = K / XB;
+    const int V = (int)(XB / 16);
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t b = 0; b < nb; b++) {
-            int64_t off = m * K + b * 64;
-            __m512 v[4];
+        for (int64_t b = 0; b < nx; b++) {
+            int64_t off = m * K + b * XB;
+            __m512 v[8];
             __m512 amax = _mm512_setzero_ps();
-            for (int i = 0; i < 4; i++) {
+            for (int i = 0; i < V; i++) {
                 v[i] = load16_f32(x, x_bf16, off + 16 * i);
                 amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
             }
@@ -71,90 +73,138 @@ static void quantize_rows(const void* x, int x_bf16, int64_t M, int64_t K, int8_
             float s = a / 127.0f;
             float inv = a > 0.0f ? 127.0f / a : 0.0f;
             __m512i sum = _mm512_setzero_si512();
-            for (int i = 0; i < 4; i++) {
+            for (int i = 0; i < V; i++) {
                 __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(inv)));  // round to nearest even
                 q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
                 sum = _mm512_add_epi32(sum, q);
                 _mm_storeu_si128((__m128i*)(xq + off + 16 * i), _mm512_cvtepi32_epi8(q));
             }
-            sx[m * nb + b] = s;
-            sq[m * nb + b] = _mm512_reduce_add_epi32(sum);
+            sx[m * nx + b] = s;
+            sq[m * nx + b] = _mm512_reduce_add_epi32(sum);
         }
     }
 }
 
-static inline float load_scale(const void* s, int s_bf16, int64_t i) {
-    return s_bf16 ? bf16_to_f32(((const uint16_t*)s)[i]) : ((const float*)s)[i];
+static inline __m512 load16_masked(const void* p, int bf16, int64_t i, __mmask16 k) {  // masked lanes read 0
+    if (bf16) {
+        __m256i h = _mm256_maskz_loadu_epi16(k, (const void*)((const uint16_t*)p + i));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(k, (const float*)p + i);
 }
 
-// One weight row against MT_ rows of x starting at m0. BITS, MT_ and SB (bf16 scales) are compile-time
-// constants after inlining, so the tile's accumulators and pointers stay in registers.
+// One weight row against MT_ rows of x starting at m0. BITS, MT_, SB (bf16 scales) and BPX (64-column
+// sub-blocks per activation block) are compile-time constants after inlining, so the tile's accumulators and
+// pointers stay in registers. 512-bit operations are the budget on this path (Zen 4 issues about one a cycle):
+// per activation block, one int32 chain of VPDPBUSD, one conversion, one broadcast and one FMA per row of x.
 static inline __attribute__((always_inline)) void qrow(
-    const uint8_t* wr, const int BITS, const int MT_, const int SB, int64_t n, int64_t m0, int64_t K, int64_t N,
-    int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
+    const uint8_t* wr, const int BITS, const int MT_, const int SB, const int BPX, int64_t n, int64_t m0, int64_t K,
+    int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
     const void* scales, const void* zeros, void* out, int out_bf16) {
     const int P = 8 / BITS;
-    const int64_t nb = K / 64, spans = nb / P;
+    const int64_t nb = K / 64, nx = nb / BPX;
     const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
     const uint16_t* s16 = (const uint16_t*)scales + n * ng;
     const float* s32 = (const float*)scales + n * ng;
     const int8_t* xm[MT];
     const float* sxm[MT];
-    __m512 acc[MT];
+    __m512 acc[MT][2];  // even and odd activation blocks: two FMA chains per row of x
     for (int i = 0; i < MT_; i++) {
         xm[i] = xq + (m0 + i) * K;
-        sxm[i] = sx + (m0 + i) * nb;
-        acc[i] = _mm512_setzero_ps();
+        sxm[i] = sx + (m0 + i) * nx;
+        acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     }
-    for (int64_t s = 0; s < spans; s++) {
-        __m512i v = _mm512_loadu_si512((const void*)(wr + s * 64));
-#pragma GCC unroll 4
-        for (int p = 0; p < P; p++) {
-            __m512i c = BITS == 8 ? v : _mm512_and_si512(_mm512_srli_epi16(v, p * BITS), mask);
-            int64_t b = s * P + p;
-            int32_t g = gidx[b];
-            __m512 ws = _mm512_set1_ps(SB ? bf16_to_f32(s16[g]) : s32[g]);
-#pragma GCC unroll 4
-            for (int i = 0; i < MT_; i++) {
-                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c,
-                                                _mm512_loadu_si512((const void*)(xm[i] + b * 64)));
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(ws, _mm512_set1_ps(sxm[i][b])), acc[i]);
+    // Codes of 64-column sub-block b (0 <= b < nb): plane b % P of the span b / P.
+#define CODES(b)                                                                                             \
+    (P == 1 ? _mm512_loadu_si512((const void*)(wr + (b) * 64))                                               \
+            : _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512((const void*)(wr + ((b) / P) * 64)),     \
+                                                 ((b) % P) * BITS), mask))
+    // Activation block X (sub-blocks X*BPX ..) with its codes C0 (and C1 when BPX == 2), into chain J.
+#define XBLOCK(X, C0, C1, J)                                                                                 \
+    do {                                                                                                     \
+        const int32_t g_ = gidx[X];                                                                          \
+        const float ws_ = SB ? bf16_to_f32(s16[g_]) : s32[g_];                                              \
+        for (int i = 0; i < MT_; i++) {                                                                      \
+            const int8_t* xp_ = xm[i] + (X) * BPX * 64;                                                      \
+            __m512i d_ = _mm512_dpbusd_epi32(_mm512_setzero_si512(), (C0), _mm512_loadu_si512((const void*)xp_)); \
+            if (BPX == 2) d_ = _mm512_dpbusd_epi32(d_, (C1), _mm512_loadu_si512((const void*)(xp_ + 64)));   \
+            acc[i][J] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d_), _mm512_set1_ps(ws_ * sxm[i][X]), acc[i][J]);  \
+        }                                                                                                    \
+    } while (0)
+    // Main loop: 4 sub-blocks (256 columns) an iteration, whole spans, even/odd activation blocks alternating.
+    const int64_t iters = nb / 4;
+    for (int64_t it = 0; it < iters; it++) {
+        const int64_t b0 = it * 4;
+        if (P == 4) {  // one span holds all four sub-blocks: load once, shift four ways
+            const __m512i v = _mm512_loadu_si512((const void*)(wr + it * 64));
+            const __m512i c0 = _mm512_and_si512(v, mask), c1 = _mm512_and_si512(_mm512_srli_epi16(v, BITS), mask);
+            const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(v, 2 * BITS), mask);
+            const __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(v, 3 * BITS), mask);
+            if (BPX == 2) {
+                XBLOCK(b0 / 2, c0, c1, 0);
+                XBLOCK(b0 / 2 + 1, c2, c3, 1);
+            } else {
+                XBLOCK(b0, c0, c0, 0);
+                XBLOCK(b0 + 1, c1, c1, 1);
+                XBLOCK(b0 + 2, c2, c2, 0);
+                XBLOCK(b0 + 3, c3, c3, 1);
+            }
+        } else {
+            const __m512i c0 = CODES(b0), c1 = CODES(b0 + 1), c2 = CODES(b0 + 2), c3 = CODES(b0 + 3);
+            if (BPX == 2) {
+                XBLOCK(b0 / 2, c0, c1, 0);
+                XBLOCK(b0 / 2 + 1, c2, c3, 1);
+            } else {
+                XBLOCK(b0, c0, c0, 0);
+                XBLOCK(b0 + 1, c1, c1, 1);
+                XBLOCK(b0 + 2, c2, c2, 0);
+                XBLOCK(b0 + 3, c3, c3, 1);
             }
         }
     }
-    // The codes' offset (mid) and the zeros, per group: sum_g (zero - mid * scale) * sum of the group's x.
-    const float mid = (float)(1 << (BITS - 1));
+    for (int64_t x = iters * 4 / BPX; x < nx; x++) {  // rows whose length is not a multiple of 256
+        const __m512i c0 = CODES(x * BPX), c1 = BPX == 2 ? CODES(x * BPX + 1) : c0;
+        XBLOCK(x, c0, c1, 0);
+    }
+#undef XBLOCK
+#undef CODES
+    // The codes' offset (mid) and the zeros, per group: sum_g (zero - mid * scale) * X[m, g], 16 groups at a time.
+    const __m512 mid = _mm512_set1_ps((float)(1 << (BITS - 1)));
     for (int i = 0; i < MT_; i++) {
-        float r = _mm512_reduce_add_ps(acc[i]);
+        __m512 t = _mm512_add_ps(acc[i][0], acc[i][1]);
         const float* xs = xsum_g + (m0 + i) * ng;
-        for (int64_t g = 0; g < ng; g++) {
-            float sc = SB ? bf16_to_f32(s16[g]) : s32[g];
-            float z = zeros ? (SB ? bf16_to_f32(((const uint16_t*)zeros)[n * ng + g]) : ((const float*)zeros)[n * ng + g])
-                            : 0.0f;
-            r += (z - mid * sc) * xs[g];
+        for (int64_t g = 0; g < ng; g += 16) {
+            const __mmask16 k = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
+            __m512 sc = load16_masked(scales, SB, n * ng + g, k);
+            __m512 z = zeros ? load16_masked(zeros, SB, n * ng + g, k) : _mm512_setzero_ps();
+            t = _mm512_fmadd_ps(_mm512_fnmadd_ps(mid, sc, z), _mm512_maskz_loadu_ps(k, xs + g), t);
         }
-        store_out(out, out_bf16, (m0 + i) * N + n, r);
+        store_out(out, out_bf16, (m0 + i) * N + n, _mm512_reduce_add_ps(t));
     }
 }
 
 static inline __attribute__((always_inline)) void qrows(
-    const uint8_t* w, const int BITS, const int SB, int64_t n0, int64_t n1, int64_t M, int64_t K, int64_t N,
-    int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
+    const uint8_t* w, const int BITS, const int SB, const int BPX, int64_t n0, int64_t n1, int64_t M, int64_t K,
+    int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
     const void* scales, const void* zeros, void* out, int out_bf16) {
     const int64_t rb = K * BITS / 8;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t* wr = w + n * rb;
         int64_t m0 = 0;
-        for (; m0 + 4 <= M; m0 += 4)
-            qrow(wr, BITS, 4, SB, n, m0, K, N, ng, xq, sx, xsum_g, gidx, scales, zeros, out, out_bf16);
+#define QROW(MT_) qrow(wr, BITS, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, scales, zeros, out, out_bf16)
+        for (; m0 + 4 <= M; m0 += 4) QROW(4);
         switch (M - m0) {
-            case 3: qrow(wr, BITS, 3, SB, n, m0, K, N, ng, xq, sx, xsum_g, gidx, scales, zeros, out, out_bf16); break;
-            case 2: qrow(wr, BITS, 2, SB, n, m0, K, N, ng, xq, sx, xsum_g, gidx, scales, zeros, out, out_bf16); break;
-            case 1: qrow(wr, BITS, 1, SB, n, m0, K, N, ng, xq, sx, xsum_g, gidx, scales, zeros, out, out_bf16); break;
+            case 3: QROW(3); break;
+            case 2: QROW(2); break;
+            case 1: QROW(1); break;
             default: break;
         }
+#undef QROW
     }
 }
+
+// The activation block: 128 columns when the weight's groups allow it (half the per-block work of 64), else 64.
+int ernie45_qgemm_xblock(int64_t K, int64_t group) { return (group % 128 == 0 && K % 128 == 0) ? 128 : 64; }
 
 // Returns 0, or a negative code for arguments the Python side should have rejected.
 int ernie45_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t N, const uint8_t* w, int bits,
@@ -162,32 +212,34 @@ int ernie45_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t N, co
                   int nthreads) {
     if (bits != 8 && bits != 4 && bits != 2) return -1;
     if (K % (64 * (8 / bits)) || group % 64 || K % group || M < 1 || N < 1) return -2;
-    const int64_t nb = K / 64, ng = K / group;
+    const int64_t XB = ernie45_qgemm_xblock(K, group), nx = K / XB, ng = K / group;
     int8_t* xq = (int8_t*)malloc((size_t)(M * K));
-    float* sx = (float*)malloc((size_t)(M * nb) * sizeof(float));
-    int32_t* sq = (int32_t*)malloc((size_t)(M * nb) * sizeof(int32_t));
+    float* sx = (float*)malloc((size_t)(M * nx) * sizeof(float));
+    int32_t* sq = (int32_t*)malloc((size_t)(M * nx) * sizeof(int32_t));
     float* xsum_g = (float*)calloc((size_t)(M * ng), sizeof(float));
-    int32_t* gidx = (int32_t*)malloc((size_t)nb * sizeof(int32_t));
+    int32_t* gidx = (int32_t*)malloc((size_t)nx * sizeof(int32_t));
     if (!xq || !sx || !sq || !xsum_g || !gidx) {
         free(xq); free(sx); free(sq); free(xsum_g); free(gidx);
         return -3;
     }
-    for (int64_t b = 0; b < nb; b++) gidx[b] = (int32_t)((b * 64) / group);
-    quantize_rows(x, x_bf16, M, K, xq, sx, sq);
+    for (int64_t b = 0; b < nx; b++) gidx[b] = (int32_t)((b * XB) / group);
+    quantize_rows(x, x_bf16, M, K, XB, xq, sx, sq);
     for (int64_t m = 0; m < M; m++)
-        for (int64_t b = 0; b < nb; b++) xsum_g[m * ng + (b * 64) / group] += sx[m * nb + b] * (float)sq[m * nb + b];
+        for (int64_t b = 0; b < nx; b++) xsum_g[m * ng + gidx[b]] += sx[m * nx + b] * (float)sq[m * nx + b];
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int64_t chunk = (N + nt - 1) / nt, n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
         if (n0 < n1) {
-#define QROWS(B, SB) qrows(w, B, SB, n0, n1, M, K, N, ng, xq, sx, xsum_g, gidx, scales, zeros, out, out_bf16)
+#define QROWS(B, SB, BPX) qrows(w, B, SB, BPX, n0, n1, M, K, N, ng, xq, sx, xsum_g, gidx, scales, zeros, out, out_bf16)
+#define QBITS(SB, BPX) do { if (bits == 4) QROWS(4, SB, BPX); else if (bits == 8) QROWS(8, SB, BPX); else QROWS(2, SB, BPX); } while (0)
             if (s_bf16) {
-                if (bits == 4) QROWS(4, 1); else if (bits == 8) QROWS(8, 1); else QROWS(2, 1);
+                if (XB == 128) QBITS(1, 2); else QBITS(1, 1);
             } else {
-                if (bits == 4) QROWS(4, 0); else if (bits == 8) QROWS(8, 0); else QROWS(2, 0);
+                if (XB == 128) QBITS(0, 2); else QBITS(0, 1);
             }
+#undef QBITS
 #undef QROWS
         }
     }

@@ -51,18 +51,24 @@ def _qweight(n: int, k: int, bits: int, group: int, symmetric: bool, seed: int =
     return codes, scales, zeros
 
 
-@pytest.mark.parametrize("bits,group", [(8, 512), (8, 64), (4, 128), (4, 64), (2, 64), (2, 256)])
+def test_activation_block_rule_is_the_c_one() -> None:
+    for k, g in [(512, 512), (512, 64), (512, 128), (384, 128), (192, 64), (2560, 2560), (1536, 128)]:
+        assert kernels.xblock(k, g) == kernels.library().ernie45_qgemm_xblock(k, g), (k, g)
+
+
+@pytest.mark.parametrize("bits,group,k", [(8, 512, 512), (8, 64, 512), (8, 192, 384), (4, 128, 512), (4, 128, 384),
+                                          (4, 64, 512), (2, 64, 512), (2, 256, 512), (2, 128, 768)])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
-def test_qgemm_matches_fp64_reference(bits: int, group: int, symmetric: bool, rows: int) -> None:
+def test_qgemm_matches_fp64_reference(bits: int, group: int, k: int, symmetric: bool, rows: int) -> None:
     """fp32 in and out: the only approximation is the documented int8 activation quantization (errors of
     ~1e-3 of the largest output, which this tolerance would catch); the rest is fp32 accumulation, whose
     offset correction per group (mid * scale * sum x) leaves up to ~3e-5 of it for 8-bit codes."""
-    n, k = 96, 512
+    n = 96  # k: whole 256-column iterations, and (384, 768) a remainder; 8-bit g192: 64-column blocks
     codes, scales, zeros = _qweight(n, k, bits, group, symmetric, seed=bits * rows)
     x = torch.randn(rows, k) * torch.logspace(-2, 1, k)  # columns of very different size: per-block scales matter
     w = qm.dequantize_mid(codes, scales, zeros, bits, dtype=torch.float64)
-    ref = act_quant_ref(x) @ w.t()
+    ref = act_quant_ref(x, kernels.xblock(k, group)) @ w.t()
     y = kernels.qgemm(x, kernels.to_span(codes, bits), bits, scales, None if symmetric else zeros, group)
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
@@ -76,7 +82,7 @@ def test_qgemm_bf16_in_and_out_and_scales() -> None:
     codes, scales, zeros = _qweight(64, 256, 4, 128, False)
     x = torch.randn(3, 256).bfloat16()
     w = qm.dequantize_mid(codes, scales.bfloat16(), zeros.bfloat16(), 4, dtype=torch.float64)
-    ref = act_quant_ref(x) @ w.t()
+    ref = act_quant_ref(x, 128) @ w.t()
     y = kernels.qgemm(x, kernels.to_span(codes, 4), 4, scales.bfloat16(), zeros.bfloat16(), 128)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.double(), ref, rtol=2**-8, atol=1e-3 * ref.abs().max().item())
@@ -95,9 +101,9 @@ def test_qgemm_rows_are_independent_of_their_batch() -> None:
 def test_qgemm_zero_rows_and_blocks() -> None:
     codes, scales, zeros = _qweight(64, 256, 8, 256, False)
     x = torch.zeros(2, 256)
-    x[1, 64:128] = 3.0  # one non-zero block
+    x[1, 128:256] = 3.0  # one non-zero block
     y = kernels.qgemm(x, kernels.to_span(codes, 8), 8, scales, zeros, 256)
-    ref = act_quant_ref(x) @ qm.dequantize_mid(codes, scales, zeros, 8, dtype=torch.float64).t()
+    ref = act_quant_ref(x, 128) @ qm.dequantize_mid(codes, scales, zeros, 8, dtype=torch.float64).t()
     assert torch.equal(y[0], torch.zeros(64))
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
 
