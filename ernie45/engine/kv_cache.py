@@ -140,6 +140,18 @@ class KVCache:
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
+    def _decode_attention(self, q_SND: torch.Tensor, keys_SKLD: torch.Tensor, vals_SKLD: torch.Tensor,
+                          mask_S1L: torch.Tensor) -> torch.Tensor:
+        """One query per sequence over its cached keys, in fp32 (as SDPA accumulates): two batched matmuls and
+        a softmax. For a single query this is several times faster on CPU than SDPA's masked GQA path
+        (~260 us a layer at the 21B shape), and the same math. Query head h reads kv head h // (N / K)."""
+        s, n, d = q_SND.shape
+        k = keys_SKLD.shape[1]
+        q = q_SND.float().view(s, k, n // k, d)                                           # [S, K, G, D]
+        scores = torch.matmul(q, keys_SKLD.float().transpose(-1, -2)) * self.scale        # [S, K, G, L]
+        scores = scores.masked_fill(~mask_S1L[:, :, None], float("-inf"))
+        return torch.matmul(scores.softmax(-1), vals_SKLD.float()).view(s, n, d)          # [S, N, D]
+
     def attend(self, layer_idx: int, q_TND: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor
                ) -> torch.Tensor:
         """Write this step's k/v at the slot mapping, then attend each sequence over its cache."""
@@ -157,9 +169,7 @@ class KVCache:
             tables = meta.block_tables_SB[:sd, :nb]
             keys = kc[tables].flatten(1, 2).transpose(1, 2)         # [S, K, L, D]
             vals = vc[tables].flatten(1, 2).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q_TND[:sd, :, None].to(kc.dtype), keys, vals, attn_mask=mask,
-                                               scale=self.scale, enable_gqa=True)  # [S, N, 1, D]
-            out_TND[:sd] = o[:, :, 0].to(q_TND.dtype)
+            out_TND[:sd] = self._decode_attention(q_TND[:sd], keys, vals, mask[:, 0]).to(q_TND.dtype)
         start = sd
         for i, mask in enumerate(meta.prefill_masks):
             s = sd + i

@@ -84,7 +84,7 @@ def _build() -> ctypes.CDLL:
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} not found; install gcc or set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    args = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+    args = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-lm"]
     key = hashlib.sha256("\n".join([SOURCE.read_text(), *version, model, " ".join(sorted(flags)), *args]).encode())
     so = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not so.exists():
@@ -104,6 +104,9 @@ def _build() -> ctypes.CDLL:
     lib.ernie45_qgemm.restype = i32
     lib.ernie45_bgemm.argtypes = [vp, i64, i64, i64, vp, vp, i32, i32]
     lib.ernie45_bgemm.restype = i32
+    lib.ernie45_qmoe.argtypes = [vp, i32, i64, i64, i64, i64, vp, vp, i64, i32, i32, vp, vp, vp, i64, vp, vp, vp, i64,
+                                 i32, vp, i32]
+    lib.ernie45_qmoe.restype = i32
     lib.ernie45_qgemm_xblock.argtypes = [i64, i64]
     lib.ernie45_qgemm_xblock.restype = i32
     return lib
@@ -214,6 +217,37 @@ def qgemm(x_MK: torch.Tensor, codes_NP: torch.Tensor, bits: int, scales_NG: torc
     if rc:
         raise RuntimeError(f"ernie45_qgemm rejected its arguments (code {rc})")
     return out
+
+
+def qmoe(x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, bits: int,
+         gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int],
+         down: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]) -> torch.Tensor:
+    """The routed experts of a MoE layer in one call (decode sizes): for each token, the sum over its experts in
+    ascending order of ``w * down(silu(gate(x)) * up(x))``, rounded where the torch path in x's dtype rounds.
+    ``gate_up`` / ``down``: (codes [E, N, K*bits/8] span layout, scales [E, N, G], zeros or None, group).
+    Returns [T, H] in x's dtype. Needs :func:`available`."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {why_unavailable()}")
+    t, h = x_TH.shape
+    gu_w, gu_s, gu_z, gu_g = gate_up
+    dn_w, dn_s, dn_z, dn_g = down
+    e, two_i = gu_w.shape[0], gu_w.shape[1]
+    if x_TH.dtype not in _OUT_DTYPES or gu_s.dtype not in _OUT_DTYPES or dn_s.dtype != gu_s.dtype:
+        raise TypeError(f"qmoe takes bf16/fp32 activations and scales, got {x_TH.dtype}, {gu_s.dtype}, {dn_s.dtype}")
+    x = x_TH.contiguous()
+    idx = idx_TK.to(torch.int64).contiguous()
+    w = w_TK.float().contiguous()
+    out = torch.empty(t, h, dtype=torch.float32)
+    sb = int(gu_s.dtype == torch.bfloat16)
+    rc = lib.ernie45_qmoe(x.data_ptr(), int(x.dtype == torch.bfloat16), t, h, two_i // 2, idx.shape[1], idx.data_ptr(),
+                          w.data_ptr(), e, bits, sb, gu_w.data_ptr(), gu_s.data_ptr(), _ptr(gu_z), gu_g,
+                          dn_w.data_ptr(), dn_s.data_ptr(), _ptr(dn_z), dn_g, int(x.dtype == torch.bfloat16),
+                          out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"ernie45_qmoe rejected its arguments (code {rc}: "
+                           f"{'an expert index out of range' if rc == -4 else 'shapes or groups'})")
+    return out.to(x.dtype)
 
 
 def bgemm(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:

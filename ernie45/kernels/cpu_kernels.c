@@ -20,6 +20,7 @@
 // Shape letters: M rows of x (tokens), N output features (weight rows), K input features, B = K / 64 blocks.
 
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -100,7 +101,7 @@ static inline __m512 load16_masked(const void* p, int bf16, int64_t i, __mmask16
 static inline __attribute__((always_inline)) void qrow(
     const uint8_t* wr, const int BITS, const int MT_, const int SB, const int BPX, int64_t n, int64_t m0, int64_t K,
     int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
-    const void* scales, const void* zeros, void* out, int out_bf16) {
+    const int64_t* xrow, const void* scales, const void* zeros, void* out, int out_bf16) {
     const int P = 8 / BITS;
     const int64_t nb = K / 64, nx = nb / BPX;
     const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
@@ -110,8 +111,9 @@ static inline __attribute__((always_inline)) void qrow(
     const float* sxm[MT];
     __m512 acc[MT][2];  // even and odd activation blocks: two FMA chains per row of x
     for (int i = 0; i < MT_; i++) {
-        xm[i] = xq + (m0 + i) * K;
-        sxm[i] = sx + (m0 + i) * nx;
+        const int64_t r = xrow ? xrow[m0 + i] : m0 + i;  // the x row (output row m0 + i)
+        xm[i] = xq + r * K;
+        sxm[i] = sx + r * nx;
         acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     }
     // Codes of 64-column sub-block b (0 <= b < nb): plane b % P of the span b / P.
@@ -172,7 +174,7 @@ static inline __attribute__((always_inline)) void qrow(
     const __m512 mid = _mm512_set1_ps((float)(1 << (BITS - 1)));
     for (int i = 0; i < MT_; i++) {
         __m512 t = _mm512_add_ps(acc[i][0], acc[i][1]);
-        const float* xs = xsum_g + (m0 + i) * ng;
+        const float* xs = xsum_g + (xrow ? xrow[m0 + i] : m0 + i) * ng;
         for (int64_t g = 0; g < ng; g += 16) {
             const __mmask16 k = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
             __m512 sc = load16_masked(scales, SB, n * ng + g, k);
@@ -186,12 +188,12 @@ static inline __attribute__((always_inline)) void qrow(
 static inline __attribute__((always_inline)) void qrows(
     const uint8_t* w, const int BITS, const int SB, const int BPX, int64_t n0, int64_t n1, int64_t M, int64_t K,
     int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
-    const void* scales, const void* zeros, void* out, int out_bf16) {
+    const int64_t* xrow, const void* scales, const void* zeros, void* out, int out_bf16) {
     const int64_t rb = K * BITS / 8;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t* wr = w + n * rb;
         int64_t m0 = 0;
-#define QROW(MT_) qrow(wr, BITS, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, scales, zeros, out, out_bf16)
+#define QROW(MT_) qrow(wr, BITS, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
         for (; m0 + 4 <= M; m0 += 4) QROW(4);
         switch (M - m0) {
             case 3: QROW(3); break;
@@ -207,43 +209,139 @@ static inline __attribute__((always_inline)) void qrows(
 int ernie45_qgemm_xblock(int64_t K, int64_t group) { return (group % 128 == 0 && K % 128 == 0) ? 128 : 64; }
 
 // Returns 0, or a negative code for arguments the Python side should have rejected.
-int ernie45_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t N, const uint8_t* w, int bits,
-                  const void* scales, const void* zeros, int s_bf16, int64_t group, void* out, int out_bf16,
-                  int nthreads) {
-    if (bits != 8 && bits != 4 && bits != 2) return -1;
-    if (K % (64 * (8 / bits)) || group % 64 || K % group || M < 1 || N < 1) return -2;
-    const int64_t XB = ernie45_qgemm_xblock(K, group), nx = K / XB, ng = K / group;
-    int8_t* xq = (int8_t*)malloc((size_t)(M * K));
-    float* sx = (float*)malloc((size_t)(M * nx) * sizeof(float));
-    int32_t* sq = (int32_t*)malloc((size_t)(M * nx) * sizeof(int32_t));
-    float* xsum_g = (float*)calloc((size_t)(M * ng), sizeof(float));
-    int32_t* gidx = (int32_t*)malloc((size_t)nx * sizeof(int32_t));
-    if (!xq || !sx || !sq || !xsum_g || !gidx) {
-        free(xq); free(sx); free(sq); free(xsum_g); free(gidx);
+// Activations quantized once, for one or several weights that read the same x (the experts of a MoE layer).
+typedef struct {
+    int64_t M, K, XB, nx, group, ng;
+    int8_t* xq;
+    float *sx, *xsum_g;
+    int32_t *sq, *gidx;
+} QAct;
+
+static void qact_free(QAct* a) {
+    free(a->xq); free(a->sx); free(a->sq); free(a->xsum_g); free(a->gidx);
+}
+
+static int qact_init(QAct* a, const void* x, int x_bf16, int64_t M, int64_t K, int64_t group) {
+    a->M = M; a->K = K; a->group = group;
+    a->XB = ernie45_qgemm_xblock(K, group);
+    a->nx = K / a->XB; a->ng = K / group;
+    a->xq = (int8_t*)malloc((size_t)(M * K));
+    a->sx = (float*)malloc((size_t)(M * a->nx) * sizeof(float));
+    a->sq = (int32_t*)malloc((size_t)(M * a->nx) * sizeof(int32_t));
+    a->xsum_g = (float*)calloc((size_t)(M * a->ng), sizeof(float));
+    a->gidx = (int32_t*)malloc((size_t)a->nx * sizeof(int32_t));
+    if (!a->xq || !a->sx || !a->sq || !a->xsum_g || !a->gidx) {
+        qact_free(a);
         return -3;
     }
-    for (int64_t b = 0; b < nx; b++) gidx[b] = (int32_t)((b * XB) / group);
-    quantize_rows(x, x_bf16, M, K, XB, xq, sx, sq);
+    for (int64_t b = 0; b < a->nx; b++) a->gidx[b] = (int32_t)((b * a->XB) / group);
+    quantize_rows(x, x_bf16, M, K, a->XB, a->xq, a->sx, a->sq);
     for (int64_t m = 0; m < M; m++)
-        for (int64_t b = 0; b < nx; b++) xsum_g[m * ng + gidx[b]] += sx[m * nx + b] * (float)sq[m * nx + b];
-    if (nthreads < 1) nthreads = 1;
+        for (int64_t b = 0; b < a->nx; b++)
+            a->xsum_g[m * a->ng + a->gidx[b]] += a->sx[m * a->nx + b] * (float)a->sq[m * a->nx + b];
+    return 0;
+}
+
+// out[i, :] = x[xrow[i], :] @ W^T for i < rows (xrow NULL: the identity), threads over W's rows.
+static void qact_matmul(const QAct* a, const int64_t* xrow, int64_t rows, int64_t N, const uint8_t* w, int bits,
+                        const void* scales, const void* zeros, int s_bf16, void* out, int out_bf16, int nthreads) {
+    const int64_t M = rows, K = a->K, ng = a->ng;
+    const int8_t* xq = a->xq;
+    const float *sx = a->sx, *xsum_g = a->xsum_g;
+    const int32_t* gidx = a->gidx;
 #pragma omp parallel num_threads(nthreads)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int64_t chunk = (N + nt - 1) / nt, n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
         if (n0 < n1) {
-#define QROWS(B, SB, BPX) qrows(w, B, SB, BPX, n0, n1, M, K, N, ng, xq, sx, xsum_g, gidx, scales, zeros, out, out_bf16)
+#define QROWS(B, SB, BPX) \
+    qrows(w, B, SB, BPX, n0, n1, M, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
 #define QBITS(SB, BPX) do { if (bits == 4) QROWS(4, SB, BPX); else if (bits == 8) QROWS(8, SB, BPX); else QROWS(2, SB, BPX); } while (0)
             if (s_bf16) {
-                if (XB == 128) QBITS(1, 2); else QBITS(1, 1);
+                if (a->XB == 128) QBITS(1, 2); else QBITS(1, 1);
             } else {
-                if (XB == 128) QBITS(0, 2); else QBITS(0, 1);
+                if (a->XB == 128) QBITS(0, 2); else QBITS(0, 1);
             }
 #undef QBITS
 #undef QROWS
         }
     }
-    free(xq); free(sx); free(sq); free(xsum_g); free(gidx);
+}
+
+static int qgemm_args_ok(int bits, int64_t K, int64_t group) {
+    return (bits == 8 || bits == 4 || bits == 2) && K % (64 * (8 / bits)) == 0 && group % 64 == 0 && K % group == 0;
+}
+
+int ernie45_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t N, const uint8_t* w, int bits,
+                  const void* scales, const void* zeros, int s_bf16, int64_t group, void* out, int out_bf16,
+                  int nthreads) {
+    if (!qgemm_args_ok(bits, K, group) || M < 1 || N < 1) return -2;
+    QAct a;
+    if (qact_init(&a, x, x_bf16, M, K, group)) return -3;
+    qact_matmul(&a, NULL, M, N, w, bits, scales, zeros, s_bf16, out, out_bf16, nthreads < 1 ? 1 : nthreads);
+    qact_free(&a);
+    return 0;
+}
+
+static inline float round_bf16(float v, int on) { return on ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+// Routed experts of one MoE layer for T tokens (decode sizes), the quantized stacks in the span layout:
+//   out[t] += sum over t's k experts, ascending, of w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))
+// gate_up_e: [2I, H] (gate rows first), down_e: [H, I]; scales/zeros [E, rows, groups] in the scales' dtype.
+// With bf16 = 1 every intermediate is rounded to bf16 where the unfused torch path rounds (matmul outputs,
+// silu, the product, the weighting); out is fp32 [T, H] (the fp32 sum the torch path also uses), zeroed here.
+int ernie45_qmoe(const void* x, int x_bf16, int64_t T, int64_t H, int64_t I, int64_t k, const int64_t* idx,
+                 const float* wts, int64_t E, int bits, int s_bf16, const uint8_t* gu_w, const void* gu_s,
+                 const void* gu_z, int64_t gu_group, const uint8_t* dn_w, const void* dn_s, const void* dn_z,
+                 int64_t dn_group, int bf16, float* out, int nthreads) {
+    if (!qgemm_args_ok(bits, H, gu_group) || !qgemm_args_ok(bits, I, dn_group) || T < 1 || k < 1) return -2;
+    for (int64_t j = 0; j < T * k; j++)
+        if (idx[j] < 0 || idx[j] >= E) return -4;
+    if (nthreads < 1) nthreads = 1;
+    const size_t es = s_bf16 ? 2 : 4;
+    const int64_t gu_ng = H / gu_group, dn_ng = I / dn_group;
+    QAct xa;
+    if (qact_init(&xa, x, x_bf16, T, H, gu_group)) return -3;
+    const int64_t S = T * k;  // an expert can hold up to T * k rows if an index repeats within a token
+    int64_t* rows = (int64_t*)malloc((size_t)S * sizeof(int64_t));
+    float* wrow = (float*)malloc((size_t)S * sizeof(float));
+    float* h = (float*)malloc((size_t)(S * 2 * I) * sizeof(float));
+    float* act = (float*)malloc((size_t)(S * I) * sizeof(float));
+    float* y = (float*)malloc((size_t)(S * H) * sizeof(float));
+    if (!rows || !wrow || !h || !act || !y) {
+        free(rows); free(wrow); free(h); free(act); free(y); qact_free(&xa);
+        return -3;
+    }
+    memset(out, 0, (size_t)(T * H) * sizeof(float));
+    for (int64_t e = 0; e < E; e++) {
+        int64_t n = 0;
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t j = 0; j < k; j++)
+                if (idx[t * k + j] == e) { rows[n] = t; wrow[n] = wts[t * k + j]; n++; }
+        if (!n) continue;
+        qact_matmul(&xa, rows, n, 2 * I, gu_w + e * (2 * I * H * bits / 8), bits, (const char*)gu_s + e * 2 * I * gu_ng * es,
+                    gu_z ? (const char*)gu_z + e * 2 * I * gu_ng * es : NULL, s_bf16, h, 0, nthreads);
+        for (int64_t r = 0; r < n; r++)
+            for (int64_t c = 0; c < I; c++) {
+                float g = round_bf16(h[r * 2 * I + c], bf16), u = round_bf16(h[r * 2 * I + I + c], bf16);
+                float sg = round_bf16(g / (1.0f + expf(-g)), bf16);
+                act[r * I + c] = round_bf16(sg * u, bf16);
+            }
+        QAct aa;
+        if (qact_init(&aa, act, 0, n, I, dn_group)) {
+            free(rows); free(wrow); free(h); free(act); free(y); qact_free(&xa);
+            return -3;
+        }
+        qact_matmul(&aa, NULL, n, H, dn_w + e * (H * I * bits / 8), bits, (const char*)dn_s + e * H * dn_ng * es,
+                    dn_z ? (const char*)dn_z + e * H * dn_ng * es : NULL, s_bf16, y, 0, nthreads);
+        qact_free(&aa);
+        for (int64_t r = 0; r < n; r++) {
+            float* o = out + rows[r] * H;
+            const float wr = round_bf16(wrow[r], bf16);
+            for (int64_t c = 0; c < H; c++) o[c] += round_bf16(round_bf16(y[r * H + c], bf16) * wr, bf16);
+        }
+    }
+    free(rows); free(wrow); free(h); free(act); free(y); qact_free(&xa);
     return 0;
 }
 

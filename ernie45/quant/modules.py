@@ -163,11 +163,10 @@ class QWeight(nn.Module):
         x2 = x_TK.reshape(-1, self.k)
         rows = x2.shape[0]
         if self.layout == "span" and 0 < rows <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and kernels.available():
-            if self._zero_free is None:
-                self._zero_free = self.zeros is None or not bool(self.zeros.any())
+            _, _, zeros, _ = self.kernel_args()
             xk = x2 if x2.dtype in (torch.bfloat16, torch.float32) else x2.float()
             y = kernels.qgemm(xk, self._at("qweight", i), self.bits, self._at("scales", i),
-                              None if self._zero_free else self._at("zeros", i), self.group).to(x_TK.dtype)
+                              None if zeros is None else self._at("zeros", i), self.group).to(x_TK.dtype)
         elif self.layout in ("int8", "int4") and rows <= KERNEL_MAX_ROWS and x2.device.type == "cpu":
             xk = x2.to(self.dtype).contiguous()
             if self.layout == "int8":
@@ -179,6 +178,12 @@ class QWeight(nn.Module):
         else:
             y = F.linear(x2, self.dequantize(i, x_TK.dtype))
         return y.reshape(*lead, self.n)
+
+    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        """(codes, scales, zeros or None when all zero, group) of the span layout, for ``kernels.qmoe``."""
+        if self._zero_free is None:
+            self._zero_free = self.zeros is None or not bool(self.zeros.any())
+        return self.qweight, self.scales, None if self._zero_free else self.zeros, self.group
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
@@ -236,6 +241,16 @@ class QuantExperts(Experts):
             q.gate_up_proj.quantize_(i, experts.gate_up_proj[i].detach())
             q.down_proj.quantize_(i, experts.down_proj[i].detach())
         return q
+
+    def forward(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        """Decode sizes on CPU: all selected experts in one native call (``kernels.qmoe``: the same products,
+        roundings and ascending-expert sum as the per-expert path, without its per-expert torch ops)."""
+        gu, dn = self.gate_up_proj, self.down_proj
+        if (gu.layout == "span" and dn.layout == "span" and 0 < x_TH.shape[0] <= KERNEL_MAX_ROWS
+                and x_TH.device.type == "cpu" and x_TH.dtype in (torch.bfloat16, torch.float32)
+                and gu.dtype == dn.dtype and kernels.available() and not kernels.needs_grad(x_TH)):
+            return kernels.qmoe(x_TH, idx_TK, w_TK.to(x_TH.dtype), gu.bits, gu.kernel_args(), dn.kernel_args())
+        return super().forward(x_TH, idx_TK, w_TK)
 
     def expert_forward(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.matmul(x_TH, e).chunk(2, dim=-1)

@@ -217,3 +217,32 @@ def test_gptq_lowers_output_error_against_rtn() -> None:
         quantize_model(copy.deepcopy(model), QuantConfig.from_name("int2", method="gptq"))
     q = quantize_model(model, QuantConfig.from_name("int2", method="gptq"), calibration=ids)
     assert q(ids).logits.isfinite().all()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no native kernels")
+@pytest.mark.parametrize("scheme", [TensorScheme(4, 128), TensorScheme(8, None, True), TensorScheme(2, 64)],
+                         ids=["int4-g128", "int8-channel", "int2-g64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_native_experts_equal_the_per_expert_path(scheme: TensorScheme, dtype: torch.dtype) -> None:
+    """``kernels.qmoe`` (one call for all selected experts) against ``Experts.forward`` running each expert
+    through the same span kernel: the same products and roundings, so equal up to silu's last bit."""
+    torch.manual_seed(0)
+    ex = Experts(8, 256, 256)
+    nn.init.normal_(ex.gate_up_proj, std=0.08)
+    nn.init.normal_(ex.down_proj, std=0.08)
+    qx = QuantExperts.from_experts(ex, scheme, dtype)
+    assert qx.gate_up_proj.layout == "span"
+    x = torch.randn(7, 256, dtype=dtype)
+    idx = torch.tensor([[0, 3], [3, 1], [7, 0], [5, 5], [2, 6], [6, 2], [1, 4]])
+    w = torch.rand(7, 2).to(dtype)
+    with torch.no_grad():
+        fused = qx(x, idx, w)
+        per_expert = Experts.forward(qx, x, idx, w)
+    assert fused.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2e-2)
+    torch.testing.assert_close(fused, per_expert, **tol)
+    for t in (0, 3):  # a token alone gives the bits it gives in the batch
+        assert torch.equal(qx(x[t:t + 1], idx[t:t + 1], w[t:t + 1]), fused[t:t + 1])
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.qmoe(x, torch.tensor([[9, 0]] * 7), w, qx.gate_up_proj.bits, qx.gate_up_proj.kernel_args(),
+                     qx.down_proj.kernel_args())
