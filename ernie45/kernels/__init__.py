@@ -107,6 +107,8 @@ def _build() -> ctypes.CDLL:
     lib.ernie45_qmoe.argtypes = [vp, i32, i64, i64, i64, i64, vp, vp, i64, i32, i32, vp, vp, vp, i64, vp, vp, vp, i64,
                                  i32, vp, i32]
     lib.ernie45_qmoe.restype = i32
+    lib.ernie45_bmoe.argtypes = [vp, i64, i64, i64, i64, vp, vp, i64, vp, vp, vp, i32]
+    lib.ernie45_bmoe.restype = i32
     lib.ernie45_qgemm_xblock.argtypes = [i64, i64]
     lib.ernie45_qgemm_xblock.restype = i32
     return lib
@@ -248,6 +250,33 @@ def qmoe(x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, bits: int
         raise RuntimeError(f"ernie45_qmoe rejected its arguments (code {rc}: "
                            f"{'an expert index out of range' if rc == -4 else 'shapes or groups'})")
     return out.to(x.dtype)
+
+
+MOE_MAX_TOKENS = 16
+"""Tokens up to which :func:`qmoe` / :func:`bmoe` run a MoE layer's experts (decode batches)."""
+
+
+def bmoe(x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, gate_up_EIH: torch.Tensor,
+         down_EHI: torch.Tensor) -> torch.Tensor:
+    """:func:`qmoe` for bf16 expert stacks ``gate_up [E, 2I, H]`` and ``down [E, H, I]``: one call, the
+    per-expert path's bf16 roundings, ascending-expert fp32 sum. Returns [T, H] bf16."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {why_unavailable()}")
+    t, h = x_TH.shape
+    e, two_i, _ = gate_up_EIH.shape
+    if {x_TH.dtype, gate_up_EIH.dtype, down_EHI.dtype} != {torch.bfloat16}:
+        raise TypeError("bmoe takes bf16 activations and expert stacks")
+    x, gu, dn = x_TH.contiguous(), gate_up_EIH.contiguous(), down_EHI.contiguous()
+    idx = idx_TK.to(torch.int64).contiguous()
+    w = w_TK.float().contiguous()
+    out = torch.empty(t, h, dtype=torch.float32)
+    rc = lib.ernie45_bmoe(x.data_ptr(), t, h, two_i // 2, idx.shape[1], idx.data_ptr(), w.data_ptr(), e,
+                          gu.data_ptr(), dn.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"ernie45_bmoe rejected its arguments (code {rc}: "
+                           f"{'an expert index out of range' if rc == -4 else 'shapes'})")
+    return out.to(torch.bfloat16)
 
 
 def bgemm(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:

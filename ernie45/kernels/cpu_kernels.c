@@ -369,10 +369,8 @@ static inline __attribute__((always_inline)) void brow(const uint16_t* wr, const
     for (int i = 0; i < MT_; i++) store_out(out, out_bf16, (m0 + i) * N + n, _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i])));
 }
 
-int ernie45_bgemm(const uint16_t* x, int64_t M, int64_t K, int64_t N, const uint16_t* w, void* out, int out_bf16,
-                  int nthreads) {
-    if (K % 32 || M < 1 || N < 1) return -2;
-    if (nthreads < 1) nthreads = 1;
+static void bmatmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, const uint16_t* w, void* out, int out_bf16,
+                    int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -389,5 +387,55 @@ int ernie45_bgemm(const uint16_t* x, int64_t M, int64_t K, int64_t N, const uint
             }
         }
     }
+}
+
+int ernie45_bgemm(const uint16_t* x, int64_t M, int64_t K, int64_t N, const uint16_t* w, void* out, int out_bf16,
+                  int nthreads) {
+    if (K % 32 || M < 1 || N < 1) return -2;
+    bmatmul(x, M, K, N, w, out, out_bf16, nthreads < 1 ? 1 : nthreads);
+    return 0;
+}
+
+// ernie45_qmoe for bf16 stacks: gate_up [E, 2I, H], down [E, H, I], x [T, H], all bf16; out fp32 [T, H].
+// Every intermediate is rounded to bf16 where the per-expert torch path rounds.
+int ernie45_bmoe(const uint16_t* x, int64_t T, int64_t H, int64_t I, int64_t k, const int64_t* idx, const float* wts,
+                 int64_t E, const uint16_t* gu, const uint16_t* dn, float* out, int nthreads) {
+    if (H % 32 || I % 32 || T < 1 || k < 1) return -2;
+    for (int64_t j = 0; j < T * k; j++)
+        if (idx[j] < 0 || idx[j] >= E) return -4;
+    if (nthreads < 1) nthreads = 1;
+    const int64_t S = T * k;
+    int64_t* rows = (int64_t*)malloc((size_t)S * sizeof(int64_t));
+    float* wrow = (float*)malloc((size_t)S * sizeof(float));
+    uint16_t* xe = (uint16_t*)malloc((size_t)(S * H) * sizeof(uint16_t));
+    float* h = (float*)malloc((size_t)(S * 2 * I) * sizeof(float));
+    uint16_t* act = (uint16_t*)malloc((size_t)(S * I) * sizeof(uint16_t));
+    float* y = (float*)malloc((size_t)(S * H) * sizeof(float));
+    if (!rows || !wrow || !xe || !h || !act || !y) {
+        free(rows); free(wrow); free(xe); free(h); free(act); free(y);
+        return -3;
+    }
+    memset(out, 0, (size_t)(T * H) * sizeof(float));
+    for (int64_t e = 0; e < E; e++) {
+        int64_t n = 0;
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t j = 0; j < k; j++)
+                if (idx[t * k + j] == e) { rows[n] = t; wrow[n] = wts[t * k + j]; n++; }
+        if (!n) continue;
+        for (int64_t r = 0; r < n; r++) memcpy(xe + r * H, x + rows[r] * H, (size_t)H * sizeof(uint16_t));
+        bmatmul(xe, n, H, 2 * I, gu + e * 2 * I * H, h, 0, nthreads);
+        for (int64_t r = 0; r < n; r++)
+            for (int64_t c = 0; c < I; c++) {
+                float g = round_bf16(h[r * 2 * I + c], 1), u = round_bf16(h[r * 2 * I + I + c], 1);
+                act[r * I + c] = f32_to_bf16(round_bf16(g / (1.0f + expf(-g)), 1) * u);
+            }
+        bmatmul(act, n, I, H, dn + e * H * I, y, 0, nthreads);
+        for (int64_t r = 0; r < n; r++) {
+            float* o = out + rows[r] * H;
+            const float wr = round_bf16(wrow[r], 1);
+            for (int64_t c = 0; c < H; c++) o[c] += round_bf16(round_bf16(y[r * H + c], 1) * wr, 1);
+        }
+    }
+    free(rows); free(wrow); free(xe); free(h); free(act); free(y);
     return 0;
 }

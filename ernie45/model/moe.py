@@ -67,7 +67,14 @@ class Experts(nn.Module):
 
     def forward(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         """Sort token-expert pairs by expert, run each selected expert once on its contiguous slice,
-        scatter back weighted. Never loops over tokens; unselected experts' weights are not read."""
+        scatter back weighted. Never loops over tokens; unselected experts' weights are not read.
+        Decode-size bf16 inference on CPU runs all of it in one native call (``kernels.bmoe``, same roundings)."""
+        gu, dn = self.gate_up_proj, self.down_proj
+        if (type(self).expert_forward is Experts.expert_forward and x_TH.device.type == "cpu"
+                and 0 < x_TH.shape[0] <= kernels.MOE_MAX_TOKENS and x_TH.dtype == gu.dtype == dn.dtype == torch.bfloat16
+                and gu.shape[-1] % 32 == 0 and dn.shape[-1] % 32 == 0 and not kernels.needs_grad(x_TH, gu, dn)
+                and kernels.available()):
+            return kernels.bmoe(x_TH, idx_TK, w_TK, gu, dn)
         k = idx_TK.shape[1]
         flat_S = idx_TK.reshape(-1)
         order_S = flat_S.argsort(stable=True)

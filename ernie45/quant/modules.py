@@ -246,7 +246,7 @@ class QuantExperts(Experts):
         """Decode sizes on CPU: all selected experts in one native call (``kernels.qmoe``: the same products,
         roundings and ascending-expert sum as the per-expert path, without its per-expert torch ops)."""
         gu, dn = self.gate_up_proj, self.down_proj
-        if (gu.layout == "span" and dn.layout == "span" and 0 < x_TH.shape[0] <= KERNEL_MAX_ROWS
+        if (gu.layout == "span" and dn.layout == "span" and 0 < x_TH.shape[0] <= kernels.MOE_MAX_TOKENS
                 and x_TH.device.type == "cpu" and x_TH.dtype in (torch.bfloat16, torch.float32)
                 and gu.dtype == dn.dtype and kernels.available() and not kernels.needs_grad(x_TH)):
             return kernels.qmoe(x_TH, idx_TK, w_TK.to(x_TH.dtype), gu.bits, gu.kernel_args(), dn.kernel_args())

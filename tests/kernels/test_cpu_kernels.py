@@ -153,3 +153,34 @@ def test_missing_compiler_falls_back_with_a_reason(tmp_path) -> None:
     env = dict(os.environ, ERNIE45_KERNELS="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("False") and "turned off" in out
+
+
+def test_bmoe_equals_the_per_expert_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Experts.forward`` at decode sizes in bf16 runs ``kernels.bmoe``; it must equal the per-expert torch path
+    (F.linear per expert, bf16 roundings, ascending fp32 sum) up to silu's last bit, and be batch invariant."""
+    from ernie45.model.moe import Experts
+
+    torch.manual_seed(0)
+    ex = Experts(8, 128, 96)
+    torch.nn.init.normal_(ex.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(ex.down_proj, std=0.1)
+    ex = ex.bfloat16()
+    x = torch.randn(6, 128).bfloat16()
+    idx = torch.tensor([[0, 3], [3, 1], [7, 0], [5, 5], [2, 6], [1, 4]])
+    w = torch.rand(6, 2).bfloat16()
+    calls = []
+    real = kernels.bmoe
+    monkeypatch.setattr(kernels, "bmoe", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fused = ex(x, idx, w)
+        with kernels.use_kernels(False):
+            ref = ex(x, idx, w)
+        alone = ex(x[1:2], idx[1:2], w[1:2])
+    assert len(calls) == 2
+    torch.testing.assert_close(fused.float(), ref.float(), rtol=2**-7, atol=1e-2)
+    assert torch.equal(alone, fused[1:2])
+    ex.gate_up_proj.requires_grad_(True)
+    ex(x, idx, w)  # autograd: the torch path
+    assert len(calls) == 2
+    with pytest.raises(RuntimeError, match="out of range"):
+        real(x, torch.full((6, 2), 8), w, ex.gate_up_proj.detach(), ex.down_proj.detach())
