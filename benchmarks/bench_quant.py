@@ -77,34 +77,47 @@ def bytes_per_token(model) -> int:  # noqa: ANN001
     return total + cfg.hidden_size * 2
 
 
+ROUNDS = 3
+"""Timed segments per decode measurement; the best is reported (the machine's noise is up to +40%, MACHINE.md)."""
+
+
 def decode_ours(model, prompt_len: int, tokens: int) -> float:  # noqa: ANN001
-    """Batch-1 greedy decode tok/s through the engine (paged KV cache), prefill excluded."""
+    """Batch-1 greedy decode tok/s through the engine (paged KV cache), prefill excluded; best of ROUNDS
+    consecutive segments of ``tokens`` steps."""
     from ernie45.engine import LLMEngine, SamplingParams
 
-    eng = LLMEngine(model, max_num_seqs=1, kv_cache_memory="256MB", max_model_len=prompt_len + tokens + 8,
-                    enable_prefix_caching=False)
+    eng = LLMEngine(model, max_num_seqs=1, kv_cache_memory="256MB",
+                    max_model_len=prompt_len + ROUNDS * tokens + 8, enable_prefix_caching=False)
     prompt = torch.randint(3, model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1))
-    eng.add_request("r", prompt.tolist(), SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True))
+    eng.add_request("r", prompt.tolist(), SamplingParams(max_tokens=ROUNDS * tokens + 1, temperature=0,
+                                                         ignore_eos=True))
     eng.step()  # prefill + first token
-    t0, n = time.perf_counter(), 0
-    while eng.has_unfinished_requests():
-        n += sum(len(o.outputs[0].token_ids) > 0 for o in eng.step())
-    return n / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(ROUNDS):
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            eng.step()
+        rates.append(tokens / (time.perf_counter() - t0))
+    return max(rates)
 
 
 def decode_llama(path: str, prompt_len: int, tokens: int) -> float:
+    """llama.cpp's batch-1 decode tok/s on the same prompt length, best of ROUNDS segments."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=path, n_ctx=prompt_len + tokens + 16, n_threads=2, n_threads_batch=2, n_batch=64,
-                verbose=False)
-    ids = torch.randint(3, llm.n_vocab(), (prompt_len + tokens,), generator=torch.Generator().manual_seed(1))
+    llm = Llama(model_path=path, n_ctx=prompt_len + ROUNDS * tokens + 16, n_threads=2, n_threads_batch=2,
+                n_batch=64, verbose=False)
+    ids = torch.randint(3, llm.n_vocab(), (prompt_len + ROUNDS * tokens,), generator=torch.Generator().manual_seed(1))
     llm.eval(ids[:prompt_len].tolist())
-    t0 = time.perf_counter()
-    for t in ids[prompt_len:].tolist():
-        llm.eval([t])
-    rate = tokens / (time.perf_counter() - t0)
+    rates = []
+    for r in range(ROUNDS):
+        seg = ids[prompt_len + r * tokens:prompt_len + (r + 1) * tokens].tolist()
+        t0 = time.perf_counter()
+        for t in seg:
+            llm.eval([t])
+        rates.append(tokens / (time.perf_counter() - t0))
     llm.close()
-    return rate
+    return max(rates)
 
 
 # --------------------------------------------------------------------------------------------- GGUF
@@ -335,7 +348,8 @@ def main() -> None:
 
 
 def report(r: dict, args: argparse.Namespace) -> str:
-    lines = [f"Batch-1 greedy decode, {args.prompt}-token prompt, {args.tokens} timed steps, 2 threads. "
+    lines = [f"Batch-1 greedy decode, {args.prompt}-token prompt, best of {ROUNDS} segments of {args.tokens} steps "
+             f"(ours and llama.cpp alike), 2 threads. "
              "Roofline = measured DRAM read bandwidth / weight bytes read per token (ours).", ""]
     if "check" in r:
         lines.append(f"GGUF check (tiny model): llama.cpp logits vs ours, max relative difference "

@@ -221,6 +221,20 @@ def qgemm(x_MK: torch.Tensor, codes_NP: torch.Tensor, bits: int, scales_NG: torc
     return out
 
 
+def qgemm_ptrs(x_MK: torch.Tensor, n: int, codes: int, bits: int, scales: int, zeros: int | None, scales_bf16: int,
+               group: int) -> torch.Tensor:
+    """:func:`qgemm` for callers that own a checked span-layout weight (``QWeight``): raw addresses, no checks.
+    x must be a contiguous bf16/fp32 [M, K] CPU tensor with 0 < M."""
+    m, k = x_MK.shape
+    out = torch.empty(m, n, dtype=x_MK.dtype)
+    xb = int(x_MK.dtype == torch.bfloat16)
+    rc = _lib.ernie45_qgemm(x_MK.data_ptr(), xb, m, k, n, codes, bits, scales, zeros, scales_bf16, group,
+                            out.data_ptr(), xb, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"ernie45_qgemm rejected its arguments (code {rc})")
+    return out
+
+
 def qmoe(x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, bits: int,
          gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int],
          down: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]) -> torch.Tensor:
@@ -308,6 +322,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and k % 32 == 0 and weight.dim() == 2 and weight.is_contiguous() and x.shape[-1] == k
             and x.numel() <= BF16_MAX_ROWS * k and x.numel() > 0 and not needs_grad(x, weight)
             and library() is not None):
-        y = bgemm(x.reshape(-1, k), weight).reshape(*x.shape[:-1], weight.shape[0])
+        x2 = x.reshape(-1, k).contiguous()
+        n = weight.shape[0]
+        y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+        _lib.ernie45_bgemm(x2.data_ptr(), x2.shape[0], k, n, weight.data_ptr(), y.data_ptr(), 1,
+                           torch.get_num_threads())  # arguments checked above
+        y = y.reshape(*x.shape[:-1], n)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)

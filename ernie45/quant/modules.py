@@ -67,6 +67,7 @@ class QWeight(nn.Module):
             raise ValueError(f"{k} input features do not pack into whole bytes at {self.bits} bits")
         cpu = torch.device(device or "cpu").type in ("cpu", "meta")
         self._zero_free: bool | None = None  # all zeros 0 (symmetric): the kernel skips them; set lazily
+        self._ptrs: tuple | None = None  # the span kernel's pointers and strides; reset when buffers change
         if cpu and kernels.span_ok(k, self.bits, self.group) and kernels.available():
             self.layout = "span"
         elif cpu and self.bits == 8 and scheme.symmetric and self.group == k:
@@ -111,7 +112,7 @@ class QWeight(nn.Module):
     def set_stored(self, i: int | None, codes_NK: torch.Tensor, scales_NG: torch.Tensor, zeros_NG: torch.Tensor
                    ) -> None:
         """Store weight ``i`` from the portable form (codes [N, K] uint8, scales/zeros [N, G], middle-code)."""
-        self._zero_free = None
+        self._zero_free = self._ptrs = None
         if self.layout == "span":
             self._at("qweight", i).copy_(kernels.to_span(codes_NK, self.bits))
             self._at("scales", i).copy_(scales_NG)
@@ -163,10 +164,8 @@ class QWeight(nn.Module):
         x2 = x_TK.reshape(-1, self.k)
         rows = x2.shape[0]
         if self.layout == "span" and 0 < rows <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and kernels.available():
-            _, _, zeros, _ = self.kernel_args()
             xk = x2 if x2.dtype in (torch.bfloat16, torch.float32) else x2.float()
-            y = kernels.qgemm(xk, self._at("qweight", i), self.bits, self._at("scales", i),
-                              None if zeros is None else self._at("zeros", i), self.group).to(x_TK.dtype)
+            y = self._span_matmul(xk.contiguous(), 0 if i is None else i).to(x_TK.dtype)
         elif self.layout in ("int8", "int4") and rows <= KERNEL_MAX_ROWS and x2.device.type == "cpu":
             xk = x2.to(self.dtype).contiguous()
             if self.layout == "int8":
@@ -178,6 +177,26 @@ class QWeight(nn.Module):
         else:
             y = F.linear(x2, self.dequantize(i, x_TK.dtype))
         return y.reshape(*lead, self.n)
+
+    def _span_matmul(self, x_MK: torch.Tensor, i: int) -> torch.Tensor:
+        """The decode hot path: ``kernels.qgemm`` with the weight's pointers computed once (a call costs a few
+        microseconds of Python instead of ~20)."""
+        p = self._ptrs
+        if p is None:
+            _, scales, zeros, _ = self.kernel_args()
+            q = self.qweight
+            p = self._ptrs = (q.data_ptr(), q.stride(0) if q.dim() == 3 else 0, scales.data_ptr(),
+                              scales.stride(0) * scales.element_size() if scales.dim() == 3 else 0,
+                              0 if zeros is None else zeros.data_ptr(),
+                              0 if zeros is None or zeros.dim() == 2 else zeros.stride(0) * zeros.element_size(),
+                              int(scales.dtype == torch.bfloat16))
+        q0, qs, s0, ss, z0, zs, sb = p
+        return kernels.qgemm_ptrs(x_MK, self.n, q0 + i * qs, self.bits, s0 + i * ss, z0 + i * zs if z0 else None,
+                                  sb, self.group)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+        self._ptrs = None  # .to() / .cuda() / .float() may replace the buffers
+        return super()._apply(fn, recurse)
 
     def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
         """(codes, scales, zeros or None when all zero, group) of the span layout, for ``kernels.qmoe``."""
