@@ -182,9 +182,9 @@ class QWeight(nn.Module):
         """The decode hot path: ``kernels.qgemm`` with the weight's pointers computed once (a call costs a few
         microseconds of Python instead of ~20)."""
         p = self._ptrs
-        if p is None:
+        q = self.qweight
+        if p is None or p[0] != q.data_ptr():  # a deepcopy or unpickled module carries its original's pointers
             _, scales, zeros, _ = self.kernel_args()
-            q = self.qweight
             p = self._ptrs = (q.data_ptr(), q.stride(0) if q.dim() == 3 else 0, scales.data_ptr(),
                               scales.stride(0) * scales.element_size() if scales.dim() == 3 else 0,
                               0 if zeros is None else zeros.data_ptr(),

@@ -246,3 +246,17 @@ def test_fused_native_experts_equal_the_per_expert_path(scheme: TensorScheme, dt
     with pytest.raises(RuntimeError, match="out of range"):
         kernels.qmoe(x, torch.tensor([[9, 0]] * 7), w, qx.gate_up_proj.bits, qx.gate_up_proj.kernel_args(),
                      qx.down_proj.kernel_args())
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no native kernels")
+def test_deepcopy_of_a_used_quantized_linear_reads_its_own_weights() -> None:
+    """The span path caches raw pointers: a copy (or an unpickled module) must not read its original's memory."""
+    q = QuantLinear.from_linear(nn.Linear(256, 64, bias=False), TensorScheme(4, 128))
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        before = q(x)  # the pointers are cached now
+        twin = copy.deepcopy(q)
+        other = QuantLinear.from_linear(nn.Linear(256, 64, bias=False), TensorScheme(4, 128))
+        q.set_stored(None, *other.stored(None))  # the original changes in place
+        assert torch.equal(q(x), other(x))
+        assert torch.equal(twin(x), before)  # the copy still computes with its own weights
