@@ -37,7 +37,7 @@ import torch.nn.functional as F
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
 """/proc/cpuinfo flags the kernels are written for."""
-BF16_MAX_ROWS = 4
+BF16_MAX_ROWS = 16
 """Rows up to which :func:`bgemm` beats oneDNN's bf16 GEMM here (benchmarks/bench_kernels.py measures it)."""
 
 _lock = threading.Lock()

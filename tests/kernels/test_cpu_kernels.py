@@ -121,6 +121,16 @@ def test_bgemm_matches_fp64_reference(rows: int, k: int) -> None:
     assert (y.float() - (x.float() @ w.float().t()).bfloat16().float()).abs().max() <= ref.abs().max() * 2**-8
 
 
+def test_bgemm_rows_are_independent_of_their_batch() -> None:
+    """4x4 tiles (8+ rows) and single rows must sum each (weight row, x row) pair in the same order."""
+    w = torch.randn(70, 160).bfloat16()  # 70 rows: whole tiles and a remainder in each thread's share
+    x = torch.randn(13, 160).bfloat16()  # 13: three 4-row tiles and one row left
+    batch = kernels.bgemm(x, w)
+    for i in (0, 5, 12):
+        assert torch.equal(kernels.bgemm(x[i:i + 1], w), batch[i:i + 1])
+    torch.testing.assert_close(batch.double(), x.double() @ w.double().t(), rtol=2**-8, atol=1e-4)
+
+
 def test_linear_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = kernels._lib.ernie45_bgemm
