@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ernie45 import kernels
 from ernie45.config import ModelConfig
 from ernie45.model.checkpoint import parse_size
 from ernie45.utils import meminfo_bytes
@@ -70,6 +71,7 @@ class AttentionMetadata:
     num_decodes: int = 0
     """The first num_decodes sequences have query_len 1 and are batched together."""
     decode_mask: torch.Tensor | None = None   # [S_dec, 1, 1, L] bool: key position < context_len
+    decode_lens: torch.Tensor | None = None   # [S_dec] int64 context lengths, for the native decode attention
     prefill_masks: list[torch.Tensor | None] = field(default_factory=list)
 
     @classmethod
@@ -167,9 +169,15 @@ class KVCache:
             mask = meta.decode_mask                                 # [S, 1, 1, L]
             nb = mask.shape[-1] // self.block_size
             tables = meta.block_tables_SB[:sd, :nb]
-            keys = kc[tables].flatten(1, 2).transpose(1, 2)         # [S, K, L, D]
-            vals = vc[tables].flatten(1, 2).transpose(1, 2)
-            out_TND[:sd] = self._decode_attention(q_TND[:sd], keys, vals, mask[:, 0]).to(q_TND.dtype)
+            if kernels.decode_attention_ok(q_TND, kc):  # reads the cache in place (no gathered copy)
+                if meta.decode_lens is None:
+                    meta.decode_lens = torch.tensor(meta.context_lens[:sd], dtype=torch.int64)
+                o = kernels.decode_attention(q_TND[:sd], kc, vc, tables, meta.decode_lens, self.scale)
+                out_TND[:sd] = o.to(q_TND.dtype)
+            else:
+                keys = kc[tables].flatten(1, 2).transpose(1, 2)     # [S, K, L, D]
+                vals = vc[tables].flatten(1, 2).transpose(1, 2)
+                out_TND[:sd] = self._decode_attention(q_TND[:sd], keys, vals, mask[:, 0]).to(q_TND.dtype)
         start = sd
         for i, mask in enumerate(meta.prefill_masks):
             s = sd + i

@@ -109,6 +109,8 @@ def _build() -> ctypes.CDLL:
     lib.ernie45_qmoe.restype = i32
     lib.ernie45_bmoe.argtypes = [vp, i64, i64, i64, i64, vp, vp, i64, vp, vp, vp, i32]
     lib.ernie45_bmoe.restype = i32
+    lib.ernie45_decode_attn.argtypes = [vp, vp, vp, vp, i64, vp, i64, i64, i64, i64, i64, ctypes.c_float, vp, i32]
+    lib.ernie45_decode_attn.restype = i32
     lib.ernie45_qgemm_xblock.argtypes = [i64, i64]
     lib.ernie45_qgemm_xblock.restype = i32
     return lib
@@ -291,6 +293,34 @@ def bmoe(x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, gate_up_E
         raise RuntimeError(f"ernie45_bmoe rejected its arguments (code {rc}: "
                            f"{'an expert index out of range' if rc == -4 else 'shapes'})")
     return out.to(torch.bfloat16)
+
+
+def decode_attention_ok(q_SND: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether :func:`decode_attention` takes these (bf16 on CPU, head_dim a multiple of 16 up to 128, at most 8
+    query heads per kv head) and the kernels are available."""
+    n, d = q_SND.shape[1], q_SND.shape[2]
+    kv = k_cache.shape[2]
+    return (q_SND.dtype == k_cache.dtype == torch.bfloat16 and q_SND.device.type == "cpu" and d % 16 == 0
+            and d <= 128 and n % kv == 0 and n // kv <= 8 and library() is not None)
+
+
+def decode_attention(q_SND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables_SB: torch.Tensor,
+                     lens_S: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence over its paged cache ``[blocks, block_size, kv_heads, D]``, read in place through
+    the block table (no gathered copy of the keys), fp32 softmax; returns [S, N, D] fp32. Check
+    :func:`decode_attention_ok` first."""
+    s, n, d = q_SND.shape
+    q = q_SND.contiguous()
+    tables = tables_SB.to(torch.int64).contiguous()
+    lens = lens_S.to(torch.int64).contiguous()
+    out = torch.empty(s, n, d, dtype=torch.float32)
+    rc = _lib.ernie45_decode_attn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                                  tables.shape[1], lens.data_ptr(), s, n, k_cache.shape[2], d, k_cache.shape[1],
+                                  scale, out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"ernie45_decode_attn rejected its arguments (code {rc}: a context length outside "
+                           f"its block table, or the head shape)")
+    return out
 
 
 def bgemm(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
