@@ -81,43 +81,67 @@ ROUNDS = 3
 """Timed segments per decode measurement; the best is reported (the machine's noise is up to +40%, MACHINE.md)."""
 
 
-def decode_ours(model, prompt_len: int, tokens: int) -> float:  # noqa: ANN001
-    """Batch-1 greedy decode tok/s through the engine (paged KV cache), prefill excluded; best of ROUNDS
-    consecutive segments of ``tokens`` steps."""
-    from ernie45.engine import LLMEngine, SamplingParams
+class OursDecoder:
+    """Batch-1 greedy decode through the ernie45 engine (paged KV cache), timed in segments after the prefill."""
 
-    eng = LLMEngine(model, max_num_seqs=1, kv_cache_memory="256MB",
-                    max_model_len=prompt_len + ROUNDS * tokens + 8, enable_prefix_caching=False)
-    prompt = torch.randint(3, model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1))
-    eng.add_request("r", prompt.tolist(), SamplingParams(max_tokens=ROUNDS * tokens + 1, temperature=0,
-                                                         ignore_eos=True))
-    eng.step()  # prefill + first token
-    rates = []
-    for _ in range(ROUNDS):
+    def __init__(self, model, prompt_len: int, total: int) -> None:  # noqa: ANN001
+        from ernie45.engine import LLMEngine, SamplingParams
+
+        self.eng = LLMEngine(model, max_num_seqs=1, kv_cache_memory="256MB", max_model_len=prompt_len + total + 8,
+                             enable_prefix_caching=False)
+        prompt = torch.randint(3, model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1))
+        self.eng.add_request("r", prompt.tolist(), SamplingParams(max_tokens=total + 1, temperature=0,
+                                                                  ignore_eos=True))
+        self.eng.step()  # prefill + first token
+
+    def segment(self, n: int) -> float:
         t0 = time.perf_counter()
-        for _ in range(tokens):
-            eng.step()
-        rates.append(tokens / (time.perf_counter() - t0))
-    return max(rates)
+        for _ in range(n):
+            self.eng.step()
+        return n / (time.perf_counter() - t0)
 
 
-def decode_llama(path: str, prompt_len: int, tokens: int) -> float:
-    """llama.cpp's batch-1 decode tok/s on the same prompt length, best of ROUNDS segments."""
-    from llama_cpp import Llama
+class LlamaDecoder:
+    """llama.cpp's batch-1 decode (``Llama.eval`` one token at a time) on the same prompt length, in segments."""
 
-    llm = Llama(model_path=path, n_ctx=prompt_len + ROUNDS * tokens + 16, n_threads=2, n_threads_batch=2,
-                n_batch=64, verbose=False)
-    ids = torch.randint(3, llm.n_vocab(), (prompt_len + ROUNDS * tokens,), generator=torch.Generator().manual_seed(1))
-    llm.eval(ids[:prompt_len].tolist())
-    rates = []
-    for r in range(ROUNDS):
-        seg = ids[prompt_len + r * tokens:prompt_len + (r + 1) * tokens].tolist()
+    def __init__(self, path: str, prompt_len: int, total: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=path, n_ctx=prompt_len + total + 16, n_threads=2, n_threads_batch=2,
+                         n_batch=64, verbose=False)
+        self.ids = torch.randint(3, self.llm.n_vocab(), (prompt_len + total,),
+                                 generator=torch.Generator().manual_seed(1)).tolist()
+        self.llm.eval(self.ids[:prompt_len])
+        self.pos = prompt_len
+
+    def segment(self, n: int) -> float:
+        seg, self.pos = self.ids[self.pos:self.pos + n], self.pos + n
         t0 = time.perf_counter()
         for t in seg:
-            llm.eval([t])
-        rates.append(tokens / (time.perf_counter() - t0))
-    llm.close()
-    return max(rates)
+            self.llm.eval([t])
+        return n / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def head_to_head(model, gguf: str | None, prompt_len: int, tokens: int) -> dict:  # noqa: ANN001
+    """Ours and llama.cpp in alternating segments (ROUNDS each, the best of each kept), with the DRAM bandwidth
+    measured before and after (the higher one makes the roofline): the machine's bandwidth drifts over minutes,
+    so figures taken minutes apart do not make a ratio."""
+    bw = dram_bandwidth()
+    ours = OursDecoder(model, prompt_len, ROUNDS * tokens)
+    peer = LlamaDecoder(gguf, prompt_len, ROUNDS * tokens) if gguf else None
+    r_ours, r_peer = [], []
+    for _ in range(ROUNDS):
+        r_ours.append(ours.segment(tokens))
+        if peer:
+            r_peer.append(peer.segment(tokens))
+    if peer:
+        peer.close()
+    del ours
+    gc.collect()
+    return {"ours": max(r_ours), "peer": max(r_peer) if r_peer else None, "bandwidth": max(bw, dram_bandwidth())}
 
 
 # --------------------------------------------------------------------------------------------- GGUF
@@ -241,6 +265,11 @@ def real_shape(layers: int | None = None) -> ModelConfig:
 SMOKE = bool(os.environ.get("BENCH_QUANT_SMOKE"))
 
 
+PAIRS = (("int8", {}, "Q8_0"), ("int4", {}, "Q4_K_M"), ("int4-head4", {"head_bits": 4}, "Q4_K_M"),
+         ("int4-head4", {"head_bits": 4}, "Q4_0"))
+"""(our preset, its options, the llama.cpp type it runs against)."""
+
+
 def part_mid4l(tokens: int, prompt: int, work: str) -> dict:
     cfg = real_shape(4)
     ckpt, gguf_bf16 = os.path.join(work, "mid4l"), os.path.join(work, "mid4l-bf16.gguf")
@@ -250,24 +279,26 @@ def part_mid4l(tokens: int, prompt: int, work: str) -> dict:
     write_gguf(model, gguf_bf16)
     del model
     gc.collect()
-    out: dict = {"bandwidth": dram_bandwidth()}
-    for ftype in ("Q8_0", "Q4_K_M", "Q4_0"):
+    out: dict = {}
+    for ftype in sorted({p for _, _, p in PAIRS}):
         dst = os.path.join(work, f"mid4l-{ftype}.gguf")
         t0 = time.perf_counter()
         llama_quantize(gguf_bf16, dst, ftype)
         out[f"llama_{ftype}_quantize_s"] = time.perf_counter() - t0
         out[f"llama_{ftype}_bytes"] = os.path.getsize(dst)
-        out[f"llama_{ftype}"] = decode_llama(dst, prompt, tokens)
-        os.unlink(dst)
-    for quant, opts in (("int8", {}), ("int4", {}), ("int4-head4", {"head_bits": 4})):
-        t0 = time.perf_counter()
-        model = load_model(ckpt, quant=quant.split("-")[0], progress=False, **opts)
-        out[f"{quant}_load_s"] = time.perf_counter() - t0
-        out[f"{quant}_bytes"] = quantized_nbytes(model)
-        out[f"{quant}_bytes_per_token"] = bytes_per_token(model)
-        out[quant] = decode_ours(model, prompt, tokens)
-        del model
-        gc.collect()
+    os.unlink(gguf_bf16)
+    loaded = None
+    for quant, opts, ftype in PAIRS:
+        if loaded != quant:
+            model = None
+            gc.collect()
+            t0 = time.perf_counter()
+            model = load_model(ckpt, quant=quant.split("-")[0], progress=False, **opts)
+            out[f"{quant}_load_s"] = time.perf_counter() - t0
+            out[f"{quant}_bytes"] = quantized_nbytes(model)
+            out[f"{quant}_bytes_per_token"] = bytes_per_token(model)
+            loaded = quant
+        out[f"{quant}|{ftype}"] = head_to_head(model, os.path.join(work, f"mid4l-{ftype}.gguf"), prompt, tokens)
     return out
 
 
@@ -303,9 +334,9 @@ def part_full(tokens: int, prompt: int) -> dict:
                 for i in range(0, flat.numel(), pool.numel()):
                     n = min(pool.numel(), flat.numel() - i)
                     flat[i:i + n].copy_(pool[:n])
-    out = {"build_s": time.perf_counter() - t0, "bandwidth": dram_bandwidth(), "int4_bytes": quantized_nbytes(model),
+    out = {"build_s": time.perf_counter() - t0, "int4_bytes": quantized_nbytes(model),
            "int4_bytes_per_token": bytes_per_token(model)}
-    out["int4"] = decode_ours(model, prompt, tokens)
+    out["int4"] = head_to_head(model, None, prompt, tokens)
     return out
 
 
@@ -348,9 +379,9 @@ def main() -> None:
 
 
 def report(r: dict, args: argparse.Namespace) -> str:
-    lines = [f"Batch-1 greedy decode, {args.prompt}-token prompt, best of {ROUNDS} segments of {args.tokens} steps "
-             f"(ours and llama.cpp alike), 2 threads. "
-             "Roofline = measured DRAM read bandwidth / weight bytes read per token (ours).", ""]
+    lines = [f"Batch-1 greedy decode, {args.prompt}-token prompt, 2 threads; ours and llama.cpp in alternating "
+             f"segments of {args.tokens} steps, {ROUNDS} each, the best of each kept. Roofline = DRAM read bandwidth "
+             "(the higher of two measures, before and after the pair) / weight bytes ours reads per token.", ""]
     if "check" in r:
         lines.append(f"GGUF check (tiny model): llama.cpp logits vs ours, max relative difference "
                      f"{r['check']['max_rel_logit_diff']:.2e}.\n")
@@ -358,21 +389,23 @@ def report(r: dict, args: argparse.Namespace) -> str:
               "|---|---|---|---|---|---|---|---|"]
     if "mid4l" in r:
         m = r["mid4l"]
-        for quant, peer in (("int8", "Q8_0"), ("int4", "Q4_K_M"), ("int4-head4", "Q4_K_M"), ("int4-head4", "Q4_0")):
-            roof = m["bandwidth"] / m[f"{quant}_bytes_per_token"]
-            lines.append(f"| mid-4L | {quant} ({m[f'{quant}_bytes'] / 2**30:.2f} GiB) | {m[quant]:.1f} | {roof:.1f} | "
-                         f"{m[quant] / roof:.0%} | llama.cpp {peer} ({m[f'llama_{peer}_bytes'] / 2**30:.2f} GiB) | "
-                         f"{m[f'llama_{peer}']:.1f} | {m[quant] / m[f'llama_{peer}']:.2f} |")
+        for quant, _, peer in PAIRS:
+            h = m[f"{quant}|{peer}"]
+            roof = h["bandwidth"] / m[f"{quant}_bytes_per_token"]
+            lines.append(f"| mid-4L | {quant} ({m[f'{quant}_bytes'] / 2**30:.2f} GiB) | {h['ours']:.1f} | {roof:.1f} "
+                         f"({h['bandwidth'] / 1e9:.1f} GB/s) | {h['ours'] / roof:.0%} | llama.cpp {peer} "
+                         f"({m[f'llama_{peer}_bytes'] / 2**30:.2f} GiB) | {h['peer']:.1f} | "
+                         f"{h['ours'] / h['peer']:.2f} |")
     if "full" in r:
         f = r["full"]
-        roof = f["bandwidth"] / f["int4_bytes_per_token"]
-        lines.append(f"| 21B-A3B, 28 layers | int4 ({f['int4_bytes'] / 2**30:.2f} GiB) | {f['int4']:.1f} | "
-                     f"{roof:.1f} | {f['int4'] / roof:.0%} | - | - | - |")
+        h = f["int4"]
+        roof = h["bandwidth"] / f["int4_bytes_per_token"]
+        lines.append(f"| 21B-A3B, 28 layers | int4 ({f['int4_bytes'] / 2**30:.2f} GiB) | {h['ours']:.1f} | "
+                     f"{roof:.1f} ({h['bandwidth'] / 1e9:.1f} GB/s) | {h['ours'] / roof:.0%} | - | - | - |")
     lines.append("")
     for part, vals in r.items():
-        bw = vals.get("bandwidth")
-        extra = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in vals.items() if k != "bandwidth"}
-        lines.append(f"- {part}: " + (f"DRAM read {bw / 1e9:.1f} GB/s; " if bw else "") + json.dumps(extra))
+        extra = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in vals.items() if not isinstance(v, dict)}
+        lines.append(f"- {part}: " + json.dumps(extra))
     return "\n".join(lines)
 
 
