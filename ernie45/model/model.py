@@ -56,8 +56,7 @@ class ErnieModel(nn.Module):
             # Checkpoint layout: model.mtp_*.0.* ; the block is dense (index 0 < moe start).
             self.mtp_emb_norm = nn.ModuleList([RMSNorm(config.hidden_size, config.rms_norm_eps)])
             self.mtp_hidden_norm = nn.ModuleList([RMSNorm(config.hidden_size, config.rms_norm_eps)])
-            self.mtp_linear_proj = nn.ModuleList([Linear(2 * config.hidden_size, config.hidden_size,
-                                                            bias=False)])
+            self.mtp_linear_proj = nn.ModuleList([Linear(2 * config.hidden_size, config.hidden_size, bias=False)])
             # Its own cache slot (layer index L) so the engine can keep MTP keys apart from layer 0's.
             self.mtp_block = nn.ModuleList([DecoderLayer(config, config.num_hidden_layers, force_dense=True)])
         self.gradient_checkpointing = False
