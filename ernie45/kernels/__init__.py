@@ -7,13 +7,15 @@ for that case (oneDNN bf16 GEMV, the aten int8/int4 weight-only ops) reach half 
 - :func:`qgemm`: weight-only quantized matmul for 8/4/2-bit codes in the *span* layout (:func:`to_span`),
   activations quantized per 128 columns (64 for groups of 64: :func:`xblock`) to int8 and multiplied with
   AVX-512 VNNI;
-- :func:`bgemm`: bf16 x bf16 with AVX-512 BF16 dot products and fp32 accumulation.
+- :func:`bgemm`: bf16 x bf16 with AVX-512 BF16 dot products and fp32 accumulation;
+- :func:`qmoe` / :func:`bmoe`: a MoE layer's selected experts for a decode batch in one call;
+- :func:`decode_attention`: one query per sequence over the paged KV cache, read in place.
 
-The C file is compiled on first use with the system compiler (``$CC`` or ``gcc``, ``-O3 -march=native
--fopenmp``) into ``$ERNIE45_CACHE`` (default ``~/.cache/ernie45``), keyed by the source, the compiler and the
-CPU, and loaded with ctypes; its OpenMP threads are the ones torch already runs (one libgomp in the process).
-Without a compiler or without AVX-512 BF16/VNNI, :func:`available` is False and callers use torch's own ops:
-the same results up to rounding, only slower. ``ERNIE45_KERNELS=0`` turns the kernels off;
+The C file is compiled on first use (a few seconds, once) with the system compiler (``$CC`` or ``gcc``, ``-O3
+-march=native -fopenmp``) into ``$ERNIE45_CACHE`` (default ``~/.cache/ernie45``), keyed by the source, the
+compiler and the CPU, and loaded with ctypes; its OpenMP threads are the ones torch already runs (one libgomp
+in the process). Without a compiler or without AVX-512 BF16/VNNI, :func:`available` is False and callers use
+torch's own ops: the same results up to rounding, only slower. ``ERNIE45_KERNELS=0`` turns the kernels off;
 :func:`use_kernels` does it for a block of code (tests compare both paths with it).
 """
 
@@ -25,6 +27,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -91,6 +94,8 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
         os.close(fd)
         try:
+            print(f"ernie45: compiling the native CPU kernels into {so.parent} (once per machine, a few seconds)",
+                  file=sys.stderr, flush=True)
             res = subprocess.run([cc, *args, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
             if res.returncode:
                 raise RuntimeError(f"{cc} failed on {SOURCE.name}: {res.stderr.strip()[-800:]}")

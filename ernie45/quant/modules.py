@@ -18,11 +18,11 @@ bit-exactly.
 
 Decode (few rows) runs the kernels: they read 1, 0.5 or 0.25 byte per weight instead of 2. The span kernel
 quantizes the activations per 128 columns (64 for groups of 64) to int8 (as llama.cpp's Q8 activations; the
-rows stay independent, so a row's result does not depend on its batch); the aten kernels keep them in bf16.
-A span weight still computes where the kernels are off or absent (dequantize + GEMM), only slower. Prefill-size inputs are
-compute bound and the kernels are slow there, so above ``KERNEL_MAX_ROWS`` rows the weight is dequantized to
-the activation dtype and run by the ordinary GEMM. Shape suffixes: T rows (tokens), N out features, K in
-features, G groups.
+rows stay independent, so a row's result does not depend on its batch); the aten kernels keep them in bf16. A
+span weight still computes where the kernels are off or absent (dequantize + GEMM), only slower. Prefill-size
+inputs are compute bound and the kernels are slow there, so above ``KERNEL_MAX_ROWS`` rows the weight is
+dequantized to the activation dtype and run by the ordinary GEMM. Shape suffixes: T rows (tokens), N out
+features, K in features, G groups.
 """
 
 from __future__ import annotations
