@@ -285,6 +285,37 @@ int ernie45_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t N, co
 
 static inline float round_bf16(float v, int on) { return on ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
+// The MoE helpers shared by qmoe and bmoe. Rows of expert e: the (token, weight) pairs that picked it.
+static int64_t expert_rows(const int64_t* idx, const float* wts, int64_t T, int64_t k, int64_t e, int64_t* rows,
+                           float* wrow) {
+    int64_t n = 0;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t j = 0; j < k; j++)
+            if (idx[t * k + j] == e) { rows[n] = t; wrow[n] = wts[t * k + j]; n++; }
+    return n;
+}
+
+// silu(gate) * up from h [n, 2I] (gate columns first) into act [n, I] (bf16 bits or fp32), rounding as torch in bf16.
+static void swiglu_rows(const float* h, int64_t n, int64_t I, int bf16, float* act_f32, uint16_t* act_bf16) {
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t c = 0; c < I; c++) {
+            float g = round_bf16(h[r * 2 * I + c], bf16), u = round_bf16(h[r * 2 * I + I + c], bf16);
+            float a = round_bf16(round_bf16(g / (1.0f + expf(-g)), bf16) * u, bf16);
+            if (act_bf16) act_bf16[r * I + c] = f32_to_bf16(a);
+            else act_f32[r * I + c] = a;
+        }
+}
+
+// out[rows[r]] += w[r] * y[r], with the products rounded as torch rounds them in bf16; fp32 sum.
+static void scatter_rows(float* out, const int64_t* rows, const float* wrow, const float* y, int64_t n, int64_t H,
+                         int bf16) {
+    for (int64_t r = 0; r < n; r++) {
+        float* o = out + rows[r] * H;
+        const float wr = round_bf16(wrow[r], bf16);
+        for (int64_t c = 0; c < H; c++) o[c] += round_bf16(round_bf16(y[r * H + c], bf16) * wr, bf16);
+    }
+}
+
 // Routed experts of one MoE layer for T tokens (decode sizes), the quantized stacks in the span layout:
 //   out[t] += sum over t's k experts, ascending, of w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))
 // gate_up_e: [2I, H] (gate rows first), down_e: [H, I]; scales/zeros [E, rows, groups] in the scales' dtype.
@@ -314,19 +345,11 @@ int ernie45_qmoe(const void* x, int x_bf16, int64_t T, int64_t H, int64_t I, int
     }
     memset(out, 0, (size_t)(T * H) * sizeof(float));
     for (int64_t e = 0; e < E; e++) {
-        int64_t n = 0;
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t j = 0; j < k; j++)
-                if (idx[t * k + j] == e) { rows[n] = t; wrow[n] = wts[t * k + j]; n++; }
+        const int64_t n = expert_rows(idx, wts, T, k, e, rows, wrow);
         if (!n) continue;
         qact_matmul(&xa, rows, n, 2 * I, gu_w + e * (2 * I * H * bits / 8), bits, (const char*)gu_s + e * 2 * I * gu_ng * es,
                     gu_z ? (const char*)gu_z + e * 2 * I * gu_ng * es : NULL, s_bf16, h, 0, nthreads);
-        for (int64_t r = 0; r < n; r++)
-            for (int64_t c = 0; c < I; c++) {
-                float g = round_bf16(h[r * 2 * I + c], bf16), u = round_bf16(h[r * 2 * I + I + c], bf16);
-                float sg = round_bf16(g / (1.0f + expf(-g)), bf16);
-                act[r * I + c] = round_bf16(sg * u, bf16);
-            }
+        swiglu_rows(h, n, I, bf16, act, NULL);
         QAct aa;
         if (qact_init(&aa, act, 0, n, I, dn_group)) {
             free(rows); free(wrow); free(h); free(act); free(y); qact_free(&xa);
@@ -335,11 +358,7 @@ int ernie45_qmoe(const void* x, int x_bf16, int64_t T, int64_t H, int64_t I, int
         qact_matmul(&aa, NULL, n, H, dn_w + e * (H * I * bits / 8), bits, (const char*)dn_s + e * H * dn_ng * es,
                     dn_z ? (const char*)dn_z + e * H * dn_ng * es : NULL, s_bf16, y, 0, nthreads);
         qact_free(&aa);
-        for (int64_t r = 0; r < n; r++) {
-            float* o = out + rows[r] * H;
-            const float wr = round_bf16(wrow[r], bf16);
-            for (int64_t c = 0; c < H; c++) o[c] += round_bf16(round_bf16(y[r * H + c], bf16) * wr, bf16);
-        }
+        scatter_rows(out, rows, wrow, y, n, H, bf16);
     }
     free(rows); free(wrow); free(h); free(act); free(y); qact_free(&xa);
     return 0;
@@ -440,24 +459,13 @@ int ernie45_bmoe(const uint16_t* x, int64_t T, int64_t H, int64_t I, int64_t k, 
     }
     memset(out, 0, (size_t)(T * H) * sizeof(float));
     for (int64_t e = 0; e < E; e++) {
-        int64_t n = 0;
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t j = 0; j < k; j++)
-                if (idx[t * k + j] == e) { rows[n] = t; wrow[n] = wts[t * k + j]; n++; }
+        const int64_t n = expert_rows(idx, wts, T, k, e, rows, wrow);
         if (!n) continue;
         for (int64_t r = 0; r < n; r++) memcpy(xe + r * H, x + rows[r] * H, (size_t)H * sizeof(uint16_t));
         bmatmul(xe, n, H, 2 * I, gu + e * 2 * I * H, h, 0, nthreads);
-        for (int64_t r = 0; r < n; r++)
-            for (int64_t c = 0; c < I; c++) {
-                float g = round_bf16(h[r * 2 * I + c], 1), u = round_bf16(h[r * 2 * I + I + c], 1);
-                act[r * I + c] = f32_to_bf16(round_bf16(g / (1.0f + expf(-g)), 1) * u);
-            }
+        swiglu_rows(h, n, I, 1, NULL, act);
         bmatmul(act, n, I, H, dn + e * H * I, y, 0, nthreads);
-        for (int64_t r = 0; r < n; r++) {
-            float* o = out + rows[r] * H;
-            const float wr = round_bf16(wrow[r], 1);
-            for (int64_t c = 0; c < H; c++) o[c] += round_bf16(round_bf16(y[r * H + c], 1) * wr, 1);
-        }
+        scatter_rows(out, rows, wrow, y, n, H, 1);
     }
     free(rows); free(wrow); free(xe); free(h); free(act); free(y);
     return 0;
