@@ -137,31 +137,22 @@ static inline __attribute__((always_inline)) void qrow(
     const int64_t iters = nb / 4;
     for (int64_t it = 0; it < iters; it++) {
         const int64_t b0 = it * 4;
-        if (P == 4) {  // one span holds all four sub-blocks: load once, shift four ways
-            const __m512i v = _mm512_loadu_si512((const void*)(wr + it * 64));
-            const __m512i c0 = _mm512_and_si512(v, mask), c1 = _mm512_and_si512(_mm512_srli_epi16(v, BITS), mask);
-            const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(v, 2 * BITS), mask);
-            const __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(v, 3 * BITS), mask);
-            if (BPX == 2) {
-                XBLOCK(b0 / 2, c0, c1, 0);
-                XBLOCK(b0 / 2 + 1, c2, c3, 1);
-            } else {
-                XBLOCK(b0, c0, c0, 0);
-                XBLOCK(b0 + 1, c1, c1, 1);
-                XBLOCK(b0 + 2, c2, c2, 0);
-                XBLOCK(b0 + 3, c3, c3, 1);
-            }
+        // Sub-block j of this iteration: span it * (4 / P) + j / P, plane j % P (constants after unrolling, so
+        // each span is loaded once and shifted by immediates).
+#define ITCODES(j)                                                                                           \
+    (P == 1 ? _mm512_loadu_si512((const void*)(wr + (b0 + (j)) * 64))                                        \
+            : _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512((const void*)(wr + (it * (4 / P) + (j) / P) * 64)), \
+                                                 ((j) % P) * BITS), mask))
+        const __m512i c0 = ITCODES(0), c1 = ITCODES(1), c2 = ITCODES(2), c3 = ITCODES(3);
+#undef ITCODES
+        if (BPX == 2) {
+            XBLOCK(b0 / 2, c0, c1, 0);
+            XBLOCK(b0 / 2 + 1, c2, c3, 1);
         } else {
-            const __m512i c0 = CODES(b0), c1 = CODES(b0 + 1), c2 = CODES(b0 + 2), c3 = CODES(b0 + 3);
-            if (BPX == 2) {
-                XBLOCK(b0 / 2, c0, c1, 0);
-                XBLOCK(b0 / 2 + 1, c2, c3, 1);
-            } else {
-                XBLOCK(b0, c0, c0, 0);
-                XBLOCK(b0 + 1, c1, c1, 1);
-                XBLOCK(b0 + 2, c2, c2, 0);
-                XBLOCK(b0 + 3, c3, c3, 1);
-            }
+            XBLOCK(b0, c0, c0, 0);
+            XBLOCK(b0 + 1, c1, c1, 1);
+            XBLOCK(b0 + 2, c2, c2, 0);
+            XBLOCK(b0 + 3, c3, c3, 1);
         }
     }
     for (int64_t x = iters * 4 / BPX; x < nx; x++) {  // rows whose length is not a multiple of 256
