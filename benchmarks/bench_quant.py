@@ -305,8 +305,8 @@ def part_mid4l(tokens: int, prompt: int, work: str) -> dict:
 def part_full(tokens: int, prompt: int) -> dict:
     cfg = real_shape()
     t0 = time.perf_counter()
-    model = build_quantized(cfg, QuantConfig.from_name("int4"), torch.bfloat16)
-    with torch.no_grad():
+    model = fill_random(build_quantized(cfg, QuantConfig.from_name("int4"), torch.bfloat16))  # full-precision parts
+    with torch.no_grad():  # then the quantized buffers: random codes, scales giving weights ~ U(-0.02, 0.02)
         g = torch.Generator().manual_seed(0)
         for name, b in model.named_buffers():
             if b.dtype in (torch.uint8, torch.int8):
@@ -322,18 +322,6 @@ def part_full(tokens: int, prompt: int) -> dict:
                 b.fill_(0.02 / 127)
             elif name.endswith("zeros"):  # span/packed layouts of the asymmetric int4 preset
                 b.fill_(1e-3)
-            elif name.endswith("e_score_correction_bias"):
-                b.zero_()
-        fill_params = [(n, p) for n, p in model.named_parameters()]
-        pool = torch.randn(1 << 24, generator=g) * 0.02
-        for name, p in fill_params:
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                flat = p.view(-1)
-                for i in range(0, flat.numel(), pool.numel()):
-                    n = min(pool.numel(), flat.numel() - i)
-                    flat[i:i + n].copy_(pool[:n])
     out = {"build_s": time.perf_counter() - t0, "int4_bytes": quantized_nbytes(model),
            "int4_bytes_per_token": bytes_per_token(model)}
     out["int4"] = head_to_head(model, None, prompt, tokens)
