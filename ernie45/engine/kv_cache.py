@@ -161,8 +161,11 @@ class KVCache:
         assert meta is not None, "KVCache.attend() outside a step (meta is not set)"
         kc, vc = self.k[layer_idx], self.v[layer_idx]              # [NB, P, K, D]
         kflat, vflat = kc.view(-1, self.num_kv_heads, self.head_dim), vc.view(-1, self.num_kv_heads, self.head_dim)
-        kflat.index_copy_(0, meta.slot_mapping_T, k_TKD.to(kc.dtype))
-        vflat.index_copy_(0, meta.slot_mapping_T, v_TKD.to(vc.dtype))
+        if k_TKD.dtype == kc.dtype == torch.bfloat16 and kc.device.type == "cpu" and kernels.available():
+            kernels.kv_write(k_TKD, v_TKD, kc, vc, meta.slot_mapping_T)  # one call, no dispatcher round trips
+        else:
+            kflat.index_copy_(0, meta.slot_mapping_T, k_TKD.to(kc.dtype))
+            vflat.index_copy_(0, meta.slot_mapping_T, v_TKD.to(vc.dtype))
         out_TND = torch.empty_like(q_TND)
         sd = meta.num_decodes
         if sd:

@@ -47,7 +47,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Run one step. Returns the sequences that sample and their logits ``[R, V]`` (fp32)."""
+        """Run one step. Returns the sequences that sample and their logits ``[R, V]`` (the model's dtype: the
+        sampler takes them to fp32 where it needs to; a greedy batch takes the argmax as they are)."""
         input_ids, pos, meta, rows, sample_seqs = self.prepare(scheduled)
         self.kv.meta = meta
         try:
@@ -56,4 +57,4 @@ class ModelRunner:
                              compute_logits=bool(rows))
         finally:
             self.kv.meta = None
-        return sample_seqs, (out.logits.float() if rows else None)
+        return sample_seqs, (out.logits if rows else None)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ernie45 import kernels
 from ernie45.engine.sequence import Sequence
 
 
@@ -84,13 +85,24 @@ def truncate(logits_SV: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     return logits_SV
 
 
+def _plain_greedy(q: Sequence) -> bool:
+    """Greedy, no logprobs, no penalties, no stop ids masked for min_tokens: the token is the argmax."""
+    p = q.params
+    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1 and not p.presence_penalty
+            and not p.frequency_penalty
+            and not (q.num_output_tokens < p.min_tokens and q.state is not None and q.state.sampling.stop_ids))
+
+
 class Sampler:
     """``sampler(logits [S, V], seqs) -> (token ids, per-row logprob dicts or None)``."""
 
     def __call__(self, logits_SV: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
+        params = [q.params for q in seqs]
+        if logits_SV.device.type == "cpu" and all(_plain_greedy(q) for q in seqs) and kernels.available():
+            # Argmax of the raw logits: the same token as below (bf16 -> fp32 is exact, first index on ties).
+            return kernels.argmax(logits_SV).tolist(), [None] * len(seqs)
         logits_SV = logits_SV.float()
         dev = logits_SV.device
-        params = [q.params for q in seqs]
         want_lp = [p.logprobs for p in params]
         raw_SV = logits_SV.log_softmax(-1) if any(k is not None for k in want_lp) else None
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):

@@ -87,7 +87,7 @@ def _build() -> ctypes.CDLL:
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} not found; install gcc or set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    args = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-lm"]
+    args = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11", "-lm"]
     key = hashlib.sha256("\n".join([SOURCE.read_text(), *version, model, " ".join(sorted(flags)), *args]).encode())
     so = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not so.exists():
@@ -116,6 +116,13 @@ def _build() -> ctypes.CDLL:
     lib.ernie45_bmoe.restype = i32
     lib.ernie45_decode_attn.argtypes = [vp, vp, vp, vp, i64, vp, i64, i64, i64, i64, i64, ctypes.c_float, vp, i32]
     lib.ernie45_decode_attn.restype = i32
+    lib.ernie45_rmsnorm.argtypes = [vp, vp, vp, i64, i64, ctypes.c_float]
+    lib.ernie45_rope.argtypes = [vp, i64, i64, i64, vp, vp]
+    lib.ernie45_router.argtypes = [vp, i32, vp, vp, i64, i64, i64, i64, ctypes.c_float, vp, vp, vp, i32, i32]
+    lib.ernie45_kv_write.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64]
+    lib.ernie45_argmax.argtypes = [vp, i32, i64, i64, vp]
+    for f in (lib.ernie45_rmsnorm, lib.ernie45_rope, lib.ernie45_router, lib.ernie45_kv_write, lib.ernie45_argmax):
+        f.restype = i32
     lib.ernie45_qgemm_xblock.argtypes = [i64, i64]
     lib.ernie45_qgemm_xblock.restype = i32
     return lib
@@ -365,3 +372,100 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = y.reshape(*x.shape[:-1], n)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
+
+
+# ------------------------------------------------------------------------------------ small decode ops
+SMALL_MAX_ROWS = 16
+"""Rows (tokens) up to which the per-layer elementwise ops of a decode step run natively: each is one call
+instead of 8-15 torch ops, which at batch 1 cost more than the matmuls of a small layer's norms and rotations."""
+
+
+def _need() -> ctypes.CDLL:
+    lib = _lib if _lib is not None else library()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {why_unavailable()}")
+    return lib
+
+
+def small_ok(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether a decode-size bf16 CPU tensor (at most SMALL_MAX_ROWS rows of its last dim) can take the small native
+    ops below: inference only (no autograd through x or ``params``), kernels available."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and 0 < x.numel() <= SMALL_MAX_ROWS * x.shape[-1]
+            and not needs_grad(x, *params) and _enabled and library() is not None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``RMSNorm`` of bf16 x with a bf16 weight: ``bf16(w * bf16(x / sqrt(mean(x^2) + eps)))`` per row (the module's
+    roundings; the sum of squares in another order). Check :func:`small_ok` first; needs hidden % 16 == 0."""
+    h = x.shape[-1]
+    if weight.dtype != torch.bfloat16 or weight.shape != (h,) or h % 16:
+        raise ValueError(f"rms_norm takes a bf16 weight of shape ({h},) with {h} % 16 == 0, got "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _need().ernie45_rmsnorm(x.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), x.numel() // h, h, eps)
+    return out
+
+
+def rope_(x_TND: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE in place on a contiguous bf16 ``x [T, N, D]`` (pairs (2i, 2i+1)) with fp32 ``cos/sin
+    [T, D/2]``; the same bits as ``model.layers.apply_rope``. Returns x."""
+    t, n, d = x_TND.shape
+    if (not x_TND.is_contiguous() or x_TND.dtype != torch.bfloat16 or cos_TF.shape != (t, d // 2)
+            or sin_TF.shape != (t, d // 2) or cos_TF.dtype != torch.float32 or sin_TF.dtype != torch.float32):
+        raise ValueError(f"rope_ takes a contiguous bf16 x [T, N, D] and fp32 cos/sin [T, D/2]; got x "
+                         f"{tuple(x_TND.shape)} {x_TND.dtype}, cos {tuple(cos_TF.shape)} {cos_TF.dtype}")
+    c, s = cos_TF.contiguous(), sin_TF.contiguous()
+    _need().ernie45_rope(x_TND.data_ptr(), t, n, d, c.data_ptr(), s.data_ptr())
+    return x_TND
+
+
+def router(x_TH: torch.Tensor, weight_EH: torch.Tensor, bias_E: torch.Tensor, k: int, norm_min: float
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MoE router (``model.moe.Router.forward``) in one call: fp32 logits and softmax, top-k of probs + bias,
+    weights renormalised over the k and returned in x's dtype. Returns (probs_TE fp32, w_TK, idx_TK int64)."""
+    t, h = x_TH.shape
+    e = weight_EH.shape[0]
+    if (x_TH.dtype not in _OUT_DTYPES or weight_EH.dtype != torch.float32 or bias_E.dtype != torch.float32
+            or weight_EH.shape != (e, h) or bias_E.shape != (e,) or h % 16 or not 0 < k <= e):
+        raise ValueError(f"router takes x [T, H] bf16/fp32, an fp32 weight [E, H] and bias [E], H % 16 == 0, "
+                         f"0 < k <= E; got x {tuple(x_TH.shape)} {x_TH.dtype}, weight {tuple(weight_EH.shape)} "
+                         f"{weight_EH.dtype}, bias {tuple(bias_E.shape)}, k={k}")
+    x, w, b = x_TH.contiguous(), weight_EH.contiguous(), bias_E.contiguous()
+    probs = torch.empty(t, e, dtype=torch.float32)
+    idx = torch.empty(t, k, dtype=torch.int64)
+    wk = torch.empty(t, k, dtype=x.dtype)
+    _need().ernie45_router(x.data_ptr(), int(x.dtype == torch.bfloat16), w.data_ptr(), b.data_ptr(), t, h, e, k,
+                        norm_min, probs.data_ptr(), idx.data_ptr(), wk.data_ptr(), int(wk.dtype == torch.bfloat16),
+                        torch.get_num_threads())
+    return probs, wk, idx
+
+
+def kv_write(k_TKD: torch.Tensor, v_TKD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots_T: torch.Tensor) -> None:
+    """``cache.view(-1, K, D)[slots] = k/v`` for bf16 tensors (the caches contiguous, slots int64)."""
+    if not (k_TKD.dtype == v_TKD.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and slots_T.dtype == torch.int64
+            and k_TKD.shape == v_TKD.shape and k_TKD.shape[1:] == k_cache.shape[2:] and v_cache.shape == k_cache.shape
+            and slots_T.shape == k_TKD.shape[:1]):
+        raise ValueError(f"kv_write takes bf16 k/v [T, K, D] matching caches [blocks, P, K, D] and int64 slots [T]; "
+                         f"got k {tuple(k_TKD.shape)} {k_TKD.dtype}, cache {tuple(k_cache.shape)} {k_cache.dtype}, "
+                         f"slots {tuple(slots_T.shape)} {slots_T.dtype}")
+    k, v, s = k_TKD.contiguous(), v_TKD.contiguous(), slots_T.contiguous()
+    row = k.shape[1] * k.shape[2]
+    rc = _need().ernie45_kv_write(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), s.data_ptr(),
+                               k.shape[0], row, k_cache.numel() // row)
+    if rc:
+        raise IndexError(f"kv_write: a slot in {s.tolist()} is outside the cache's {k_cache.numel() // row} slots")
+
+
+def argmax(x_SV: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` for a bf16/fp32 CPU [S, V] (first index on ties, NaN counts as largest), vectorised: torch's
+    is ~10x slower over a 103k vocabulary. Returns int64 [S]."""
+    s, v = x_SV.shape
+    if x_SV.dtype not in _OUT_DTYPES or x_SV.device.type != "cpu" or v < 1:
+        raise ValueError(f"argmax takes a bf16/fp32 CPU [S, V] with V > 0, got {tuple(x_SV.shape)} {x_SV.dtype}")
+    x = x_SV.contiguous()
+    out = torch.empty(s, dtype=torch.int64)
+    _need().ernie45_argmax(x.data_ptr(), int(x.dtype == torch.bfloat16), s, v, out.data_ptr())
+    return out

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ernie45 import kernels
 from ernie45.config import ModelConfig
 from ernie45.model.layers import Linear, apply_rope
 
@@ -64,8 +65,11 @@ class Attention(nn.Module):
         q = self.q_proj(x_BTH).view(b, t, -1, self.head_dim)  # [B, T, N, D]
         k = self.k_proj(x_BTH).view(b, t, -1, self.head_dim)  # [B, T, K, D]
         v = self.v_proj(x_BTH).view(b, t, -1, self.head_dim)
-        # cos/sin: [B, T, D/2] -> broadcast over heads
-        q, k = apply_rope(q, cos[:, :, None], sin[:, :, None]), apply_rope(k, cos[:, :, None], sin[:, :, None])
+        if b == 1 and cos.dtype == torch.float32 and kernels.small_ok(x_BTH, q, k):  # decode: in place, the same bits
+            kernels.rope_(q[0], cos[0], sin[0])
+            kernels.rope_(k[0], cos[0], sin[0])
+        else:  # cos/sin: [B, T, D/2] -> broadcast over heads
+            q, k = apply_rope(q, cos[:, :, None], sin[:, :, None]), apply_rope(k, cos[:, :, None], sin[:, :, None])
         if cache is not None:
             if b != 1:
                 raise ValueError("the cache path takes the batch flattened into one row: [1, T]")

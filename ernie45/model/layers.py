@@ -22,6 +22,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and kernels.small_ok(x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps)  # decode sizes: one native call, the same roundings
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
