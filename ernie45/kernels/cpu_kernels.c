@@ -233,29 +233,34 @@ static int qact_init(QAct* a, const void* x, int x_bf16, int64_t M, int64_t K, i
     return 0;
 }
 
-// out[i, :] = x[xrow[i], :] @ W^T for i < rows (xrow NULL: the identity), threads over W's rows.
-static void qact_matmul(const QAct* a, const int64_t* xrow, int64_t rows, int64_t N, const uint8_t* w, int bits,
-                        const void* scales, const void* zeros, int s_bf16, void* out, int out_bf16, int nthreads) {
+// out[i, n] = x[xrow[i], :] . W[n, :] for i < rows (xrow NULL: the identity) and n0 <= n < n1 (out's row stride N).
+static void qact_rows(const QAct* a, const int64_t* xrow, int64_t rows, int64_t N, const uint8_t* w, int bits,
+                      const void* scales, const void* zeros, int s_bf16, void* out, int out_bf16, int64_t n0, int64_t n1) {
     const int64_t M = rows, K = a->K, ng = a->ng;
     const int8_t* xq = a->xq;
     const float *sx = a->sx, *xsum_g = a->xsum_g;
     const int32_t* gidx = a->gidx;
+    if (n0 >= n1) return;
+#define QROWS(B, SB, BPX) \
+    qrows(w, B, SB, BPX, n0, n1, M, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
+#define QBITS(SB, BPX) do { if (bits == 4) QROWS(4, SB, BPX); else if (bits == 8) QROWS(8, SB, BPX); else QROWS(2, SB, BPX); } while (0)
+    if (s_bf16) {
+        if (a->XB == 128) QBITS(1, 2); else QBITS(1, 1);
+    } else {
+        if (a->XB == 128) QBITS(0, 2); else QBITS(0, 1);
+    }
+#undef QBITS
+#undef QROWS
+}
+
+// The whole of W, threads over its rows.
+static void qact_matmul(const QAct* a, const int64_t* xrow, int64_t rows, int64_t N, const uint8_t* w, int bits,
+                        const void* scales, const void* zeros, int s_bf16, void* out, int out_bf16, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int64_t chunk = (N + nt - 1) / nt, n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-        if (n0 < n1) {
-#define QROWS(B, SB, BPX) \
-    qrows(w, B, SB, BPX, n0, n1, M, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
-#define QBITS(SB, BPX) do { if (bits == 4) QROWS(4, SB, BPX); else if (bits == 8) QROWS(8, SB, BPX); else QROWS(2, SB, BPX); } while (0)
-            if (s_bf16) {
-                if (a->XB == 128) QBITS(1, 2); else QBITS(1, 1);
-            } else {
-                if (a->XB == 128) QBITS(0, 2); else QBITS(0, 1);
-            }
-#undef QBITS
-#undef QROWS
-        }
+        qact_rows(a, xrow, rows, N, w, bits, scales, zeros, s_bf16, out, out_bf16, n0, n1);
     }
 }
 
@@ -312,6 +317,9 @@ static void scatter_rows(float* out, const int64_t* rows, const float* wrow, con
 // gate_up_e: [2I, H] (gate rows first), down_e: [H, I]; scales/zeros [E, rows, groups] in the scales' dtype.
 // With bf16 = 1 every intermediate is rounded to bf16 where the unfused torch path rounds (matmul outputs,
 // silu, the product, the weighting); out is fp32 [T, H] (the fp32 sum the torch path also uses), zeroed here.
+// One parallel region for the layer: the gate_up rows of all selected experts are split evenly over the threads,
+// then the SwiGLU, then the down rows, then the weighted sum by column ranges (each column summed in the same
+// order as a serial loop: experts ascending, rows in token order).
 int ernie45_qmoe(const void* x, int x_bf16, int64_t T, int64_t H, int64_t I, int64_t k, const int64_t* idx,
                  const float* wts, int64_t E, int bits, int s_bf16, const uint8_t* gu_w, const void* gu_s,
                  const void* gu_z, int64_t gu_group, const uint8_t* dn_w, const void* dn_s, const void* dn_z,
@@ -321,38 +329,71 @@ int ernie45_qmoe(const void* x, int x_bf16, int64_t T, int64_t H, int64_t I, int
         if (idx[j] < 0 || idx[j] >= E) return -4;
     if (nthreads < 1) nthreads = 1;
     const size_t es = s_bf16 ? 2 : 4;
-    const int64_t gu_ng = H / gu_group, dn_ng = I / dn_group;
+    const int64_t gu_ng = H / gu_group, dn_ng = I / dn_group, S = T * k;  // S: (token, expert) pairs
     QAct xa;
     if (qact_init(&xa, x, x_bf16, T, H, gu_group)) return -3;
-    const int64_t S = T * k;  // an expert can hold up to T * k rows if an index repeats within a token
-    int64_t* rows = (int64_t*)malloc((size_t)S * sizeof(int64_t));
+    int64_t* rows = (int64_t*)malloc((size_t)S * sizeof(int64_t));   // grouped by expert, ascending
     float* wrow = (float*)malloc((size_t)S * sizeof(float));
+    int64_t* ex = (int64_t*)malloc((size_t)(3 * S) * sizeof(int64_t));  // per selected expert: id, first pair, count
     float* h = (float*)malloc((size_t)(S * 2 * I) * sizeof(float));
     float* act = (float*)malloc((size_t)(S * I) * sizeof(float));
     float* y = (float*)malloc((size_t)(S * H) * sizeof(float));
-    if (!rows || !wrow || !h || !act || !y) {
-        free(rows); free(wrow); free(h); free(act); free(y); qact_free(&xa);
+    QAct* aa = (QAct*)calloc((size_t)S, sizeof(QAct));
+    if (!rows || !wrow || !ex || !h || !act || !y || !aa) {
+        free(rows); free(wrow); free(ex); free(h); free(act); free(y); free(aa); qact_free(&xa);
         return -3;
     }
-    memset(out, 0, (size_t)(T * H) * sizeof(float));
+    int64_t na = 0, off = 0;
     for (int64_t e = 0; e < E; e++) {
-        const int64_t n = expert_rows(idx, wts, T, k, e, rows, wrow);
-        if (!n) continue;
-        qact_matmul(&xa, rows, n, 2 * I, gu_w + e * (2 * I * H * bits / 8), bits, (const char*)gu_s + e * 2 * I * gu_ng * es,
-                    gu_z ? (const char*)gu_z + e * 2 * I * gu_ng * es : NULL, s_bf16, h, 0, nthreads);
-        swiglu_rows(h, n, I, bf16, act, NULL);
-        QAct aa;
-        if (qact_init(&aa, act, 0, n, I, dn_group)) {
-            free(rows); free(wrow); free(h); free(act); free(y); qact_free(&xa);
-            return -3;
-        }
-        qact_matmul(&aa, NULL, n, H, dn_w + e * (H * I * bits / 8), bits, (const char*)dn_s + e * H * dn_ng * es,
-                    dn_z ? (const char*)dn_z + e * H * dn_ng * es : NULL, s_bf16, y, 0, nthreads);
-        qact_free(&aa);
-        scatter_rows(out, rows, wrow, y, n, H, bf16);
+        const int64_t n = expert_rows(idx, wts, T, k, e, rows + off, wrow + off);
+        if (n) { ex[3 * na] = e; ex[3 * na + 1] = off; ex[3 * na + 2] = n; na++; off += n; }
     }
-    free(rows); free(wrow); free(h); free(act); free(y); qact_free(&xa);
-    return 0;
+    int bad = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        // gate_up: the rows [0, na * 2I) of the selected experts' stacked weights, a contiguous share per thread
+        const int64_t gn = na * 2 * I, gc = (gn + nt - 1) / nt, g0 = t * gc, g1 = g0 + gc < gn ? g0 + gc : gn;
+        for (int64_t j = 0; j < na; j++) {
+            const int64_t lo = j * 2 * I, n0 = g0 > lo ? g0 - lo : 0, n1 = g1 - lo < 2 * I ? g1 - lo : 2 * I;
+            const int64_t e = ex[3 * j], o = ex[3 * j + 1];
+            qact_rows(&xa, rows + o, ex[3 * j + 2], 2 * I, gu_w + e * (2 * I * H * bits / 8), bits,
+                      (const char*)gu_s + e * 2 * I * gu_ng * es, gu_z ? (const char*)gu_z + e * 2 * I * gu_ng * es : NULL,
+                      s_bf16, h + o * 2 * I, 0, n0, n1);
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < na; j++) {
+            const int64_t o = ex[3 * j + 1], n = ex[3 * j + 2];
+            swiglu_rows(h + o * 2 * I, n, I, bf16, act + o * I, NULL);
+            if (qact_init(&aa[j], act + o * I, 0, n, I, dn_group)) {
+#pragma omp atomic write
+                bad = 1;
+            }
+        }
+        if (!bad) {
+            const int64_t dn = na * H, dc = (dn + nt - 1) / nt, d0 = t * dc, d1 = d0 + dc < dn ? d0 + dc : dn;
+            for (int64_t j = 0; j < na; j++) {
+                const int64_t lo = j * H, n0 = d0 > lo ? d0 - lo : 0, n1 = d1 - lo < H ? d1 - lo : H;
+                const int64_t e = ex[3 * j], o = ex[3 * j + 1];
+                qact_rows(&aa[j], NULL, ex[3 * j + 2], H, dn_w + e * (H * I * bits / 8), bits,
+                          (const char*)dn_s + e * H * dn_ng * es, dn_z ? (const char*)dn_z + e * H * dn_ng * es : NULL,
+                          s_bf16, y + o * H, 0, n0, n1);
+            }
+#pragma omp barrier
+            const int64_t cc = (H + nt - 1) / nt, c0 = t * cc, c1 = c0 + cc < H ? c0 + cc : H;
+            for (int64_t tt = 0; tt < T; tt++)
+                for (int64_t c = c0; c < c1; c++) out[tt * H + c] = 0.0f;
+            for (int64_t p = 0; p < off; p++) {  // pairs in ascending expert order
+                float* orow = out + rows[p] * H;
+                const float wr = round_bf16(wrow[p], bf16);
+                for (int64_t c = c0; c < c1; c++) orow[c] += round_bf16(round_bf16(y[p * H + c], bf16) * wr, bf16);
+            }
+        }
+    }
+    for (int64_t j = 0; j < na; j++) qact_free(&aa[j]);
+    free(rows); free(wrow); free(ex); free(h); free(act); free(y); free(aa); qact_free(&xa);
+    return bad ? -3 : 0;
 }
 
 // ------------------------------------------------------------------------------------------ bf16 x bf16
