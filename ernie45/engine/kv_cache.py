@@ -72,6 +72,7 @@ class AttentionMetadata:
     """The first num_decodes sequences have query_len 1 and are batched together."""
     decode_mask: torch.Tensor | None = None   # [S_dec, 1, 1, L] bool: key position < context_len
     decode_lens: torch.Tensor | None = None   # [S_dec] int64 context lengths, for the native decode attention
+    decode_tables: torch.Tensor | None = None  # [S_dec, B_dec] int64 contiguous block tables, for the same
     prefill_masks: list[torch.Tensor | None] = field(default_factory=list)
 
     @classmethod
@@ -166,16 +167,22 @@ class KVCache:
         else:
             kflat.index_copy_(0, meta.slot_mapping_T, k_TKD.to(kc.dtype))
             vflat.index_copy_(0, meta.slot_mapping_T, v_TKD.to(vc.dtype))
-        out_TND = torch.empty_like(q_TND)
         sd = meta.num_decodes
+        native = sd > 0 and kernels.decode_attention_ok(q_TND, kc)  # reads the cache in place (no gathered copy)
+        if native and meta.decode_tables is None:  # once per step, for all layers
+            nb = meta.decode_mask.shape[-1] // self.block_size
+            meta.decode_tables = meta.block_tables_SB[:sd, :nb].contiguous()
+            meta.decode_lens = torch.tensor(meta.context_lens[:sd], dtype=torch.int64)
+        if native and sd == q_TND.shape[0]:  # a decode-only step: the kernel's output is the whole result
+            return kernels.decode_attention(q_TND, kc, vc, meta.decode_tables, meta.decode_lens, self.scale,
+                                            q_TND.dtype)
+        out_TND = torch.empty_like(q_TND)
         if sd:
             mask = meta.decode_mask                                 # [S, 1, 1, L]
             nb = mask.shape[-1] // self.block_size
             tables = meta.block_tables_SB[:sd, :nb]
-            if kernels.decode_attention_ok(q_TND, kc):  # reads the cache in place (no gathered copy)
-                if meta.decode_lens is None:
-                    meta.decode_lens = torch.tensor(meta.context_lens[:sd], dtype=torch.int64)
-                o = kernels.decode_attention(q_TND[:sd], kc, vc, tables, meta.decode_lens, self.scale)
+            if native:
+                o = kernels.decode_attention(q_TND[:sd], kc, vc, meta.decode_tables, meta.decode_lens, self.scale)
                 out_TND[:sd] = o.to(q_TND.dtype)
             else:
                 keys = kc[tables].flatten(1, 2).transpose(1, 2)     # [S, K, L, D]

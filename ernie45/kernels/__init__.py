@@ -114,7 +114,7 @@ def _build() -> ctypes.CDLL:
     lib.ernie45_qmoe.restype = i32
     lib.ernie45_bmoe.argtypes = [vp, i64, i64, i64, i64, vp, vp, i64, vp, vp, vp, i32]
     lib.ernie45_bmoe.restype = i32
-    lib.ernie45_decode_attn.argtypes = [vp, vp, vp, vp, i64, vp, i64, i64, i64, i64, i64, ctypes.c_float, vp, i32]
+    lib.ernie45_decode_attn.argtypes = [vp, vp, vp, vp, i64, vp, i64, i64, i64, i64, i64, ctypes.c_float, vp, i32, i32]
     lib.ernie45_decode_attn.restype = i32
     lib.ernie45_rmsnorm.argtypes = [vp, vp, vp, i64, i64, ctypes.c_float]
     lib.ernie45_rope.argtypes = [vp, i64, i64, i64, vp, vp]
@@ -317,18 +317,20 @@ def decode_attention_ok(q_SND: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 def decode_attention(q_SND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables_SB: torch.Tensor,
-                     lens_S: torch.Tensor, scale: float) -> torch.Tensor:
+                     lens_S: torch.Tensor, scale: float, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One query per sequence over its paged cache ``[blocks, block_size, kv_heads, D]``, read in place through
-    the block table (no gathered copy of the keys), fp32 softmax; returns [S, N, D] fp32. Check
-    :func:`decode_attention_ok` first."""
+    the block table (no gathered copy of the keys), fp32 softmax; returns [S, N, D] in ``out_dtype`` (fp32, or
+    bf16 rounded once at the end). Check :func:`decode_attention_ok` first."""
     s, n, d = q_SND.shape
     q = q_SND.contiguous()
     tables = tables_SB.to(torch.int64).contiguous()
     lens = lens_S.to(torch.int64).contiguous()
-    out = torch.empty(s, n, d, dtype=torch.float32)
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"decode_attention writes fp32 or bf16, not {out_dtype}")
+    out = torch.empty(s, n, d, dtype=out_dtype)
     rc = _lib.ernie45_decode_attn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
                                   tables.shape[1], lens.data_ptr(), s, n, k_cache.shape[2], d, k_cache.shape[1],
-                                  scale, out.data_ptr(), torch.get_num_threads())
+                                  scale, out.data_ptr(), int(out_dtype == torch.bfloat16), torch.get_num_threads())
     if rc:
         raise RuntimeError(f"ernie45_decode_attn rejected its arguments (code {rc}: a context length outside "
                            f"its block table, or the head shape)")

@@ -506,10 +506,11 @@ int ernie45_bmoe(const uint16_t* x, int64_t T, int64_t H, int64_t I, int64_t k, 
 // ------------------------------------------------------------------------------------- decode attention
 // One query token per sequence over its paged KV cache, read in place through the block table (no gather):
 //   out[s, h, :] = softmax_l(scale * q[s, h] . k[s, l, h / G]) @ v[s, l, h / G],   l < context_len[s]
-// q [S, N, D], caches [blocks, P, KV, D] (bf16), block_tables [S, B] int64, out [S, N, D] fp32; fp32 throughout.
+// q [S, N, D], caches [blocks, P, KV, D] (bf16), block_tables [S, B] int64; fp32 throughout; out [S, N, D] fp32,
+// or rounded to bf16 with out_bf16.
 int ernie45_decode_attn(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, const int64_t* tables, int64_t B,
                         const int64_t* lens, int64_t S, int64_t N, int64_t KV, int64_t D, int64_t P, float scale,
-                        float* out, int nthreads) {
+                        void* out, int out_bf16, int nthreads) {
     if (D % 16 || N % KV || S < 1 || nthreads < 1) return -2;
     const int64_t G = N / KV, V = D / 16;
     int bad = 0;
@@ -556,7 +557,11 @@ int ernie45_decode_attn(const uint16_t* q, const uint16_t* kc, const uint16_t* v
             }
         }
         for (int g = 0; g < gn; g++)
-            for (int v = 0; v < vn; v++) _mm512_storeu_ps(out + (s * N + h * G + g) * D + 16 * v, acc[g][v]);
+            for (int v = 0; v < vn; v++) {
+                const int64_t at = (s * N + h * G + g) * D + 16 * v;
+                if (out_bf16) _mm256_storeu_si256((__m256i*)((uint16_t*)out + at), (__m256i)_mm512_cvtneps_pbh(acc[g][v]));
+                else _mm512_storeu_ps((float*)out + at, acc[g][v]);
+            }
         free(sc);
     }
     return bad ? -4 : 0;

@@ -217,6 +217,7 @@ def test_decode_attention_reads_the_paged_cache_in_place(n: int, kv: int, d: int
         probs = (torch.einsum("nd,nld->nl", q[s].double(), kk) * d ** -0.5).softmax(-1)
         ref = torch.einsum("nl,nld->nd", probs, vv)
         torch.testing.assert_close(out[s].double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(kernels.decode_attention(q, kc, vc, tables, lens, d ** -0.5, torch.bfloat16), out.bfloat16())
     with pytest.raises(RuntimeError, match="context length"):
         kernels.decode_attention(q, kc, vc, tables, torch.tensor([15, 6, 17]), d ** -0.5)
 
