@@ -116,6 +116,8 @@ def _build() -> ctypes.CDLL:
     lib.ernie45_bmoe.restype = i32
     lib.ernie45_decode_attn.argtypes = [vp, vp, vp, vp, i64, vp, i64, i64, i64, i64, i64, ctypes.c_float, vp, i32, i32]
     lib.ernie45_decode_attn.restype = i32
+    lib.ernie45_qgemm_multi.argtypes = [vp, i32, i64, i64, i64, vp, vp, vp, vp, i32, i32, i64, vp, i32, i32]
+    lib.ernie45_qgemm_multi.restype = i32
     lib.ernie45_rmsnorm.argtypes = [vp, vp, vp, i64, i64, ctypes.c_float]
     lib.ernie45_rope.argtypes = [vp, i64, i64, i64, vp, vp]
     lib.ernie45_router.argtypes = [vp, i32, vp, vp, i64, i64, i64, i64, ctypes.c_float, vp, vp, vp, i32, i32]
@@ -247,6 +249,34 @@ def qgemm_ptrs(x_MK: torch.Tensor, n: int, codes: int, bits: int, scales: int, z
     if rc:
         raise RuntimeError(f"ernie45_qgemm rejected its arguments (code {rc})")
     return out
+
+
+def fused_linears(mods: tuple, x: torch.Tensor) -> list[torch.Tensor] | None:
+    """The outputs of several quantized linears that read the same x (q/k/v, gate/up) from one native call: x is
+    quantized once and one parallel region covers all their rows. Each module offers ``fused_args(x)`` (its
+    (rows, codes, scales, zeros, (bits, group, scales bf16)) when it can take part, else None); returns None, and
+    the caller runs the modules one by one, when any cannot or their schemes differ."""
+    args = [getattr(m, "fused_args", _no_args)(x) for m in mods]
+    if any(a is None for a in args) or len({a[4] for a in args}) != 1:
+        return None
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    outs = [torch.empty(m, a[0], dtype=x.dtype) for a in args]
+    arr = ctypes.c_int64 * len(mods)
+    bits, group, sb = args[0][4]
+    rc = _need().ernie45_qgemm_multi(x2.data_ptr(), int(x.dtype == torch.bfloat16), m, k, len(mods),
+                                     arr(*(a[0] for a in args)), arr(*(a[1] for a in args)),
+                                     arr(*(a[2] for a in args)), arr(*(a[3] for a in args)), bits, sb, group,
+                                     arr(*(o.data_ptr() for o in outs)), int(x.dtype == torch.bfloat16),
+                                     torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"ernie45_qgemm_multi rejected its arguments (code {rc})")
+    return [o.view(*x.shape[:-1], o.shape[-1]) for o in outs]
+
+
+def _no_args(x: torch.Tensor) -> None:
+    return None
 
 
 def qmoe(x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, bits: int,

@@ -268,6 +268,32 @@ static int qgemm_args_ok(int bits, int64_t K, int64_t group) {
     return (bits == 8 || bits == 4 || bits == 2) && K % (64 * (8 / bits)) == 0 && group % 64 == 0 && K % group == 0;
 }
 
+// Several weights that read the same x (q/k/v, gate/up): x quantized once and one parallel region over all their
+// rows; weight i has Ns[i] rows and writes out_i [M, Ns[i]]. ws/scales/zeros/outs hold addresses (zeros 0 = none).
+int ernie45_qgemm_multi(const void* x, int x_bf16, int64_t M, int64_t K, int64_t nw, const int64_t* Ns,
+                        const int64_t* ws, const int64_t* scales, const int64_t* zeros, int bits, int s_bf16,
+                        int64_t group, const int64_t* outs, int out_bf16, int nthreads) {
+    if (!qgemm_args_ok(bits, K, group) || M < 1 || nw < 1) return -2;
+    int64_t total = 0;
+    for (int64_t i = 0; i < nw; i++) total += Ns[i];
+    QAct a;
+    if (qact_init(&a, x, x_bf16, M, K, group)) return -3;
+#pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t chunk = (total + nt - 1) / nt, r0 = t * chunk, r1 = r0 + chunk < total ? r0 + chunk : total;
+        int64_t lo = 0;
+        for (int64_t i = 0; i < nw; lo += Ns[i], i++) {
+            const int64_t n0 = r0 > lo ? r0 - lo : 0, n1 = r1 - lo < Ns[i] ? r1 - lo : Ns[i];
+            qact_rows(&a, NULL, M, Ns[i], (const uint8_t*)(intptr_t)ws[i], bits, (const void*)(intptr_t)scales[i],
+                      zeros[i] ? (const void*)(intptr_t)zeros[i] : NULL, s_bf16, (void*)(intptr_t)outs[i], out_bf16,
+                      n0, n1);
+        }
+    }
+    qact_free(&a);
+    return 0;
+}
+
 int ernie45_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t N, const uint8_t* w, int bits,
                   const void* scales, const void* zeros, int s_bf16, int64_t group, void* out, int out_bf16,
                   int nthreads) {

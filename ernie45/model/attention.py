@@ -62,9 +62,11 @@ class Attention(nn.Module):
         cache: AttentionCache | None = None,
     ) -> torch.Tensor:
         b, t, _ = x_BTH.shape
-        q = self.q_proj(x_BTH).view(b, t, -1, self.head_dim)  # [B, T, N, D]
-        k = self.k_proj(x_BTH).view(b, t, -1, self.head_dim)  # [B, T, K, D]
-        v = self.v_proj(x_BTH).view(b, t, -1, self.head_dim)
+        qkv = kernels.fused_linears((self.q_proj, self.k_proj, self.v_proj), x_BTH)  # quantized decode: one call
+        q, k, v = qkv if qkv is not None else (self.q_proj(x_BTH), self.k_proj(x_BTH), self.v_proj(x_BTH))
+        q = q.view(b, t, -1, self.head_dim)  # [B, T, N, D]
+        k = k.view(b, t, -1, self.head_dim)  # [B, T, K, D]
+        v = v.view(b, t, -1, self.head_dim)
         if b == 1 and cos.dtype == torch.float32 and kernels.small_ok(x_BTH, q, k):  # decode: in place, the same bits
             kernels.rope_(q[0], cos[0], sin[0])
             kernels.rope_(k[0], cos[0], sin[0])

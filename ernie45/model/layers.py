@@ -84,4 +84,6 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(width, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gu = kernels.fused_linears((self.gate_proj, self.up_proj), x)  # quantized decode: one call for both
+        gate, up = gu if gu is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)

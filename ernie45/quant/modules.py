@@ -182,6 +182,21 @@ class QWeight(nn.Module):
     def _span_matmul(self, x_MK: torch.Tensor, i: int) -> torch.Tensor:
         """The decode hot path: ``kernels.qgemm`` with the weight's pointers computed once (a call costs a few
         microseconds of Python instead of ~20)."""
+        q0, qs, s0, ss, z0, zs, sb = self._kernel_ptrs()
+        return kernels.qgemm_ptrs(x_MK, self.n, q0 + i * qs, self.bits, s0 + i * ss, z0 + i * zs if z0 else None,
+                                  sb, self.group)
+
+    def fused_args(self, x: torch.Tensor) -> tuple | None:
+        """For ``kernels.fused_linears``: (rows, codes, scales, zeros or 0, (bits, group, scales bf16)) when this
+        single span-layout weight without a bias can run on x (decode sizes, CPU, bf16/fp32), else None."""
+        if (self.layout != "span" or self.qweight.dim() != 2 or getattr(self, "bias", None) is not None
+                or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or x.shape[-1] != self.k
+                or not 0 < x.numel() <= KERNEL_MAX_ROWS * self.k or kernels.needs_grad(x) or not kernels.available()):
+            return None
+        q0, _, s0, _, z0, _, sb = self._kernel_ptrs()
+        return self.n, q0, s0, z0, (self.bits, self.group, sb)
+
+    def _kernel_ptrs(self) -> tuple:
         p = self._ptrs
         q = self.qweight
         if p is None or p[0] != q.data_ptr():  # a deepcopy or unpickled module carries its original's pointers
@@ -191,9 +206,7 @@ class QWeight(nn.Module):
                               0 if zeros is None else zeros.data_ptr(),
                               0 if zeros is None or zeros.dim() == 2 else zeros.stride(0) * zeros.element_size(),
                               int(scales.dtype == torch.bfloat16))
-        q0, qs, s0, ss, z0, zs, sb = p
-        return kernels.qgemm_ptrs(x_MK, self.n, q0 + i * qs, self.bits, s0 + i * ss, z0 + i * zs if z0 else None,
-                                  sb, self.group)
+        return p
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
         self._ptrs = None  # .to() / .cuda() / .float() may replace the buffers

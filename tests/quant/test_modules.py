@@ -260,3 +260,31 @@ def test_deepcopy_of_a_used_quantized_linear_reads_its_own_weights() -> None:
         q.set_stored(None, *other.stored(None))  # the original changes in place
         assert torch.equal(q(x), other(x))
         assert torch.equal(twin(x), before)  # the copy still computes with its own weights
+
+
+@pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_fused_linears_equal_the_separate_calls(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """q/k/v (and gate/up) read the same x: one native call gives each linear's own result bit for bit, and the
+    attention of a quantized model takes it at decode sizes."""
+    torch.manual_seed(0)
+    scheme = BASE[bits]
+    mods = [QuantLinear.from_linear(nn.Linear(256, n, bias=False), scheme, torch.bfloat16) for n in (256, 64, 64)]
+    x = torch.randn(3, 256).bfloat16()
+    with torch.no_grad():
+        fused = kernels.fused_linears(tuple(mods), x)
+        assert fused is not None and [f.shape for f in fused] == [(3, 256), (3, 64), (3, 64)]
+        for m, f in zip(mods, fused):
+            assert torch.equal(f, m(x))
+        other = QuantLinear.from_linear(nn.Linear(256, 64, bias=False), BASE[8 if bits != 8 else 4], torch.bfloat16)
+        assert kernels.fused_linears((mods[0], other), x) is None  # different schemes: one by one
+        assert kernels.fused_linears((mods[0], nn.Linear(256, 64)), x) is None
+        assert kernels.fused_linears(tuple(mods), torch.randn(modules.KERNEL_MAX_ROWS + 1, 256).bfloat16()) is None
+    cfg = ModelConfig.from_name("tiny-moe").replace(hidden_size=256, intermediate_size=512, moe_intermediate_size=256)
+    model = quantize_model(init_weights(ErnieForCausalLM(cfg), seed=0).bfloat16(), QuantConfig.from_name(f"int{bits}"))
+    calls = []
+    real = kernels.fused_linears
+    monkeypatch.setattr(kernels, "fused_linears", lambda m, x: calls.append(real(m, x) is not None) or real(m, x))
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]))
+    assert calls == [True] * 2 * cfg.num_hidden_layers  # q/k/v and gate/up (dense MLP or shared experts) per layer
