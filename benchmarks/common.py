@@ -89,6 +89,17 @@ def random_model(config, dtype: torch.dtype, seed: int = 0):  # noqa: ANN001, AN
     return fill_random(build_empty(config, dtype), seed=seed).eval()
 
 
+def dram_bandwidth(gib: float = 1.0) -> float:
+    """Read bandwidth in bytes/s: best of 5 sums over a buffer far larger than the 32 MiB L3."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
 def write_result(name: str, text: str) -> str:
     """Write ``benchmarks/results/<date>-<name>.md`` and return its path."""
     os.makedirs(RESULTS, exist_ok=True)

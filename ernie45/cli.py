@@ -285,8 +285,9 @@ def add_quantize_parser(sub) -> None:  # noqa: ANN001 - argparse's private subpa
                    help="columns per scale (32/64/128; 0 = per channel); default per --bits: 8->channel, 4->128, 2->64")
     s.add_argument("--method", choices=["rtn", "mse", "hqq"], default=None,
                    help="rtn: round to nearest; mse: optimised scales/offsets (default for 2-bit); hqq: HQQ zeros")
-    s.add_argument("--dense-bits", type=int, choices=[8, 4, 2], help="bits of attention/dense/shared linears")
-    s.add_argument("--head-bits", type=int, choices=[0, 8, 4, 2], help="bits of the LM head (0 = keep bf16)")
+    s.add_argument("--dense-bits", type=int, choices=[8, 6, 4, 2], help="bits of attention/dense/shared linears")
+    s.add_argument("--head-bits", type=int, choices=[0, 8, 6, 4, 2],
+                   help="bits of the LM head (0 = keep bf16; default 8; 6 = llama.cpp's Q6_K size)")
     s.add_argument("--dtype", default="bfloat16", help="compute dtype of the quantized model")
     s.add_argument("--max-shard-size", default="5GB", help="largest safetensors file")
     s.set_defaults(func=cmd_quantize)

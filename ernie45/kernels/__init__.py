@@ -4,7 +4,7 @@ Decode is memory bound: each step reads every active weight once for a handful o
 for that case (oneDNN bf16 GEMV, the aten int8/int4 weight-only ops) reach half the DRAM bandwidth here
 (MACHINE.md, benchmarks/results); these kernels are written for exactly that shape:
 
-- :func:`qgemm`: weight-only quantized matmul for 8/4/2-bit codes in the *span* layout (:func:`to_span`),
+- :func:`qgemm`: weight-only quantized matmul for 8/6/4/2-bit codes in the *span* layout (:func:`to_span`),
   activations quantized per 128 columns (64 for groups of 64: :func:`xblock`) to int8 and multiplied with
   AVX-512 VNNI;
 - :func:`bgemm`: bf16 x bf16 with AVX-512 BF16 dot products and fp32 accumulation;
@@ -174,7 +174,8 @@ def use_kernels(flag: bool) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------ layouts
 def span_ok(k: int, bits: int, group: int) -> bool:
     """Whether an [.., k] weight at ``bits`` with this group size fits the span layout of :func:`qgemm`."""
-    return bits in (2, 4, 8) and group % 64 == 0 and k % group == 0 and k % (64 * 8 // bits) == 0
+    span = 256 if bits == 6 else 64 * 8 // bits
+    return bits in (2, 4, 6, 8) and group % 64 == 0 and k % group == 0 and k % span == 0
 
 
 def xblock(k: int, group: int) -> int:
@@ -184,7 +185,11 @@ def xblock(k: int, group: int) -> int:
 
 def to_span(codes_NK: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes [.., N, K] into the span layout [.., N, K * bits / 8]: per span of 64 * (8/bits)
-    columns, byte j holds column j + 64 p in bits [p * bits, (p + 1) * bits)."""
+    columns, byte j holds column j + 64 p in bits [p * bits, (p + 1) * bits). 6-bit codes: the low 4 bits of the
+    row in the 4-bit span layout (K/2 bytes), then the high 2 bits in the 2-bit one (K/4 bytes)."""
+    if bits == 6:
+        c = codes_NK.to(torch.uint8)
+        return torch.cat((to_span(c & 15, 4), to_span(c >> 4, 2)), dim=-1)
     per = 8 // bits
     *lead, n, k = codes_NK.shape
     c = codes_NK.to(torch.uint8).reshape(*lead, n, k // (64 * per), per, 64)
@@ -196,6 +201,9 @@ def to_span(codes_NK: torch.Tensor, bits: int) -> torch.Tensor:
 
 def from_span(packed_NP: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`to_span`: [.., N, K * bits / 8] -> [.., N, K] uint8 codes."""
+    if bits == 6:
+        k = packed_NP.shape[-1] * 4 // 3
+        return from_span(packed_NP[..., :k // 2], 4) | (from_span(packed_NP[..., k // 2:], 2) << 4)
     per, mask = 8 // bits, 2**bits - 1
     *lead, n, p = packed_NP.shape
     s = packed_NP.reshape(*lead, n, p // 64, 1, 64)

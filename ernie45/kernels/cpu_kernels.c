@@ -14,6 +14,8 @@
 //   Weight layout ("span" layout): each row is K * bits / 8 bytes in spans of 64 bytes; a span holds
 //   64 * (8 / bits) consecutive columns, byte j carrying column j + 64 p of the span in bits [p*bits, (p+1)*bits).
 //   So unpacking plane p of a span is one shift and one mask, and gives 64 consecutive columns in order.
+//   6-bit codes: a row is its low 4 bits in the 4-bit span layout (K/2 bytes) followed by its high 2 bits in the
+//   2-bit span layout (K/4 bytes); code = low | high << 4 (K % 256 == 0).
 //
 // bgemm: y[M, N] = x[M, K] @ W^T for bf16 x and W (VDPBF16PS, fp32 accumulation), K % 32 == 0.
 //
@@ -102,9 +104,10 @@ static inline __attribute__((always_inline)) void qrow(
     const uint8_t* wr, const int BITS, const int MT_, const int SB, const int BPX, int64_t n, int64_t m0, int64_t K,
     int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
     const int64_t* xrow, const void* scales, const void* zeros, void* out, int out_bf16) {
-    const int P = 8 / BITS;
+    const int P = BITS == 6 ? 2 : 8 / BITS;  // 6 bits: the 4-bit part's planes (the 2-bit part has 4)
     const int64_t nb = K / 64, nx = nb / BPX;
-    const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
+    const __m512i mask = _mm512_set1_epi8((char)(BITS == 6 ? 15 : (1 << BITS) - 1)), mask2 = _mm512_set1_epi8(3);
+    const uint8_t* hi = wr + K / 2;  // 6 bits: the high 2-bit part of the row
     const uint16_t* s16 = (const uint16_t*)scales + n * ng;
     const float* s32 = (const float*)scales + n * ng;
     const int8_t* xm[MT];
@@ -139,12 +142,17 @@ static inline __attribute__((always_inline)) void qrow(
         const int64_t b0 = it * 4;
         // Sub-block j of this iteration: span it * (4 / P) + j / P, plane j % P (constants after unrolling, so
         // each span is loaded once and shifted by immediates).
-#define ITCODES(j)                                                                                           \
+#define LOCODES(j, B)                                                                                        \
     (P == 1 ? _mm512_loadu_si512((const void*)(wr + (b0 + (j)) * 64))                                        \
             : _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512((const void*)(wr + (it * (4 / P) + (j) / P) * 64)), \
-                                                 ((j) % P) * BITS), mask))
+                                                 ((j) % P) * (B)), mask))
+#define HICODES(j) _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hs, 2 * (j)), mask2), 4)
+#define ITCODES(j) (BITS == 6 ? _mm512_or_si512(LOCODES(j, 4), HICODES(j)) : LOCODES(j, BITS))
+        const __m512i hs = BITS == 6 ? _mm512_loadu_si512((const void*)(hi + it * 64)) : _mm512_setzero_si512();
         const __m512i c0 = ITCODES(0), c1 = ITCODES(1), c2 = ITCODES(2), c3 = ITCODES(3);
 #undef ITCODES
+#undef HICODES
+#undef LOCODES
         if (BPX == 2) {
             XBLOCK(b0 / 2, c0, c1, 0);
             XBLOCK(b0 / 2 + 1, c2, c3, 1);
@@ -243,7 +251,8 @@ static void qact_rows(const QAct* a, const int64_t* xrow, int64_t rows, int64_t 
     if (n0 >= n1) return;
 #define QROWS(B, SB, BPX) \
     qrows(w, B, SB, BPX, n0, n1, M, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
-#define QBITS(SB, BPX) do { if (bits == 4) QROWS(4, SB, BPX); else if (bits == 8) QROWS(8, SB, BPX); else QROWS(2, SB, BPX); } while (0)
+#define QBITS(SB, BPX) do { if (bits == 4) QROWS(4, SB, BPX); else if (bits == 8) QROWS(8, SB, BPX); \
+                            else if (bits == 6) QROWS(6, SB, BPX); else QROWS(2, SB, BPX); } while (0)
     if (s_bf16) {
         if (a->XB == 128) QBITS(1, 2); else QBITS(1, 1);
     } else {
@@ -265,7 +274,8 @@ static void qact_matmul(const QAct* a, const int64_t* xrow, int64_t rows, int64_
 }
 
 static int qgemm_args_ok(int bits, int64_t K, int64_t group) {
-    return (bits == 8 || bits == 4 || bits == 2) && K % (64 * (8 / bits)) == 0 && group % 64 == 0 && K % group == 0;
+    const int64_t span = bits == 6 ? 256 : 64 * (8 / (bits > 0 ? bits : 1));
+    return (bits == 8 || bits == 6 || bits == 4 || bits == 2) && K % span == 0 && group % 64 == 0 && K % group == 0;
 }
 
 // Several weights that read the same x (q/k/v, gate/up): x quantized once and one parallel region over all their

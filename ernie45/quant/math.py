@@ -22,9 +22,14 @@ INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 """Group sizes ``_weight_int4pack_mm_for_cpu`` accepts."""
 
 
+BITS = (8, 6, 4, 2)
+"""Supported code widths. 6 bits (the LM head of the int4 preset, as llama.cpp's Q4_K_M keeps its output at Q6_K)
+packs as a 4-bit low part followed by a 2-bit high part (:func:`pack`)."""
+
+
 def check_bits(bits: int) -> None:
-    if bits not in (2, 4, 8):
-        raise ValueError(f"bits={bits} is not supported; choose 8, 4 or 2")
+    if bits not in BITS:
+        raise ValueError(f"bits={bits} is not supported; choose 8, 6, 4 or 2")
 
 
 def _grouped(w_NK: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -160,10 +165,14 @@ def quantize_mse(w_NK: torch.Tensor, bits: int, group_size: int, grid: int = 16,
 # ------------------------------------------------------------------------------------------- packing
 def pack(codes_NK: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes ``8 // bits`` to a byte along K, first column in the lowest bits.
-    [..., N, K] uint8 -> [..., N, K * bits / 8] uint8."""
+    [..., N, K] uint8 -> [..., N, K * bits / 8] uint8. 6-bit codes: the low 4 bits of every column packed as
+    4-bit codes (K/2 bytes), then the high 2 bits as 2-bit codes (K/4 bytes)."""
     check_bits(bits)
     if bits == 8:
         return codes_NK.to(torch.uint8).contiguous()
+    if bits == 6:
+        c = codes_NK.to(torch.uint8)
+        return torch.cat((pack(c & 15, 4), pack(c >> 4, 2)), dim=-1)
     per = 8 // bits
     *lead, n, k = codes_NK.shape
     if k % per:
@@ -180,6 +189,9 @@ def unpack(packed_NP: torch.Tensor, bits: int) -> torch.Tensor:
     check_bits(bits)
     if bits == 8:
         return packed_NP
+    if bits == 6:
+        k = packed_NP.shape[-1] * 4 // 3
+        return unpack(packed_NP[..., :k // 2], 4) | (unpack(packed_NP[..., k // 2:], 2) << 4)
     per, mask = 8 // bits, 2**bits - 1
     parts = [(packed_NP >> (bits * j)) & mask for j in range(per)]
     return torch.stack(parts, dim=-1).flatten(-2)

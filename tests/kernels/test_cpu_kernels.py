@@ -33,7 +33,7 @@ def test_one_openmp_runtime_shared_with_torch() -> None:
     assert len(gomp) == 1 and "torch" in next(iter(gomp)), gomp
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("bits", [8, 6, 4, 2])
 def test_span_layout_round_trips(bits: int) -> None:
     codes = torch.randint(0, 2**bits, (3, 5, 512), dtype=torch.uint8)
     packed = kernels.to_span(codes, bits)
@@ -41,6 +41,10 @@ def test_span_layout_round_trips(bits: int) -> None:
     assert torch.equal(kernels.from_span(packed, bits), codes)
     if bits == 4:  # byte j of a 128-column span: column j low, column j + 64 high
         assert packed[0, 0, 0] == codes[0, 0, 0] | (codes[0, 0, 64] << 4)
+    if bits == 6:  # the low 4 bits in the 4-bit layout, then the high 2 bits in the 2-bit one (4 planes a byte)
+        assert packed[0, 0, 0] == (codes[0, 0, 0] & 15) | ((codes[0, 0, 64] & 15) << 4)
+        assert packed[0, 0, 256] == (codes[0, 0, 0] >> 4) | ((codes[0, 0, 64] >> 4) << 2) | (
+            (codes[0, 0, 128] >> 4) << 4) | ((codes[0, 0, 192] >> 4) << 6)
 
 
 def _qweight(n: int, k: int, bits: int, group: int, symmetric: bool, seed: int = 0):
@@ -57,7 +61,8 @@ def test_activation_block_rule_is_the_c_one() -> None:
 
 
 @pytest.mark.parametrize("bits,group,k", [(8, 512, 512), (8, 64, 512), (8, 192, 384), (4, 128, 512), (4, 128, 384),
-                                          (4, 64, 512), (2, 64, 512), (2, 256, 512), (2, 128, 768)])
+                                          (4, 64, 512), (2, 64, 512), (2, 256, 512), (2, 128, 768),
+                                          (6, 128, 512), (6, 64, 768), (6, 256, 512)])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
 def test_qgemm_matches_fp64_reference(bits: int, group: int, k: int, symmetric: bool, rows: int) -> None:

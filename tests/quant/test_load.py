@@ -34,7 +34,7 @@ def bf16_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.mark.parametrize("quant,opts", [("int8", {}), ("int4", {"group_size": 32}), ("int2", {}),
-                                        ("int2", {"method": "rtn", "head_bits": None})])
+                                        ("int2", {"method": "rtn", "head_bits": None}), ("int4", {"head_bits": 6})])
 def test_quantize_on_load_equals_quantizing_the_loaded_model(bf16_ckpt: str, quant: str, opts: dict) -> None:
     direct = load_model(bf16_ckpt, quant=quant, progress=False, **opts)
     after = quantize_model(load_model(bf16_ckpt), QuantConfig.from_name(quant, **opts))

@@ -8,7 +8,7 @@ import torch
 from ernie45.quant import math as qm
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
 def test_pack_unpack_round_trip(bits: int) -> None:
     codes = torch.randint(0, 2**bits, (3, 5, 64), dtype=torch.uint8)
     packed = qm.pack(codes, bits)
@@ -22,7 +22,7 @@ def test_pack_bit_order_is_first_column_lowest() -> None:
     assert qm.pack(codes, 4).tolist() == [[1 | 2 << 4, 3]]
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
 @pytest.mark.parametrize("group", [32, 64, 128, None])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_quantize_dequantize_is_exact_on_the_grid(bits: int, group: int | None, symmetric: bool) -> None:
@@ -48,7 +48,7 @@ def test_quantize_dequantize_is_exact_on_the_grid(bits: int, group: int | None, 
         torch.testing.assert_close(qm.dequantize(c2, s2, o2), w, rtol=1e-5, atol=1e-4)  # fp32 ulps at |w|~250
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
 def test_rtn_error_is_bounded_by_half_a_step(bits: int) -> None:
     w = torch.randn(16, 256)
     codes, scales, offsets = qm.quantize_rtn(w, bits, 64, symmetric=False)

@@ -22,6 +22,7 @@ SCHEMES = {  # scheme, layout without the native kernels (with them: "span" wher
     "int4-g128": (TensorScheme(4, 128), "int4"),
     "int4-g32-hqq": (TensorScheme(4, 32, method="hqq"), "int4"),
     "int2-g64": (TensorScheme(2, 64), "packed"),
+    "int6-g64": (TensorScheme(6, 64), "packed"),
     "int2-g64-hqq": (TensorScheme(2, 64, method="hqq"), "packed"),
     "int2-g64-mse": (TensorScheme(2, 64, method="mse"), "packed"),
 }
@@ -52,7 +53,7 @@ def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype
     # and the dequantized weight is close to the original (the scheme works at all)
     w = lin.weight.float()
     rel = ((q.dequantize(dtype=torch.float32) - w).norm() / w.norm()).item()
-    assert rel < {8: 0.02, 4: 0.15, 2: 0.6}[scheme.bits], rel
+    assert rel < {8: 0.02, 6: 0.04, 4: 0.15, 2: 0.6}[scheme.bits], rel
 
 
 @pytest.mark.parametrize("native", NATIVE)
@@ -263,7 +264,7 @@ def test_deepcopy_of_a_used_quantized_linear_reads_its_own_weights() -> None:
 
 
 @pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
-@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("bits", [8, 6, 4, 2])
 def test_fused_linears_equal_the_separate_calls(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """q/k/v (and gate/up) read the same x: one native call gives each linear's own result bit for bit, and the
     attention of a quantized model takes it at decode sizes."""
@@ -281,7 +282,8 @@ def test_fused_linears_equal_the_separate_calls(bits: int, monkeypatch: pytest.M
         assert kernels.fused_linears((mods[0], nn.Linear(256, 64)), x) is None
         assert kernels.fused_linears(tuple(mods), torch.randn(modules.KERNEL_MAX_ROWS + 1, 256).bfloat16()) is None
     cfg = ModelConfig.from_name("tiny-moe").replace(hidden_size=256, intermediate_size=512, moe_intermediate_size=256)
-    model = quantize_model(init_weights(ErnieForCausalLM(cfg), seed=0).bfloat16(), QuantConfig.from_name(f"int{bits}"))
+    qc = QuantConfig.from_name("int4", dense_bits=6) if bits == 6 else QuantConfig.from_name(f"int{bits}")
+    model = quantize_model(init_weights(ErnieForCausalLM(cfg), seed=0).bfloat16(), qc)
     calls = []
     real = kernels.fused_linears
     monkeypatch.setattr(kernels, "fused_linears", lambda m, x: calls.append(real(m, x) is not None) or real(m, x))
