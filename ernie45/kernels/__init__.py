@@ -185,11 +185,14 @@ def xblock(k: int, group: int) -> int:
 
 def to_span(codes_NK: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes [.., N, K] into the span layout [.., N, K * bits / 8]: per span of 64 * (8/bits)
-    columns, byte j holds column j + 64 p in bits [p * bits, (p + 1) * bits). 6-bit codes: the low 4 bits of the
-    row in the 4-bit span layout (K/2 bytes), then the high 2 bits in the 2-bit one (K/4 bytes)."""
+    columns, byte j holds column j + 64 p in bits [p * bits, (p + 1) * bits). 6-bit codes: per 256 columns, the
+    low 4 bits in the 4-bit span layout (128 bytes) then the high 2 bits in the 2-bit one (64 bytes)."""
     if bits == 6:
         c = codes_NK.to(torch.uint8)
-        return torch.cat((to_span(c & 15, 4), to_span(c >> 4, 2)), dim=-1)
+        *lead, n, k = c.shape
+        lo = to_span(c & 15, 4).reshape(*lead, n, k // 256, 128)
+        hi = to_span(c >> 4, 2).reshape(*lead, n, k // 256, 64)
+        return torch.cat((lo, hi), dim=-1).reshape(*lead, n, k * 3 // 4)
     per = 8 // bits
     *lead, n, k = codes_NK.shape
     c = codes_NK.to(torch.uint8).reshape(*lead, n, k // (64 * per), per, 64)
@@ -202,8 +205,10 @@ def to_span(codes_NK: torch.Tensor, bits: int) -> torch.Tensor:
 def from_span(packed_NP: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`to_span`: [.., N, K * bits / 8] -> [.., N, K] uint8 codes."""
     if bits == 6:
-        k = packed_NP.shape[-1] * 4 // 3
-        return from_span(packed_NP[..., :k // 2], 4) | (from_span(packed_NP[..., k // 2:], 2) << 4)
+        *lead, n, p = packed_NP.shape
+        s = packed_NP.reshape(*lead, n, p // 192, 192)
+        lo = from_span(s[..., :128].reshape(*lead, n, p * 2 // 3), 4)
+        return lo | (from_span(s[..., 128:].reshape(*lead, n, p // 3), 2) << 4)
     per, mask = 8 // bits, 2**bits - 1
     *lead, n, p = packed_NP.shape
     s = packed_NP.reshape(*lead, n, p // 64, 1, 64)

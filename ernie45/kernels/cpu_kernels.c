@@ -14,8 +14,8 @@
 //   Weight layout ("span" layout): each row is K * bits / 8 bytes in spans of 64 bytes; a span holds
 //   64 * (8 / bits) consecutive columns, byte j carrying column j + 64 p of the span in bits [p*bits, (p+1)*bits).
 //   So unpacking plane p of a span is one shift and one mask, and gives 64 consecutive columns in order.
-//   6-bit codes: a row is its low 4 bits in the 4-bit span layout (K/2 bytes) followed by its high 2 bits in the
-//   2-bit span layout (K/4 bytes); code = low | high << 4 (K % 256 == 0).
+//   6-bit codes: per 256 columns, 192 bytes: the low 4 bits in the 4-bit span layout (128 bytes), then the high
+//   2 bits in the 2-bit span layout (64 bytes); code = low | high << 4 (K % 256 == 0). One sequential stream a row.
 //
 // bgemm: y[M, N] = x[M, K] @ W^T for bf16 x and W (VDPBF16PS, fp32 accumulation), K % 32 == 0.
 //
@@ -106,8 +106,8 @@ static inline __attribute__((always_inline)) void qrow(
     const int64_t* xrow, const void* scales, const void* zeros, void* out, int out_bf16) {
     const int P = BITS == 6 ? 2 : 8 / BITS;  // 6 bits: the 4-bit part's planes (the 2-bit part has 4)
     const int64_t nb = K / 64, nx = nb / BPX;
-    const __m512i mask = _mm512_set1_epi8((char)(BITS == 6 ? 15 : (1 << BITS) - 1)), mask2 = _mm512_set1_epi8(3);
-    const uint8_t* hi = wr + K / 2;  // 6 bits: the high 2-bit part of the row
+    const __m512i mask = _mm512_set1_epi8((char)(BITS == 6 ? 15 : (1 << BITS) - 1)), mask2 = _mm512_set1_epi8(0x30);
+
     const uint16_t* s16 = (const uint16_t*)scales + n * ng;
     const float* s32 = (const float*)scales + n * ng;
     const int8_t* xm[MT];
@@ -144,14 +144,18 @@ static inline __attribute__((always_inline)) void qrow(
         // each span is loaded once and shifted by immediates).
 #define LOCODES(j, B)                                                                                        \
     (P == 1 ? _mm512_loadu_si512((const void*)(wr + (b0 + (j)) * 64))                                        \
-            : _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512((const void*)(wr + (it * (4 / P) + (j) / P) * 64)), \
+            : _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512((const void*)(wr + (it * (BITS == 6 ? 3 : 4 / P) \
+                                                                                           + (j) / P) * 64)),  \
                                                  ((j) % P) * (B)), mask))
-#define HICODES(j) _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hs, 2 * (j)), mask2), 4)
-#define ITCODES(j) (BITS == 6 ? _mm512_or_si512(LOCODES(j, 4), HICODES(j)) : LOCODES(j, BITS))
-        const __m512i hs = BITS == 6 ? _mm512_loadu_si512((const void*)(hi + it * 64)) : _mm512_setzero_si512();
+    // 6 bits: plane j of the high part moved to bits 4-5 of each byte (a 16-bit shift; what crosses into the
+    // neighbouring byte lands outside 0x30), then (hi & 0x30) | lo in one ternary-logic op.
+#define HISHIFT(j) ((j) == 0 ? _mm512_slli_epi16(hs, 4) : (j) == 1 ? _mm512_slli_epi16(hs, 2) \
+                    : (j) == 2 ? hs : _mm512_srli_epi16(hs, 2))
+#define ITCODES(j) (BITS == 6 ? _mm512_ternarylogic_epi32(HISHIFT(j), mask2, LOCODES(j, 4), 0xEA) : LOCODES(j, BITS))
+        const __m512i hs = BITS == 6 ? _mm512_loadu_si512((const void*)(wr + it * 192 + 128)) : _mm512_setzero_si512();
         const __m512i c0 = ITCODES(0), c1 = ITCODES(1), c2 = ITCODES(2), c3 = ITCODES(3);
 #undef ITCODES
-#undef HICODES
+#undef HISHIFT
 #undef LOCODES
         if (BPX == 2) {
             XBLOCK(b0 / 2, c0, c1, 0);

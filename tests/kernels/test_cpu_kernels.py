@@ -41,10 +41,11 @@ def test_span_layout_round_trips(bits: int) -> None:
     assert torch.equal(kernels.from_span(packed, bits), codes)
     if bits == 4:  # byte j of a 128-column span: column j low, column j + 64 high
         assert packed[0, 0, 0] == codes[0, 0, 0] | (codes[0, 0, 64] << 4)
-    if bits == 6:  # the low 4 bits in the 4-bit layout, then the high 2 bits in the 2-bit one (4 planes a byte)
+    if bits == 6:  # per 256 columns: the low 4 bits in the 4-bit layout, then the high 2 bits (4 planes a byte)
         assert packed[0, 0, 0] == (codes[0, 0, 0] & 15) | ((codes[0, 0, 64] & 15) << 4)
-        assert packed[0, 0, 256] == (codes[0, 0, 0] >> 4) | ((codes[0, 0, 64] >> 4) << 2) | (
+        assert packed[0, 0, 128] == (codes[0, 0, 0] >> 4) | ((codes[0, 0, 64] >> 4) << 2) | (
             (codes[0, 0, 128] >> 4) << 4) | ((codes[0, 0, 192] >> 4) << 6)
+        assert packed[0, 0, 192] == (codes[0, 0, 256] & 15) | ((codes[0, 0, 320] & 15) << 4)
 
 
 def _qweight(n: int, k: int, bits: int, group: int, symmetric: bool, seed: int = 0):
