@@ -116,7 +116,7 @@ def _build() -> ctypes.CDLL:
     lib.ernie45_bmoe.restype = i32
     lib.ernie45_decode_attn.argtypes = [vp, vp, vp, vp, i64, vp, i64, i64, i64, i64, i64, ctypes.c_float, vp, i32, i32]
     lib.ernie45_decode_attn.restype = i32
-    lib.ernie45_qgemm_multi.argtypes = [vp, i32, i64, i64, i64, vp, vp, vp, vp, i32, i32, i64, vp, i32, i32]
+    lib.ernie45_qgemm_multi.argtypes = [vp, i32, i64, i64, i64, vp, i32, i32, i64, vp, i32, i32]
     lib.ernie45_qgemm_multi.restype = i32
     lib.ernie45_rmsnorm.argtypes = [vp, vp, vp, i64, i64, ctypes.c_float]
     lib.ernie45_rope.argtypes = [vp, i64, i64, i64, vp, vp]
@@ -269,23 +269,33 @@ def fused_linears(mods: tuple, x: torch.Tensor) -> list[torch.Tensor] | None:
     quantized once and one parallel region covers all their rows. Each module offers ``fused_args(x)`` (its
     (rows, codes, scales, zeros, (bits, group, scales bf16)) when it can take part, else None); returns None, and
     the caller runs the modules one by one, when any cannot or their schemes differ."""
-    args = [getattr(m, "fused_args", _no_args)(x) for m in mods]
+    args = tuple(getattr(m, "fused_args", _no_args)(x) for m in mods)
     if any(a is None for a in args) or len({a[4] for a in args}) != 1:
         return None
+    packed = _MULTI_ARGS.get(args)
+    if packed is None:  # the weights' addresses as one int64 array, built once per group of weights
+        if len(_MULTI_ARGS) > 4096:  # models loaded again and again: drop the stale entries
+            _MULTI_ARGS.clear()
+        packed = _MULTI_ARGS[args] = (ctypes.c_int64 * (4 * len(args)))(*(a[j] for j in range(4) for a in args))
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    outs = [torch.empty(m, a[0], dtype=x.dtype) for a in args]
-    arr = ctypes.c_int64 * len(mods)
+    out = torch.empty(m * sum(a[0] for a in args), dtype=x.dtype)  # the outputs one after another
     bits, group, sb = args[0][4]
-    rc = _need().ernie45_qgemm_multi(x2.data_ptr(), int(x.dtype == torch.bfloat16), m, k, len(mods),
-                                     arr(*(a[0] for a in args)), arr(*(a[1] for a in args)),
-                                     arr(*(a[2] for a in args)), arr(*(a[3] for a in args)), bits, sb, group,
-                                     arr(*(o.data_ptr() for o in outs)), int(x.dtype == torch.bfloat16),
+    xb = int(x.dtype == torch.bfloat16)
+    rc = _need().ernie45_qgemm_multi(x2.data_ptr(), xb, m, k, len(args), packed, bits, sb, group, out.data_ptr(), xb,
                                      torch.get_num_threads())
     if rc:
         raise RuntimeError(f"ernie45_qgemm_multi rejected its arguments (code {rc})")
-    return [o.view(*x.shape[:-1], o.shape[-1]) for o in outs]
+    lead, outs, at = x.shape[:-1], [], 0
+    for a in args:
+        outs.append(out[at:at + m * a[0]].view(*lead, a[0]))
+        at += m * a[0]
+    return outs
+
+
+_MULTI_ARGS: dict[tuple, ctypes.Array] = {}
+"""fused_linears' argument arrays by the weights' (rows, addresses, scheme) tuples."""
 
 
 def _no_args(x: torch.Tensor) -> None:

@@ -283,11 +283,12 @@ static int qgemm_args_ok(int bits, int64_t K, int64_t group) {
 }
 
 // Several weights that read the same x (q/k/v, gate/up): x quantized once and one parallel region over all their
-// rows; weight i has Ns[i] rows and writes out_i [M, Ns[i]]. ws/scales/zeros/outs hold addresses (zeros 0 = none).
-int ernie45_qgemm_multi(const void* x, int x_bf16, int64_t M, int64_t K, int64_t nw, const int64_t* Ns,
-                        const int64_t* ws, const int64_t* scales, const int64_t* zeros, int bits, int s_bf16,
-                        int64_t group, const int64_t* outs, int out_bf16, int nthreads) {
+// rows. args = [Ns (nw), codes, scales, zeros (addresses; zeros 0 = none)]; weight i has Ns[i] rows and writes
+// out_i [M, Ns[i]] at out + M * (Ns[0] + .. + Ns[i-1]) elements (the outputs one after another).
+int ernie45_qgemm_multi(const void* x, int x_bf16, int64_t M, int64_t K, int64_t nw, const int64_t* args, int bits,
+                        int s_bf16, int64_t group, void* out, int out_bf16, int nthreads) {
     if (!qgemm_args_ok(bits, K, group) || M < 1 || nw < 1) return -2;
+    const int64_t *Ns = args, *ws = args + nw, *scales = args + 2 * nw, *zeros = args + 3 * nw;
     int64_t total = 0;
     for (int64_t i = 0; i < nw; i++) total += Ns[i];
     QAct a;
@@ -299,9 +300,9 @@ int ernie45_qgemm_multi(const void* x, int x_bf16, int64_t M, int64_t K, int64_t
         int64_t lo = 0;
         for (int64_t i = 0; i < nw; lo += Ns[i], i++) {
             const int64_t n0 = r0 > lo ? r0 - lo : 0, n1 = r1 - lo < Ns[i] ? r1 - lo : Ns[i];
+            void* oi = (char*)out + M * lo * (out_bf16 ? 2 : 4);
             qact_rows(&a, NULL, M, Ns[i], (const uint8_t*)(intptr_t)ws[i], bits, (const void*)(intptr_t)scales[i],
-                      zeros[i] ? (const void*)(intptr_t)zeros[i] : NULL, s_bf16, (void*)(intptr_t)outs[i], out_bf16,
-                      n0, n1);
+                      zeros[i] ? (const void*)(intptr_t)zeros[i] : NULL, s_bf16, oi, out_bf16, n0, n1);
         }
     }
     qact_free(&a);
