@@ -161,10 +161,10 @@ class KVCache:
         meta = self.meta
         assert meta is not None, "KVCache.attend() outside a step (meta is not set)"
         kc, vc = self.k[layer_idx], self.v[layer_idx]              # [NB, P, K, D]
-        kflat, vflat = kc.view(-1, self.num_kv_heads, self.head_dim), vc.view(-1, self.num_kv_heads, self.head_dim)
         if k_TKD.dtype == kc.dtype == torch.bfloat16 and kc.device.type == "cpu" and kernels.available():
             kernels.kv_write(k_TKD, v_TKD, kc, vc, meta.slot_mapping_T)  # one call, no dispatcher round trips
         else:
+            kflat, vflat = kc.view(-1, self.num_kv_heads, self.head_dim), vc.view(-1, self.num_kv_heads, self.head_dim)
             kflat.index_copy_(0, meta.slot_mapping_T, k_TKD.to(kc.dtype))
             vflat.index_copy_(0, meta.slot_mapping_T, v_TKD.to(vc.dtype))
         sd = meta.num_decodes

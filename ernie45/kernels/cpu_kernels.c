@@ -544,6 +544,16 @@ int ernie45_bmoe(const uint16_t* x, int64_t T, int64_t H, int64_t I, int64_t k, 
     return 0;
 }
 
+// Softmax of r[0..n) in place, fp32: exp(r - max) times 1 / sum (torch's order of operations).
+static void softmax_inplace(float* r, int64_t n) {
+    float mx = r[0];
+    for (int64_t i = 1; i < n; i++) mx = r[i] > mx ? r[i] : mx;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) { r[i] = expf(r[i] - mx); sum += r[i]; }
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < n; i++) r[i] *= inv;
+}
+
 // ------------------------------------------------------------------------------------- decode attention
 // One query token per sequence over its paged KV cache, read in place through the block table (no gather):
 //   out[s, h, :] = softmax_l(scale * q[s, h] . k[s, l, h / G]) @ v[s, l, h / G],   l < context_len[s]
@@ -576,15 +586,7 @@ int ernie45_decode_attn(const uint16_t* q, const uint16_t* kc, const uint16_t* v
                 sc[g * L + l] = _mm512_reduce_add_ps(a) * scale;
             }
         }
-        for (int g = 0; g < gn; g++) {
-            float* r = sc + g * L;
-            float mx = r[0];
-            for (int64_t l = 1; l < L; l++) mx = r[l] > mx ? r[l] : mx;
-            float sum = 0.0f;
-            for (int64_t l = 0; l < L; l++) { r[l] = expf(r[l] - mx); sum += r[l]; }
-            const float inv = 1.0f / sum;
-            for (int64_t l = 0; l < L; l++) r[l] *= inv;
-        }
+        for (int g = 0; g < gn; g++) softmax_inplace(sc + g * L, L);
         __m512 acc[8][8];
         for (int g = 0; g < gn; g++)
             for (int v = 0; v < vn; v++) acc[g][v] = _mm512_setzero_ps();
@@ -681,12 +683,7 @@ int ernie45_router(const void* x, int x_bf16, const float* W, const float* bias,
     }
     for (int64_t t = 0; t < T; t++) {
         float* p = probs + t * E;
-        float mx = p[0];
-        for (int64_t e = 1; e < E; e++) mx = p[e] > mx ? p[e] : mx;
-        float sum = 0.0f;
-        for (int64_t e = 0; e < E; e++) { p[e] = expf(p[e] - mx); sum += p[e]; }
-        const float inv = 1.0f / sum;
-        for (int64_t e = 0; e < E; e++) p[e] *= inv;
+        softmax_inplace(p, E);
         int64_t* it = idx + t * k;
         float wsum = 0.0f;
         for (int64_t j = 0; j < k; j++) {  // selection by repeated maximum: k and E are small (8 of 64)

@@ -23,8 +23,8 @@ INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 
 
 BITS = (8, 6, 4, 2)
-"""Supported code widths. 6 bits (the LM head of the int4 preset, as llama.cpp's Q4_K_M keeps its output at Q6_K)
-packs as a 4-bit low part followed by a 2-bit high part (:func:`pack`)."""
+"""Supported code widths. 6 bits (the ``head_bits=6`` option, the size of llama.cpp's Q6_K) packs as a 4-bit low
+part followed by a 2-bit high part (:func:`pack`)."""
 
 
 def check_bits(bits: int) -> None:
