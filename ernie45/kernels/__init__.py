@@ -466,10 +466,10 @@ def rope_(x_TND: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> to
     """Interleaved RoPE in place on a contiguous bf16 ``x [T, N, D]`` (pairs (2i, 2i+1)) with fp32 ``cos/sin
     [T, D/2]``; the same bits as ``model.layers.apply_rope``. Returns x."""
     t, n, d = x_TND.shape
-    if (not x_TND.is_contiguous() or x_TND.dtype != torch.bfloat16 or cos_TF.shape != (t, d // 2)
+    if (not x_TND.is_contiguous() or x_TND.dtype != torch.bfloat16 or d % 2 or cos_TF.shape != (t, d // 2)
             or sin_TF.shape != (t, d // 2) or cos_TF.dtype != torch.float32 or sin_TF.dtype != torch.float32):
         raise ValueError(f"rope_ takes a contiguous bf16 x [T, N, D] and fp32 cos/sin [T, D/2]; got x "
-                         f"{tuple(x_TND.shape)} {x_TND.dtype}, cos {tuple(cos_TF.shape)} {cos_TF.dtype}")
+                         f"{tuple(x_TND.shape)} {x_TND.dtype}, cos {tuple(cos_TF.shape)} {cos_TF.dtype} (D even)")
     c, s = cos_TF.contiguous(), sin_TF.contiguous()
     _need().ernie45_rope(x_TND.data_ptr(), t, n, d, c.data_ptr(), s.data_ptr())
     return x_TND
