@@ -98,7 +98,8 @@ class Sampler:
 
     def __call__(self, logits_SV: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
         params = [q.params for q in seqs]
-        if logits_SV.device.type == "cpu" and all(_plain_greedy(q) for q in seqs) and kernels.available():
+        if (logits_SV.device.type == "cpu" and logits_SV.dtype in (torch.bfloat16, torch.float32)
+                and all(_plain_greedy(q) for q in seqs) and kernels.available()):
             # Argmax of the raw logits: the same token as below (bf16 -> fp32 is exact, first index on ties).
             return kernels.argmax(logits_SV).tolist(), [None] * len(seqs)
         logits_SV = logits_SV.float()

@@ -144,6 +144,9 @@ def test_engine_greedy_sampling_takes_the_argmax_fast_path(monkeypatch: pytest.M
     seqs[1] = Sequence("lp", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4, logprobs=2))
     tokens, lps = Sampler()(logits, seqs)
     assert len(calls) == 1 and tokens == logits.float().argmax(-1).tolist() and lps[1] is not None
+    seqs[1] = seqs[0]
+    tokens, _ = Sampler()(logits.half(), seqs)  # fp16 logits (an fp16 model on CPU): the torch path
+    assert len(calls) == 1 and tokens == logits.half().float().argmax(-1).tolist()
 
 
 def test_decode_forward_with_small_ops_matches_torch(monkeypatch: pytest.MonkeyPatch) -> None:
