@@ -71,8 +71,8 @@ class AttentionMetadata:
     num_decodes: int = 0
     """The first num_decodes sequences have query_len 1 and are batched together."""
     decode_mask: torch.Tensor | None = None   # [S_dec, 1, 1, L] bool: key position < context_len
-    decode_lens: torch.Tensor | None = None   # [S_dec] int64 context lengths, for the native decode attention
-    decode_tables: torch.Tensor | None = None  # [S_dec, B_dec] int64 contiguous block tables, for the same
+    decode_lens: torch.Tensor | None = None   # [S_dec] int64 context lengths
+    decode_tables: torch.Tensor | None = None  # [S_dec, B_dec] int64 block tables of the decodes, contiguous
     prefill_masks: list[torch.Tensor | None] = field(default_factory=list)
 
     @classmethod
@@ -92,8 +92,10 @@ class AttentionMetadata:
                    tables.to(device), num_decodes)
         if num_decodes:
             width_d = max(len(t) for t in block_tables[:num_decodes])
-            lens = torch.tensor(context_lens[:num_decodes], device=device)
-            meta.decode_mask = (torch.arange(width_d * block_size, device=device)[None] < lens[:, None])[:, None, None]
+            meta.decode_lens = torch.tensor(context_lens[:num_decodes], dtype=torch.long, device=device)
+            meta.decode_tables = meta.block_tables_SB[:num_decodes, :width_d].contiguous()
+            meta.decode_mask = (torch.arange(width_d * block_size, device=device)[None]
+                                < meta.decode_lens[:, None])[:, None, None]
         for q, c in zip(query_lens[num_decodes:], context_lens[num_decodes:]):
             if q == c:
                 meta.prefill_masks.append(None)  # no cached context: plain causal
@@ -169,25 +171,19 @@ class KVCache:
             vflat.index_copy_(0, meta.slot_mapping_T, v_TKD.to(vc.dtype))
         sd = meta.num_decodes
         native = sd > 0 and kernels.decode_attention_ok(q_TND, kc)  # reads the cache in place (no gathered copy)
-        if native and meta.decode_tables is None:  # once per step, for all layers
-            nb = meta.decode_mask.shape[-1] // self.block_size
-            meta.decode_tables = meta.block_tables_SB[:sd, :nb].contiguous()
-            meta.decode_lens = torch.tensor(meta.context_lens[:sd], dtype=torch.int64)
         if native and sd == q_TND.shape[0]:  # a decode-only step: the kernel's output is the whole result
             return kernels.decode_attention(q_TND, kc, vc, meta.decode_tables, meta.decode_lens, self.scale,
                                             q_TND.dtype)
         out_TND = torch.empty_like(q_TND)
         if sd:
-            mask = meta.decode_mask                                 # [S, 1, 1, L]
-            nb = mask.shape[-1] // self.block_size
-            tables = meta.block_tables_SB[:sd, :nb]
             if native:
                 o = kernels.decode_attention(q_TND[:sd], kc, vc, meta.decode_tables, meta.decode_lens, self.scale)
                 out_TND[:sd] = o.to(q_TND.dtype)
             else:
-                keys = kc[tables].flatten(1, 2).transpose(1, 2)     # [S, K, L, D]
-                vals = vc[tables].flatten(1, 2).transpose(1, 2)
-                out_TND[:sd] = self._decode_attention(q_TND[:sd], keys, vals, mask[:, 0]).to(q_TND.dtype)
+                keys = kc[meta.decode_tables].flatten(1, 2).transpose(1, 2)     # [S, K, L, D]
+                vals = vc[meta.decode_tables].flatten(1, 2).transpose(1, 2)
+                out_TND[:sd] = self._decode_attention(q_TND[:sd], keys, vals,
+                                                      meta.decode_mask[:, 0]).to(q_TND.dtype)
         start = sd
         for i, mask in enumerate(meta.prefill_masks):
             s = sd + i

@@ -148,6 +148,14 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
+def _need() -> ctypes.CDLL:
+    """The library, or RuntimeError saying why it is unavailable."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {why_unavailable()}")
+    return lib
+
+
 def available() -> bool:
     return library() is not None
 
@@ -228,9 +236,7 @@ def qgemm(x_MK: torch.Tensor, codes_NP: torch.Tensor, bits: int, scales_NG: torc
           zeros_NG: torch.Tensor | None, group: int) -> torch.Tensor:
     """x [M, K] (bf16/fp32) @ W^T for W = (code - 2**(bits-1)) * scale + zero, codes in the span layout.
     ``zeros`` None means all zero (symmetric). Returns [M, N] in x's dtype. Needs :func:`available`."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"native CPU kernels unavailable: {why_unavailable()}")
+    lib = _need()
     m, k = x_MK.shape
     n = codes_NP.shape[0]
     if x_MK.dtype not in _OUT_DTYPES or scales_NG.dtype not in _OUT_DTYPES:
@@ -266,9 +272,12 @@ def qgemm_ptrs(x_MK: torch.Tensor, n: int, codes: int, bits: int, scales: int, z
 
 def fused_linears(mods: tuple, x: torch.Tensor) -> list[torch.Tensor] | None:
     """The outputs of several quantized linears that read the same x (q/k/v, gate/up) from one native call: x is
-    quantized once and one parallel region covers all their rows. Each module offers ``fused_args(x)`` (its
-    (rows, codes, scales, zeros, (bits, group, scales bf16)) when it can take part, else None); returns None, and
-    the caller runs the modules one by one, when any cannot or their schemes differ."""
+    quantized once and one parallel region covers all their rows. x must be a CPU bf16/fp32 inference input; each
+    module offers ``fused_args(x)`` (its (rows, codes, scales, zeros, (bits, group, scales bf16)) when it can take
+    x, else None). Returns None, and the caller runs the modules one by one, when x or any module cannot or their
+    schemes differ."""
+    if x.device.type != "cpu" or x.dtype not in _OUT_DTYPES or needs_grad(x) or library() is None:
+        return None
     args = tuple(getattr(m, "fused_args", _no_args)(x) for m in mods)
     if any(a is None for a in args) or len({a[4] for a in args}) != 1:
         return None
@@ -309,9 +318,7 @@ def qmoe(x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, bits: int
     ascending order of ``w * down(silu(gate(x)) * up(x))``, rounded where the torch path in x's dtype rounds.
     ``gate_up`` / ``down``: (codes [E, N, K*bits/8] span layout, scales [E, N, G], zeros or None, group).
     Returns [T, H] in x's dtype. Needs :func:`available`."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"native CPU kernels unavailable: {why_unavailable()}")
+    lib = _need()
     t, h = x_TH.shape
     gu_w, gu_s, gu_z, gu_g = gate_up
     dn_w, dn_s, dn_z, dn_g = down
@@ -341,9 +348,7 @@ def bmoe(x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, gate_up_E
          down_EHI: torch.Tensor) -> torch.Tensor:
     """:func:`qmoe` for bf16 expert stacks ``gate_up [E, 2I, H]`` and ``down [E, H, I]``: one call, the
     per-expert path's bf16 roundings, ascending-expert fp32 sum. Returns [T, H] bf16."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"native CPU kernels unavailable: {why_unavailable()}")
+    lib = _need()
     t, h = x_TH.shape
     e, two_i, _ = gate_up_EIH.shape
     if {x_TH.dtype, gate_up_EIH.dtype, down_EHI.dtype} != {torch.bfloat16}:
@@ -392,9 +397,7 @@ def decode_attention(q_SND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 def bgemm(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ w [N, K]^T, both bf16, fp32 accumulation, bf16 out. Needs :func:`available`, K % 32 == 0."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"native CPU kernels unavailable: {why_unavailable()}")
+    lib = _need()
     m, k = x_MK.shape
     n = w_NK.shape[0]
     if x_MK.dtype != torch.bfloat16 or w_NK.dtype != torch.bfloat16 or w_NK.shape[1] != k or k % 32:
@@ -433,13 +436,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 SMALL_MAX_ROWS = 16
 """Rows (tokens) up to which the per-layer elementwise ops of a decode step run natively: each is one call
 instead of 8-15 torch ops, which at batch 1 cost more than the matmuls of a small layer's norms and rotations."""
-
-
-def _need() -> ctypes.CDLL:
-    lib = _lib if _lib is not None else library()
-    if lib is None:
-        raise RuntimeError(f"native CPU kernels unavailable: {why_unavailable()}")
-    return lib
 
 
 def small_ok(x: torch.Tensor, *params: torch.Tensor) -> bool:

@@ -187,11 +187,11 @@ class QWeight(nn.Module):
                                   sb, self.group)
 
     def fused_args(self, x: torch.Tensor) -> tuple | None:
-        """For ``kernels.fused_linears``: (rows, codes, scales, zeros or 0, (bits, group, scales bf16)) when this
-        single span-layout weight without a bias can run on x (decode sizes, CPU, bf16/fp32), else None."""
+        """For ``kernels.fused_linears`` (which checks x's device, dtype and grad): (rows, codes, scales, zeros or 0,
+        (bits, group, scales bf16)) when this single span-layout weight without a bias takes x's decode-size rows,
+        else None."""
         if (self.layout != "span" or self.qweight.dim() != 2 or getattr(self, "bias", None) is not None
-                or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or x.shape[-1] != self.k
-                or not 0 < x.numel() <= KERNEL_MAX_ROWS * self.k or kernels.needs_grad(x) or not kernels.available()):
+                or x.shape[-1] != self.k or not 0 < x.numel() <= KERNEL_MAX_ROWS * self.k):
             return None
         q0, _, s0, _, z0, _, sb = self._kernel_ptrs()
         return self.n, q0, s0, z0, (self.bits, self.group, sb)
