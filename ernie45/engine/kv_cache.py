@@ -157,6 +157,17 @@ class KVCache:
         scores = scores.masked_fill(~mask_S1L[:, :, None], float("-inf"))
         return torch.matmul(scores.softmax(-1), vals_SKLD.float()).view(s, n, d)          # [S, N, D]
 
+    def decode_step(self, num_tokens: int) -> kernels.DecodeStep | None:
+        """This step's cache arguments for the native decode layers (``model.native``) when the step is decode only
+        (``num_tokens`` sequences, one token each) on bf16 CPU caches; else None (the layers then call
+        :meth:`attend`)."""
+        meta = self.meta
+        kc = self.k[0]
+        if (meta is None or meta.num_decodes != num_tokens or len(meta.query_lens) != num_tokens
+                or kc.dtype != torch.bfloat16 or kc.device.type != "cpu" or not kernels.available()):
+            return None
+        return kernels.DecodeStep(meta.slot_mapping_T, meta.decode_tables, meta.decode_lens, self.k, self.v)
+
     def attend(self, layer_idx: int, q_TND: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor
                ) -> torch.Tensor:
         """Write this step's k/v at the slot mapping, then attend each sequence over its cache."""

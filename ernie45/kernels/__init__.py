@@ -125,6 +125,9 @@ def _build() -> ctypes.CDLL:
     lib.ernie45_argmax.argtypes = [vp, i32, i64, i64, vp]
     for f in (lib.ernie45_rmsnorm, lib.ernie45_rope, lib.ernie45_router, lib.ernie45_kv_write, lib.ernie45_argmax):
         f.restype = i32
+    lib.ernie45_decode_layer.argtypes = [ctypes.POINTER(LayerPlan), vp, i64, vp, vp, vp, vp, vp, i64, i64, vp, i64, vp,
+                                         i32]
+    lib.ernie45_decode_layer.restype = i32
     lib.ernie45_qgemm_xblock.argtypes = [i64, i64]
     lib.ernie45_qgemm_xblock.restype = i32
     return lib
@@ -520,3 +523,59 @@ def argmax(x_SV: torch.Tensor) -> torch.Tensor:
     out = torch.empty(s, dtype=torch.int64)
     _need().ernie45_argmax(x.data_ptr(), int(x.dtype == torch.bfloat16), s, v, out.data_ptr())
     return out
+
+
+# ------------------------------------------------------------------------------------ a whole decoder layer
+class QSet(ctypes.Structure):
+    """Quantized span-layout weights of one scheme that read one input (``ernie45_qgemm_multi``'s arguments)."""
+    _fields_ = [("nw", ctypes.c_int64), ("bits", ctypes.c_int64), ("group", ctypes.c_int64),
+                ("s_bf16", ctypes.c_int64), ("args", ctypes.c_int64 * 16)]
+
+
+class LayerPlan(ctypes.Structure):
+    """One decoder layer for ``ernie45_decode_layer``: shapes and the addresses of its weights (the C struct)."""
+    _fields_ = [(f, ctypes.c_int64) for f in ("H", "NQ", "NKV", "D", "E", "K", "I", "W")] + [
+        (f, ctypes.c_float) for f in ("eps", "scale", "norm_min", "unused")] + [
+        (f, ctypes.c_void_p) for f in ("in_norm", "post_norm", "router_w", "router_b")] + [
+        (f, QSet) for f in ("qkv", "o", "gate_up", "down")] + [
+        ("ebits", ctypes.c_int64), ("es_bf16", ctypes.c_int64), ("egu", ctypes.c_int64 * 4),
+        ("edn", ctypes.c_int64 * 4)]
+
+
+def qset(weights: list[tuple | None]) -> QSet | None:
+    """A :class:`QSet` from up to four weights' ``span_args`` (rows, codes, scales, zeros, (bits, group, scales
+    bf16)); None when one is missing or their schemes differ."""
+    if not 0 < len(weights) <= 4 or any(w is None for w in weights) or len({w[4] for w in weights}) != 1:
+        return None
+    bits, group, sb = weights[0][4]
+    flat = [w[j] for j in range(4) for w in weights]
+    return QSet(len(weights), bits, group, sb, (ctypes.c_int64 * 16)(*flat))
+
+
+class DecodeStep:
+    """The paged cache's side of a decode-only step for :func:`decode_layer`: the slots, block tables and context
+    lengths (int64, contiguous; kept alive here) and each layer's K/V cache addresses."""
+
+    def __init__(self, slots_T: torch.Tensor, tables_SB: torch.Tensor, lens_S: torch.Tensor, k_caches: list,
+                 v_caches: list) -> None:
+        self.slots, self.tables, self.lens = slots_T.contiguous(), tables_SB.contiguous(), lens_S.contiguous()
+        self.num_slots = k_caches[0].shape[0] * k_caches[0].shape[1]
+        self.block_size = k_caches[0].shape[1]
+        self.k = [c.data_ptr() for c in k_caches]
+        self.v = [c.data_ptr() for c in v_caches]
+        self.args = (self.slots.data_ptr(), self.num_slots, self.block_size, self.tables.data_ptr(),
+                     self.tables.shape[1], self.lens.data_ptr())
+
+
+def decode_layer(plan: LayerPlan, h_TH: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor, step: DecodeStep,
+                 layer_idx: int) -> None:
+    """Run one decoder layer on the hidden states ``h [T, H]`` (bf16, contiguous; updated in place) of a decode-only
+    step: T tokens, token t the next one of sequence t of ``step``. cos/sin: fp32 [T, D/2]. The caller owns the
+    checks (``model.native``); the C side still rejects a slot or a context length outside the cache."""
+    slots, num_slots, block_size, tables, width, lens = step.args
+    rc = _lib.ernie45_decode_layer(ctypes.byref(plan), h_TH.data_ptr(), h_TH.shape[0], cos_TF.data_ptr(),
+                                   sin_TF.data_ptr(), step.k[layer_idx], step.v[layer_idx], slots, num_slots,
+                                   block_size, tables, width, lens, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"ernie45_decode_layer (layer {layer_idx}) rejected its arguments (code {rc}: "
+                           f"{'a slot or context length outside the cache' if rc == -4 else 'shapes or memory'})")

@@ -187,11 +187,16 @@ class QWeight(nn.Module):
                                   sb, self.group)
 
     def fused_args(self, x: torch.Tensor) -> tuple | None:
-        """For ``kernels.fused_linears`` (which checks x's device, dtype and grad): (rows, codes, scales, zeros or 0,
-        (bits, group, scales bf16)) when this single span-layout weight without a bias takes x's decode-size rows,
-        else None."""
-        if (self.layout != "span" or self.qweight.dim() != 2 or getattr(self, "bias", None) is not None
-                or x.shape[-1] != self.k or not 0 < x.numel() <= KERNEL_MAX_ROWS * self.k):
+        """For ``kernels.fused_linears`` (which checks x's device, dtype and grad): :meth:`span_args` when this
+        weight takes x's decode-size rows, else None."""
+        if x.shape[-1] != self.k or not 0 < x.numel() <= KERNEL_MAX_ROWS * self.k:
+            return None
+        return self.span_args()
+
+    def span_args(self) -> tuple | None:
+        """(rows, codes, scales, zeros or 0, (bits, group, scales bf16)): the addresses the native kernels take, for
+        a single span-layout weight without a bias; else None."""
+        if self.layout != "span" or self.qweight.dim() != 2 or getattr(self, "bias", None) is not None:
             return None
         q0, _, s0, _, z0, _, sb = self._kernel_ptrs()
         return self.n, q0, s0, z0, (self.bits, self.group, sb)
@@ -284,6 +289,15 @@ class QuantExperts(Experts):
                 and gu.dtype == dn.dtype and kernels.available() and not kernels.needs_grad(x_TH)):
             return kernels.qmoe(x_TH, idx_TK, w_TK.to(x_TH.dtype), gu.bits, gu.kernel_args(), dn.kernel_args())
         return super().forward(x_TH, idx_TK, w_TK)
+
+    def span_args(self) -> tuple | None:
+        """(bits, scales bf16, gate_up (codes, scales, zeros or 0, group), down (the same)): the addresses of the
+        stacks for the native decode layer, when both are in the span layout with one scheme; else None."""
+        gu, dn = self.gate_up_proj, self.down_proj
+        if gu.layout != "span" or dn.layout != "span" or gu.bits != dn.bits or gu.dtype != dn.dtype:
+            return None
+        (q0, _, s0, _, z0, _, sb), d = gu._kernel_ptrs(), dn._kernel_ptrs()
+        return gu.bits, sb, (q0, s0, z0, gu.group), (d[0], d[2], d[4], dn.group)
 
     def expert_forward(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.matmul(x_TH, e).chunk(2, dim=-1)

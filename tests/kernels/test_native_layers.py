@@ -1,0 +1,123 @@
+"""Native decode layers (``model.native``): a quantized model's decode steps with one C call per layer against the
+module path (each op its own call), through the engine; when they apply, and when a cached plan is rebuilt."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ernie45 import ErnieForCausalLM, ModelConfig, init_weights, kernels
+from ernie45.engine import LLMEngine, SamplingParams
+from ernie45.engine.model_runner import ModelRunner
+from ernie45.model import native
+from ernie45.quant import QuantConfig, quantize_model
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.why_unavailable()}")
+
+# The smallest shapes every piece takes: spans of 256 columns (2- and 6-bit), head_dim a multiple of 16.
+CFG = ModelConfig.from_name("tiny-moe").replace(hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                                                head_dim=64)
+PROMPTS = [[5, 17, 99, 3], [250, 41, 7], [9, 8, 7, 6, 5, 4, 3]]
+
+
+def _model(qc: QuantConfig | str | None, cfg: ModelConfig = CFG, seed: int = 0) -> ErnieForCausalLM:
+    model = init_weights(ErnieForCausalLM(cfg), std=0.05, seed=seed).bfloat16().eval()
+    return quantize_model(model, qc) if qc is not None else model
+
+
+def _generate(model: ErnieForCausalLM, monkeypatch: pytest.MonkeyPatch, tokens: int = 8) -> tuple[dict, list, int]:
+    """Greedy outputs by request, every step's logits, and the number of native layer calls."""
+    logits, calls = [], []
+    execute, decode_layer = ModelRunner.execute, kernels.decode_layer
+
+    def record(self: ModelRunner, scheduled: list) -> tuple:
+        seqs, out = execute(self, scheduled)
+        logits.append(None if out is None else out.float().clone())
+        return seqs, out
+
+    monkeypatch.setattr(ModelRunner, "execute", record)
+    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(a[-1]) or decode_layer(*a))
+    eng = LLMEngine(model, max_num_seqs=4, kv_cache_memory="8MB", max_model_len=64, enable_prefix_caching=False)
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(str(i), p, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+    outs = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = list(o.outputs[0].token_ids)
+    monkeypatch.undo()
+    return outs, logits, len(calls)
+
+
+@pytest.mark.parametrize("qc", ["int4", "int8", "int2", QuantConfig.from_name("int4", dense_bits=6)],
+                         ids=["int4", "int8", "int2", "int4-dense6"])
+def test_native_layers_match_the_module_path(qc: QuantConfig | str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three sequences decoding together (T = 3 rows), a dense layer and MoE layers with a shared expert: the same
+    tokens, logits within a bf16 rounding of the activations, and every decode step's layers went native."""
+    model = _model(qc)
+    fast, fast_logits, calls = _generate(model, monkeypatch)
+    with native.use_native_layers(False):
+        ref, ref_logits, ref_calls = _generate(model, monkeypatch)
+    assert ref_calls == 0 and fast == ref
+    decode_steps = sum(1 for lg in ref_logits if lg is not None) - 1  # the first step is the prefill
+    assert calls == decode_steps * CFG.num_hidden_layers and decode_steps >= 7
+    for a, b in zip(fast_logits, ref_logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * float(b.abs().max()))
+
+
+def test_moe_without_shared_experts_and_one_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = CFG.replace(moe_num_shared_experts=0)
+    model = _model("int4", cfg)
+    fast, fast_logits, calls = _generate(model, monkeypatch, tokens=5)
+    with native.use_native_layers(False):
+        ref, ref_logits, _ = _generate(model, monkeypatch, tokens=5)
+    assert fast == ref and calls > 0
+    for a, b in zip(fast_logits, ref_logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("case", ["bf16 model", "biases", "odd head_dim"])
+def test_layers_without_a_native_form_take_the_module_path(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No plan, no native call, and the engine still generates (the plan is None, not an error)."""
+    if case == "bf16 model":
+        model = _model(None)
+    elif case == "biases":
+        model = _model("int4", CFG.replace(use_bias=True))
+    else:  # o_proj's 4 * 48 = 192 input columns do not fill the 4-bit spans of 128
+        model = _model(QuantConfig.from_name("int4", group_size=64), CFG.replace(head_dim=48))
+    assert all(p is None for p in native.layer_plans(model.model.layers))
+    outs, _, calls = _generate(model, monkeypatch, tokens=3)
+    assert calls == 0 and len(outs) == len(PROMPTS)
+
+
+def test_a_plan_follows_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built for the model as it is now: none before quantization, one after; rebuilt when a weight is requantized
+    in place (its zeros and pointers change), dropped when the model goes to fp32."""
+    model = _model(None)
+    assert native.layer_plans(model.model.layers) == [None] * CFG.num_hidden_layers
+    quantize_model(model, "int4")
+    plans = native.layer_plans(model.model.layers)
+    assert all(p is not None for p in plans) and native.layer_plans(model.model.layers)[0] is plans[0]  # cached
+    q = model.model.layers[0].self_attn.q_proj
+    q.quantize_(None, torch.randn(q.n, q.k) * 0.05)
+    assert native.layer_plans(model.model.layers)[0] is not plans[0]
+    fast, _, calls = _generate(model, monkeypatch, tokens=3)
+    with native.use_native_layers(False):
+        ref, _, _ = _generate(model, monkeypatch, tokens=3)
+    assert calls > 0 and fast == ref
+    model.float()
+    assert native.layer_plans(model.model.layers) == [None] * CFG.num_hidden_layers
+    _, _, calls = _generate(model, monkeypatch, tokens=2)
+    assert calls == 0
+
+
+def test_bad_cache_arguments_are_rejected_by_name() -> None:
+    """A slot outside the cache is an error naming the layer, not a write past the end of the cache."""
+    model = _model("int4")
+    plan = native.layer_plans(model.model.layers)[0]
+    kc = torch.zeros(2, 16, CFG.num_key_value_heads, CFG.head_dim, dtype=torch.bfloat16)
+    step = kernels.DecodeStep(torch.tensor([32]), torch.tensor([[0, 1]]), torch.tensor([5]), [kc], [kc.clone()])
+    h = torch.randn(1, CFG.hidden_size).bfloat16()
+    cos = torch.ones(1, CFG.head_dim // 2)
+    with pytest.raises(RuntimeError, match=r"layer 0\).*outside the cache"):
+        kernels.decode_layer(plan, h, cos, cos, step, 0)
