@@ -818,7 +818,7 @@ int ernie45_decode_layer(const LayerPlan* L, uint16_t* h, int64_t T, const float
                          uint16_t* vc, const int64_t* slots, int64_t num_slots, int64_t P, const int64_t* tables,
                          int64_t B, const int64_t* lens, int nthreads) {
     const int64_t H = L->H, qd = L->NQ * L->D, kd = L->NKV * L->D;
-    if (T < 1 || H % 16 || L->D > 128 || L->D % 16 || L->NQ % L->NKV || L->NQ / L->NKV > 8) return -2;
+    if (T < 1 || H % 16 || L->D > 128 || L->D % 16 || L->NKV < 1 || L->NQ % L->NKV || L->NQ / L->NKV > 8) return -2;
     if (nthreads < 1) nthreads = 1;
     const int64_t E = L->E, K = L->K;
     uint16_t* buf = (uint16_t*)malloc((size_t)(T * (2 * H + 2 * qd + 2 * kd)) * 2);

@@ -51,20 +51,23 @@ def build_plan(layer: torch.nn.Module) -> kernels.LayerPlan | None:
         return [getattr(m, "span_args", lambda: None)() for m in mods]
 
     qkv, o = kernels.qset(args(attn.q_proj, attn.k_proj, attn.v_proj)), kernels.qset(args(attn.o_proj))
-    if qkv is None or o is None:
+    if (qkv is None or o is None or list(qkv.args[:3]) != [nq * d, nkv * d, nkv * d] or o.args[0] != h
+            or attn.q_proj.k != h or attn.o_proj.k != nq * d):  # the C side sizes its buffers from these
         return None
     plan = kernels.LayerPlan(H=h, NQ=nq, NKV=nkv, D=d, eps=norms[0].eps, scale=d ** -0.5, qkv=qkv, o=o,
                              in_norm=norms[0].weight.data_ptr(), post_norm=norms[1].weight.data_ptr())
     swiglu = mlp.shared_experts if layer.is_moe else mlp
     if swiglu is not None:
         gu, dn = kernels.qset(args(swiglu.gate_proj, swiglu.up_proj)), kernels.qset(args(swiglu.down_proj))
-        if gu is None or dn is None:
+        if (gu is None or dn is None or gu.args[0] != gu.args[1] or dn.args[0] != h or swiglu.gate_proj.k != h
+                or swiglu.down_proj.k != gu.args[0]):
             return None
         plan.gate_up, plan.down, plan.W = gu, dn, swiglu.gate_proj.n
     if layer.is_moe:
         experts = getattr(mlp.experts, "span_args", lambda: None)()
         gate = mlp.gate
-        if experts is None or gate.weight.dtype != torch.float32 or not gate.weight.is_contiguous():
+        if (experts is None or gate.weight.dtype != torch.float32 or not gate.weight.is_contiguous()
+                or gate.weight.shape[1] != h or mlp.experts.hidden != h):
             return None
         plan.E, plan.K, plan.I, plan.norm_min = gate.weight.shape[0], gate.top_k, mlp.experts.width, gate.norm_min
         plan.router_w, plan.router_b = gate.weight.data_ptr(), gate.e_score_correction_bias.data_ptr()
