@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ernie45 import kernels
 from ernie45.config import ModelConfig
 from ernie45.model.checkpoint import parse_size
-from ernie45.utils import meminfo_bytes
+from ernie45.utils import advise_huge_pages, meminfo_bytes
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,11 @@ class KVCache:
         self.scale = config.head_dim ** -0.5
         layers = num_layers if num_layers is not None else config.num_hidden_layers
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        advise_huge_pages(self.k + self.v)  # decode attention streams the cache: 2 MiB pages, before the first write
+        for t in self.k + self.v:
+            t.zero_()
         self.meta: AttentionMetadata | None = None
         log.info("KV cache: %d blocks x %d tokens, %.1f MiB", num_blocks, block_size,
                  2 * layers * self.k[0].numel() * self.k[0].element_size() / 2**20)

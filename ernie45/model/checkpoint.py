@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ernie45.config import ModelConfig
 from ernie45.model.layers import RotaryEmbedding
 from ernie45.model.model import ErnieForCausalLM
-from ernie45.utils import atomic_path, atomic_write_text, resolve_dtype
+from ernie45.utils import advise_huge_pages, atomic_path, atomic_write_text, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,7 @@ def build_empty(config: ModelConfig, dtype: torch.dtype, device: str | torch.dev
     with torch.device("meta"):
         model = ErnieForCausalLM(config)
     model = model.to(dtype=dtype).to_empty(device=device)
+    advise_huge_pages([*model.parameters(), *model.buffers()])  # before the first write: 2 MiB pages stream faster
     reset_nonpersistent_buffers(model)
     model.tie_weights()
     return model

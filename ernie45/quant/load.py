@@ -43,7 +43,7 @@ from ernie45.quant.math import pack, unpack
 from ernie45.quant.modules import QuantExperts, QuantLinear, QWeight
 from ernie45.quant.quantize import _set_module, quantize_model, qweights
 from ernie45.quant.scheme import METADATA_KEY, QuantConfig
-from ernie45.utils import resolve_dtype
+from ernie45.utils import advise_huge_pages, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def build_quantized(config: ModelConfig, qconfig: QuantConfig, dtype: torch.dtyp
         model = ErnieForCausalLM(config)
     quantize_model(model, qconfig, build_only=True, dtype=dtype, progress=False)
     model = model.to(dtype=dtype).to_empty(device="cpu")  # int codes stay int; the router stays fp32
+    advise_huge_pages([*model.parameters(), *model.buffers()])  # before the first write: 2 MiB pages stream faster
     reset_nonpersistent_buffers(model)
     if not isinstance(model.lm_head, QuantLinear):
         model.tie_weights()

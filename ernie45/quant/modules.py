@@ -35,6 +35,7 @@ from ernie45 import kernels
 from ernie45.model.moe import Experts
 from ernie45.quant import math as qm
 from ernie45.quant.scheme import TensorScheme
+from ernie45.utils import advise_huge_pages
 
 KERNEL_MAX_ROWS = 16
 """Rows up to which the weight-only kernels beat dequantize + GEMM on this CPU (bench_quant measures it)."""
@@ -91,6 +92,7 @@ class QWeight(nn.Module):
             # Symmetric per-channel int8 has no zeros to store (as the int8 layout; the planner counts so).
             no_zeros = self.layout == "span" and self.bits == 8 and scheme.symmetric and g == 1
             self.register_buffer("zeros", None if no_zeros else torch.empty(*lead, n, g, dtype=dtype, **kw))
+        advise_huge_pages(self.buffers(recurse=False))  # not written yet: they fault in as 2 MiB pages
 
     @property
     def dtype(self) -> torch.dtype:
