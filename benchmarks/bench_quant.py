@@ -66,8 +66,11 @@ def bytes_per_token(model) -> int:  # noqa: ANN001
     return total + cfg.hidden_size * 2
 
 
-ROUNDS = 3
+ROUNDS = 5
 """Timed segments per decode measurement; the best is reported (the machine's noise is up to +40%, MACHINE.md)."""
+WARMUP = 16
+"""Untimed steps each side decodes first: the first segment after a model loads runs up to 2x slower (seen for
+both engines; the memory system settling after gigabytes of fresh pages)."""
 
 
 class OursDecoder:
@@ -115,13 +118,17 @@ class LlamaDecoder:
 
 
 def head_to_head(model, gguf: str | None, prompt_len: int, tokens: int) -> dict:  # noqa: ANN001
-    """Ours and llama.cpp in alternating segments (ROUNDS each, the best of each kept), with the DRAM bandwidth
+    """Ours and llama.cpp in alternating segments (WARMUP steps each first, then ROUNDS segments each, the best of
+    each kept), with the DRAM bandwidth
     measured before every round and after the last: the machine's bandwidth drifts over minutes, so figures taken
     minutes apart do not make a ratio, and each round of ours is held against the higher of the two measures
     around it (its roofline)."""
+    ours = OursDecoder(model, prompt_len, WARMUP + ROUNDS * tokens)
+    peer = LlamaDecoder(gguf, prompt_len, WARMUP + ROUNDS * tokens) if gguf else None
+    ours.segment(WARMUP)
+    if peer:
+        peer.segment(WARMUP)
     bws = [dram_bandwidth()]
-    ours = OursDecoder(model, prompt_len, ROUNDS * tokens)
-    peer = LlamaDecoder(gguf, prompt_len, ROUNDS * tokens) if gguf else None
     r_ours, r_peer = [], []
     for _ in range(ROUNDS):
         r_ours.append(ours.segment(tokens))
@@ -368,9 +375,9 @@ def main() -> None:
 
 def report(r: dict, args: argparse.Namespace) -> str:
     lines = [f"Batch-1 greedy decode, {args.prompt}-token prompt, 2 threads; ours and llama.cpp in alternating "
-             f"segments of {args.tokens} steps, {ROUNDS} each, the best of each kept. Roofline = DRAM read bandwidth "
-             "(the higher of the two measures around a round) / weight bytes ours reads per token; the round of ours "
-             "closest to its roofline is shown.", ""]
+             f"segments of {args.tokens} steps after {WARMUP} untimed ones, {ROUNDS} each, the best of each kept. "
+             "Roofline = DRAM read bandwidth (the higher of the two measures around a round) / weight bytes ours reads "
+             "per token; the round of ours closest to its roofline is shown.", ""]
     if "check" in r:
         lines.append(f"GGUF check (tiny model): llama.cpp logits vs ours, max relative difference "
                      f"{r['check']['max_rel_logit_diff']:.2e}.\n")
