@@ -413,7 +413,8 @@ def report(r: dict, args: argparse.Namespace) -> str:
                      f"{roof:.1f} ({bw / 1e9:.1f} GB/s) | {frac:.0%} | - | - | - |")
     lines.append("")
     for part, vals in r.items():
-        extra = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in vals.items() if not isinstance(v, dict)}
+        extra = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in vals.items()
+                 if not isinstance(v, dict)}
         lines.append(f"- {part}: " + json.dumps(extra))
     return "\n".join(lines)
 
