@@ -8,7 +8,8 @@ A layer goes native when every piece has a native form: quantized span-layout li
 scheme, the MLP's or shared experts' gate/up of one scheme), quantized routed experts, bf16 norms, the decode
 attention's head shapes. Anything else (a bf16 or fp32 model, biases, autograd, prefill, router records) takes the
 module path, which gives the same result. A layer's plan (its weights' addresses) is built once and rebuilt when
-a weight's storage moves.
+a weight's storage moves. A forward hook on any of a layer's modules (or a global one) keeps the layer on the
+module path, where the hook runs.
 """
 
 from __future__ import annotations
@@ -19,8 +20,15 @@ from collections.abc import Iterator
 import torch
 
 from ernie45 import kernels
+from ernie45.model.attention import Attention
+from ernie45.model.layers import RMSNorm, SwiGLU
+from ernie45.model.moe import MoE, Router
 
 _enabled = True
+
+NATIVE_TYPES: set[type] = set()
+"""Weight modules whose forward the C layer reproduces, by exact type (``ernie45.quant`` registers QuantLinear and
+QuantExperts): a subclass that changes the forward (an all-reduce, LoRA) keeps its layer on the module path."""
 
 
 @contextlib.contextmanager
@@ -39,6 +47,9 @@ def build_plan(layer: torch.nn.Module) -> kernels.LayerPlan | None:
     """The native plan of a ``DecoderLayer``, or None when some piece has no native form."""
     attn, mlp = layer.self_attn, layer.mlp
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if (type(attn) is not Attention or type(mlp) not in (MoE, SwiGLU) or any(type(n) is not RMSNorm for n in norms)
+            or (type(mlp) is MoE) != layer.is_moe):
+        return None
     h = norms[0].weight.shape[0]
     if (any(n.weight.dtype != torch.bfloat16 or n.weight.shape != (h,) for n in norms) or h % 16
             or norms[1].eps != norms[0].eps):
@@ -48,7 +59,7 @@ def build_plan(layer: torch.nn.Module) -> kernels.LayerPlan | None:
         return None
 
     def args(*mods: torch.nn.Module) -> list:
-        return [getattr(m, "span_args", lambda: None)() for m in mods]
+        return [m.span_args() if type(m) in NATIVE_TYPES else None for m in mods]
 
     qkv, o = kernels.qset(args(attn.q_proj, attn.k_proj, attn.v_proj)), kernels.qset(args(attn.o_proj))
     if (qkv is None or o is None or list(qkv.args[:3]) != [nq * d, nkv * d, nkv * d] or o.args[0] != h
@@ -57,6 +68,8 @@ def build_plan(layer: torch.nn.Module) -> kernels.LayerPlan | None:
     plan = kernels.LayerPlan(H=h, NQ=nq, NKV=nkv, D=d, eps=norms[0].eps, scale=d ** -0.5, qkv=qkv, o=o,
                              in_norm=norms[0].weight.data_ptr(), post_norm=norms[1].weight.data_ptr())
     swiglu = mlp.shared_experts if layer.is_moe else mlp
+    if swiglu is not None and type(swiglu) is not SwiGLU:
+        return None
     if swiglu is not None:
         gu, dn = kernels.qset(args(swiglu.gate_proj, swiglu.up_proj)), kernels.qset(args(swiglu.down_proj))
         if (gu is None or dn is None or gu.args[0] != gu.args[1] or dn.args[0] != h or swiglu.gate_proj.k != h
@@ -64,10 +77,10 @@ def build_plan(layer: torch.nn.Module) -> kernels.LayerPlan | None:
             return None
         plan.gate_up, plan.down, plan.W = gu, dn, swiglu.gate_proj.n
     if layer.is_moe:
-        experts = getattr(mlp.experts, "span_args", lambda: None)()
+        experts = mlp.experts.span_args() if type(mlp.experts) in NATIVE_TYPES else None
         gate = mlp.gate
-        if (experts is None or gate.weight.dtype != torch.float32 or not gate.weight.is_contiguous()
-                or gate.weight.shape[1] != h or mlp.experts.hidden != h):
+        if (experts is None or type(gate) is not Router or gate.weight.dtype != torch.float32
+                or not gate.weight.is_contiguous() or gate.weight.shape[1] != h or mlp.experts.hidden != h):
             return None
         plan.E, plan.K, plan.I, plan.norm_min = gate.weight.shape[0], gate.top_k, mlp.experts.width, gate.norm_min
         plan.router_w, plan.router_b = gate.weight.data_ptr(), gate.e_score_correction_bias.data_ptr()
@@ -96,12 +109,12 @@ class _Cached:
     """A layer's plan and what it was built from: the generation, its quantized weights' pointer tuples (reset by a
     ``.to()`` or a new quantization) and the storage addresses of its full-precision tensors."""
 
-    __slots__ = ("generation", "plan", "qweights", "tensors")
+    __slots__ = ("generation", "mods", "plan", "qweights", "tensors")
 
     def __init__(self, layer: torch.nn.Module) -> None:
         self.generation = _generation
         self.plan = build_plan(layer)
-        mods = list(layer.modules())
+        self.mods = mods = list(layer.modules())
         self.qweights = [(m, m._ptrs) for m in mods if getattr(m, "_ptrs", None) is not None]
         self.tensors = [(t, t.data_ptr()) for m in mods if not hasattr(m, "_ptrs")
                         for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
@@ -110,17 +123,28 @@ class _Cached:
         return (self.generation == _generation and all(m._ptrs is p for m, p in self.qweights)
                 and all(t.data_ptr() == a for t, a in self.tensors))
 
+    def hooked(self) -> bool:
+        """A forward hook on any module of the layer: it must see the module calls, so the layer runs them."""
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.mods)
+
 
 def layer_plans(layers: torch.nn.ModuleList) -> list[kernels.LayerPlan | None]:
     """Each layer's plan, cached on the layer; rebuilt when a module or tensor was assigned since, or a weight's
     storage moved."""
+    if _global_hooks():
+        return [None] * len(layers)
     plans = []
     for layer in layers:
         cached = layer.__dict__.get("_native_plan")
         if cached is None or not cached.valid():
             cached = layer.__dict__["_native_plan"] = _Cached(layer)
-        plans.append(cached.plan)
+        plans.append(None if cached.hooked() else cached.plan)
     return plans
+
+
+def _global_hooks() -> bool:
+    m = torch.nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
 
 
 def step_ok(h_BTH: torch.Tensor) -> bool:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernie45 import kernels
+from ernie45.model import native
 from ernie45.model.moe import Experts
 from ernie45.quant import math as qm
 from ernie45.quant.scheme import TensorScheme
@@ -304,3 +305,6 @@ class QuantExperts(Experts):
     def expert_forward(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.matmul(x_TH, e).chunk(2, dim=-1)
         return self.down_proj.matmul(F.silu(gate) * up, e)
+
+
+native.NATIVE_TYPES.update((QuantLinear, QuantExperts))  # the C decode layer reproduces their forward

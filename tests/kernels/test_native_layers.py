@@ -121,3 +121,29 @@ def test_bad_cache_arguments_are_rejected_by_name() -> None:
     cos = torch.ones(1, CFG.head_dim // 2)
     with pytest.raises(RuntimeError, match=r"layer 0\).*outside the cache"):
         kernels.decode_layer(plan, h, cos, cos, step, 0)
+
+
+def test_hooks_and_subclasses_keep_the_module_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward hook must see its module's calls, and a subclass may change the forward (an all-reduce, LoRA):
+    such layers run their modules; the others stay native."""
+    from ernie45.quant import QuantLinear
+
+    model = _model("int4")
+    seen = []
+    handle = model.model.layers[1].self_attn.o_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    plans = native.layer_plans(model.model.layers)
+    assert plans[1] is None and plans[0] is not None and plans[2] is not None
+    _, _, calls = _generate(model, monkeypatch, tokens=3)
+    assert seen and calls > 0  # the hooked layer ran its modules at every step, the others natively
+    handle.remove()
+    assert native.layer_plans(model.model.layers)[1] is not None
+
+    class Custom(QuantLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    mlp = model.model.layers[0].mlp
+    custom = Custom(mlp.down_proj.in_features, mlp.down_proj.out_features, mlp.down_proj.scheme)
+    custom.load_state_dict(mlp.down_proj.state_dict())
+    mlp.down_proj = custom
+    assert native.layer_plans(model.model.layers)[0] is None
