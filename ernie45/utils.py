@@ -100,11 +100,11 @@ def advise_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
         return 0
     seen, total = set(), 0
     for t in tensors:
-        if t.device.type != "cpu" or t.untyped_storage().nbytes() < 2 * HUGE_PAGE:
+        if t.device.type != "cpu":
             continue
         s = t.untyped_storage()
         start = s.data_ptr()
-        if start in seen:
+        if s.nbytes() < 2 * HUGE_PAGE or start in seen:
             continue
         seen.add(start)
         lo, hi = -(-start // HUGE_PAGE) * HUGE_PAGE, (start + s.nbytes()) // HUGE_PAGE * HUGE_PAGE

@@ -123,6 +123,7 @@ class KVCache:
         advise_huge_pages(self.k + self.v)  # decode attention streams the cache: 2 MiB pages, before the first write
         for t in self.k + self.v:
             t.zero_()
+        self._ptrs = ([t.data_ptr() for t in self.k], [t.data_ptr() for t in self.v])  # for the native layers
         self.meta: AttentionMetadata | None = None
         log.info("KV cache: %d blocks x %d tokens, %.1f MiB", num_blocks, block_size,
                  2 * layers * self.k[0].numel() * self.k[0].element_size() / 2**20)
@@ -169,7 +170,8 @@ class KVCache:
         if (meta is None or meta.num_decodes != num_tokens or len(meta.query_lens) != num_tokens
                 or kc.dtype != torch.bfloat16 or kc.device.type != "cpu" or not kernels.available()):
             return None
-        return kernels.DecodeStep(meta.slot_mapping_T, meta.decode_tables, meta.decode_lens, self.k, self.v)
+        return kernels.DecodeStep(meta.slot_mapping_T, meta.decode_tables, meta.decode_lens, self.capacity_tokens,
+                                  self.block_size, *self._ptrs)
 
     def attend(self, layer_idx: int, q_TND: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor
                ) -> torch.Tensor:

@@ -554,17 +554,14 @@ def qset(weights: list[tuple | None]) -> QSet | None:
 
 class DecodeStep:
     """The paged cache's side of a decode-only step for :func:`decode_layer`: the slots, block tables and context
-    lengths (int64, contiguous; kept alive here) and each layer's K/V cache addresses."""
+    lengths (int64, contiguous; kept alive here), the cache geometry and each layer's K/V cache addresses."""
 
-    def __init__(self, slots_T: torch.Tensor, tables_SB: torch.Tensor, lens_S: torch.Tensor, k_caches: list,
-                 v_caches: list) -> None:
+    def __init__(self, slots_T: torch.Tensor, tables_SB: torch.Tensor, lens_S: torch.Tensor, num_slots: int,
+                 block_size: int, k_ptrs: list[int], v_ptrs: list[int]) -> None:
         self.slots, self.tables, self.lens = slots_T.contiguous(), tables_SB.contiguous(), lens_S.contiguous()
-        self.num_slots = k_caches[0].shape[0] * k_caches[0].shape[1]
-        self.block_size = k_caches[0].shape[1]
-        self.k = [c.data_ptr() for c in k_caches]
-        self.v = [c.data_ptr() for c in v_caches]
-        self.args = (self.slots.data_ptr(), self.num_slots, self.block_size, self.tables.data_ptr(),
-                     self.tables.shape[1], self.lens.data_ptr())
+        self.k, self.v = k_ptrs, v_ptrs
+        self.args = (self.slots.data_ptr(), num_slots, block_size, self.tables.data_ptr(), self.tables.shape[1],
+                     self.lens.data_ptr())
 
 
 def decode_layer(plan: LayerPlan, h_TH: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor, step: DecodeStep,

@@ -116,7 +116,9 @@ def test_bad_cache_arguments_are_rejected_by_name() -> None:
     model = _model("int4")
     plan = native.layer_plans(model.model.layers)[0]
     kc = torch.zeros(2, 16, CFG.num_key_value_heads, CFG.head_dim, dtype=torch.bfloat16)
-    step = kernels.DecodeStep(torch.tensor([32]), torch.tensor([[0, 1]]), torch.tensor([5]), [kc], [kc.clone()])
+    vc = kc.clone()
+    step = kernels.DecodeStep(torch.tensor([32]), torch.tensor([[0, 1]]), torch.tensor([5]), 32, 16, [kc.data_ptr()],
+                              [vc.data_ptr()])
     h = torch.randn(1, CFG.hidden_size).bfloat16()
     cos = torch.ones(1, CFG.head_dim // 2)
     with pytest.raises(RuntimeError, match=r"layer 0\).*outside the cache"):
