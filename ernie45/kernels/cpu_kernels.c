@@ -333,11 +333,15 @@ static int64_t expert_rows(const int64_t* idx, const float* wts, int64_t T, int6
 }
 
 // silu(gate) * up from h [n, 2I] (gate columns first) into act [n, I] (bf16 bits or fp32), rounding as torch in bf16.
+static inline float silu_mul(float g, float u, int bf16) {  // silu(g) * u of (rounded) inputs, torch's roundings
+    return round_bf16(round_bf16(g / (1.0f + expf(-g)), bf16) * u, bf16);
+}
+
 static void swiglu_rows(const float* h, int64_t n, int64_t I, int bf16, float* act_f32, uint16_t* act_bf16) {
     for (int64_t r = 0; r < n; r++)
         for (int64_t c = 0; c < I; c++) {
             float g = round_bf16(h[r * 2 * I + c], bf16), u = round_bf16(h[r * 2 * I + I + c], bf16);
-            float a = round_bf16(round_bf16(g / (1.0f + expf(-g)), bf16) * u, bf16);
+            float a = silu_mul(g, u, bf16);
             if (act_bf16) act_bf16[r * I + c] = f32_to_bf16(a);
             else act_f32[r * I + c] = a;
         }
@@ -804,10 +808,7 @@ static int swiglu_layer(const QSet* gu, const QSet* dn, int64_t W, const uint16_
     uint16_t *u = g + T * W, *act = g + 2 * T * W;
     if (!rc) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (int64_t i = 0; i < T * W; i++) {
-            const float a = bf16_to_f32(g[i]);
-            act[i] = f32_to_bf16(round_bf16(a / (1.0f + expf(-a)), 1) * bf16_to_f32(u[i]));
-        }
+        for (int64_t i = 0; i < T * W; i++) act[i] = f32_to_bf16(silu_mul(bf16_to_f32(g[i]), bf16_to_f32(u[i]), 1));
         rc = qset_apply(dn, act, T, W, y, nthreads);
     }
     free(g);

@@ -23,7 +23,10 @@ from ernie45.model.layers import Linear, apply_rope
 
 
 class AttentionCache(Protocol):
-    """What the cache path needs: store k/v for the current tokens, return attention over the cache."""
+    """What the cache path needs: store k/v for the current tokens, return attention over the cache.
+
+    A cache may also offer ``decode_step(num_tokens) -> kernels.DecodeStep | None`` (the engine's ``KVCache`` does):
+    then a decode-only step of a quantized CPU model runs each layer as one native call (``model.native``)."""
 
     def attend(self, layer_idx: int, q_TND: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor
                ) -> torch.Tensor:  # -> [T, N, D]
