@@ -254,7 +254,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from ernie45.model.checkpoint import resolve_model_path, save_model
+    from ernie45.loading import save_model
+    from ernie45.model.checkpoint import resolve_model_path
     from ernie45.quant.load import copy_side_files, load_quantized
     from ernie45.quant.quantize import quantized_nbytes
 

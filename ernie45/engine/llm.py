@@ -115,7 +115,8 @@ class LLMEngine:
                 raise TypeError(f"load options {sorted(load_options)} need a checkpoint path, not a built model")
             self.model = model
         else:
-            from ernie45.model.checkpoint import load_model, resolve_model_path
+            from ernie45.loading import load_model
+            from ernie45.model.checkpoint import resolve_model_path
 
             folder = resolve_model_path(model)
             self.model = load_model(folder, dtype=resolve_dtype(dtype), **load_options)
