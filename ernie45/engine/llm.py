@@ -109,7 +109,11 @@ class LLMEngine:
     def __init__(self, model: str | ErnieForCausalLM = "demo", *, tokenizer=None, dtype="bfloat16",  # noqa: ANN001
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, block_size: int = 16,
                  kv_cache_memory: int | str | None = None, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, max_waiting: int | None = None, **load_options) -> None:
+                 enable_prefix_caching: bool = True, max_waiting: int | None = None,
+                 runner: type[ModelRunner] = ModelRunner, **load_options) -> None:
+        """runner: the class that runs each step's forward; ``ModelRunner`` on one process,
+        ``ernie45.parallel.runner.DistributedModelRunner`` on rank 0 of a model split by ``ernie45.parallel``
+        (its KV cache is sized with ``runner.cache_config(model)``: that rank's heads only)."""
         if isinstance(model, ErnieForCausalLM):
             if load_options:
                 raise TypeError(f"load options {sorted(load_options)} need a checkpoint path, not a built model")
@@ -135,14 +139,11 @@ class LLMEngine:
         max_model_len = max_model_len or limit
         param = next(self.model.parameters())
         cache_dtype = self.model.model.embed_tokens.weight.dtype
-        # A model split by ernie45.parallel: this is rank 0; its cache holds only its own kv heads and
-        # each step is broadcast to the other ranks (ernie45.parallel.runner.worker_loop).
-        parallel = getattr(self.model, "parallel_mesh", None) is not None
-        kv_config = self.config
-        if parallel:
-            from ernie45.parallel.runner import DistributedModelRunner, local_attention_config
-
-            kv_config = local_attention_config(self.model)
+        if runner is ModelRunner and getattr(self.model, "parallel_mesh", None) is not None:
+            raise ValueError("this model is split over ranks by ernie45.parallel: run the engine on rank 0 with "
+                             "runner=ernie45.parallel.runner.DistributedModelRunner and worker_loop(model) on the "
+                             "other ranks")
+        kv_config = runner.cache_config(self.model)
         self.kv_cache = KVCache.from_budget(kv_config, cache_dtype, block_size, kv_cache_memory, param.device,
                                             max_tokens=max_num_seqs * max_model_len)
         if max_model_len > self.kv_cache.capacity_tokens:
@@ -152,7 +153,7 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(self.kv_cache.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = (DistributedModelRunner if parallel else ModelRunner)(self.model, self.kv_cache)
+        self.runner = runner(self.model, self.kv_cache)
         self.sampler = Sampler()
         self.max_waiting = max_waiting
         self.requests: dict[str, _Request] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ernie45.config import ModelConfig
 from ernie45.engine.kv_cache import AttentionMetadata, KVCache
 from ernie45.engine.scheduler import ScheduledSeq
 from ernie45.engine.sequence import Sequence
@@ -16,6 +17,14 @@ from ernie45.model.model import ErnieForCausalLM
 
 
 class ModelRunner:
+    """Runs each step's forward on this process. ``LLMEngine(runner=...)`` takes this class or a subclass
+    (``ernie45.parallel.runner.DistributedModelRunner`` for a model split over ranks)."""
+
+    @classmethod
+    def cache_config(cls, model: ErnieForCausalLM) -> ModelConfig:
+        """The config this process's KV cache is sized with (a sharded model holds only its own heads)."""
+        return model.config
+
     def __init__(self, model: ErnieForCausalLM, kv_cache: KVCache) -> None:
         self.model = model
         self.kv = kv_cache
