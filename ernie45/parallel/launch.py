@@ -24,22 +24,22 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def torchrun_command(nproc: int, argv: list[str] | None = None, module: str | None = "ernie45.cli") -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node nproc -m module argv`` (default: this
-    ``ernie45`` command line). ``module=None``: argv starts with its own ``-m``."""
+def torchrun_command(nproc: int, module: str | None, argv: list[str] | None = None) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc-per-node nproc -m module argv`` (argv defaults
+    to this process's arguments). ``module=None``: argv starts with its own ``-m``."""
     argv = sys.argv[1:] if argv is None else argv
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             *(["-m", module] if module else []), *argv]
 
 
-def relaunch_with_torchrun(nproc: int, argv: list[str] | None = None, module: str | None = "ernie45.cli") -> NoReturn:
-    """Replace this process with torchrun running ``torchrun_command(nproc, argv, module)`` on this machine.
+def relaunch_with_torchrun(nproc: int, module: str | None, argv: list[str] | None = None) -> NoReturn:
+    """Replace this process with torchrun running ``torchrun_command(nproc, module, argv)`` on this machine.
 
     The command keeps its pid, so the SIGTERM that systemd, docker or Kubernetes sends (or a SIGINT) reaches
     torchrun itself, which stops every rank (SIGTERM, then SIGKILL after its timeout) before it exits with
     their status. A launcher that waited on a child instead would die alone and leave the ranks serving.
     """
-    cmd = torchrun_command(nproc, argv, module)
+    cmd = torchrun_command(nproc, module, argv)
     log.info("starting %d ranks: %s", nproc, " ".join(cmd))
     sys.stdout.flush()
     sys.stderr.flush()

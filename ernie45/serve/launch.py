@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = ParallelConfig(tp=args.tp, ep=args.ep)
     if not under_torchrun():
         sizes.validate(ModelConfig.from_json(resolve_model_path(args.model)))
-        relaunch_with_torchrun(sizes.world_size, ["-m", "ernie45.serve.launch", *(argv or sys.argv[1:])], module=None)
+        relaunch_with_torchrun(sizes.world_size, "ernie45.serve.launch", argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank" + os.environ["RANK"] + " %(name)s: %(message)s")
     return serve_parallel(args.model, sizes, dtype=args.dtype, host=args.host, port=args.port,
                           kv_cache_memory=args.kv_cache_memory)
@@ -72,7 +72,7 @@ def serve_cli(args: Any) -> int:
         raise ValueError("--quant with --tp/--ep is not supported: serve the unquantized checkpoint over several ranks")
     if not under_torchrun():
         sizes.validate(ModelConfig.from_json(resolve_model_path(args.model)))
-        relaunch_with_torchrun(sizes.world_size)
+        relaunch_with_torchrun(sizes.world_size, "ernie45.cli")  # the `ernie45 serve ...` command line again
     engine = {k: getattr(args, k, None) for k in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
                                                    "max_model_len", "max_waiting", "block_size")}
     if getattr(args, "no_prefix_caching", False):

@@ -21,7 +21,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         nproc = check_layout(cfg, args.ep, args.fsdp)
         if not under_torchrun():
-            relaunch_with_torchrun(nproc)  # replaces this process: torchrun gets the signals sent to it
+            relaunch_with_torchrun(nproc, "ernie45.cli")  # `ernie45 train ...` again, as torchrun (exec)
 
         trainer = DistributedTrainer(cfg, ep=args.ep, fsdp=args.fsdp)
     else:
