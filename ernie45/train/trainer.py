@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -304,9 +305,18 @@ class Trainer:
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     def plot(self) -> str | None:
-        """loss.png of the metrics so far (matplotlib, Agg backend)."""
+        """loss.png of the metrics so far (matplotlib, Agg backend). A plot that fails is a warning: the run, its
+        checkpoints and metrics.jsonl never depend on it."""
         if not self.history:
             return None
+        try:
+            return self._plot()
+        except Exception as e:  # any plotting failure (missing backend, fonts, disk) is not fatal
+            warnings.warn(f"could not draw {os.path.join(self.cfg.output_dir, 'loss.png')} ({type(e).__name__}: "
+                          f"{e}); training goes on, metrics.jsonl has the same numbers", stacklevel=2)
+            return None
+
+    def _plot(self) -> str:
         import matplotlib
 
         matplotlib.use("Agg")
