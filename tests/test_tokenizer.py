@@ -302,7 +302,7 @@ def test_chat_template_errors(tok, messages, match):
 
 # ------------------------------------------------------------------------------------------- errors
 def test_clear_errors_for_bad_folders(tmp_path, tok_dir):
-    with pytest.raises(TokenizerError, match="no such folder"):
+    with pytest.raises(TokenizerError, match="no such file or folder"):
         Tokenizer.from_pretrained(tmp_path / "missing")
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -227,18 +228,13 @@ def native_to_hf(model: ErnieForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
 
 # ------------------------------------------------------------------------------------------- loading
 def resolve_model_path(path: str | os.PathLike) -> str:
-    """A checkpoint folder, or the name ``demo`` for the model bundled with the package."""
-    p = os.fspath(path)
-    if p == "demo" and not os.path.exists(p):
-        from ernie45 import assets
+    """The checkpoint folder of a model name: a folder, a file in one, or ``demo`` (``ernie45.resolve``)."""
+    from ernie45 import resolve
 
-        return assets.demo_path()
-    if not os.path.exists(p):
-        raise CheckpointError(f"{p}: no such file or folder (give a checkpoint folder with config.json and "
-                              f"*.safetensors, or 'demo')")
-    if os.path.isfile(p):
-        p = os.path.dirname(os.path.abspath(p))
-    return p
+    try:
+        return resolve.checkpoint_folder(path)
+    except resolve.ModelNameError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def build_empty(config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> ErnieForCausalLM:
@@ -352,7 +348,9 @@ def load_model(
     if quant_options.get("quant") or _is_quantized(folder):
         from ernie45.quant.load import load_quantized  # quantize-on-load streams differently
 
-        return load_quantized(folder, dtype=resolve_dtype(dtype), device=device, progress=progress, **quant_options)
+        model = load_quantized(folder, dtype=resolve_dtype(dtype), device=device, progress=progress, **quant_options)
+        model.checkpoint_folder = folder  # save_model copies its tokenizer and generation files along
+        return model
     if quant_options:
         raise TypeError(f"load_model got unexpected options {sorted(quant_options)}")
     config = ModelConfig.from_json(folder)
@@ -376,6 +374,7 @@ def load_model(
                     _fill(params[tgt.name], ref, tgt, f)
     model.tie_weights()
     model.eval()
+    model.checkpoint_folder = folder  # save_model copies its tokenizer and generation files along
     return model.to(device) if torch.device(device).type != "cpu" else model
 
 
@@ -440,17 +439,28 @@ def save_tensors(tensors: Iterable[tuple[str, torch.Tensor]], folder: str, max_s
     return [os.path.join(folder, f) for f in names]
 
 
-def save_model(model: ErnieForCausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-    """Save as an HF checkpoint (per-expert names, config.json) that transformers and we load."""
+def save_model(model: ErnieForCausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+               tokenizer: str | os.PathLike | Any = None) -> None:
+    """Save as an HF checkpoint (per-expert names, config.json) that transformers and we load.
+
+    tokenizer: where the tokenizer and generation files come from (a model name as ``load_model`` takes, or a
+    ``Tokenizer`` read from a folder); by default the folder the model was loaded from, if any. They are copied
+    beside the weights so the folder opens everywhere (``LLM``, ``ernie45 serve``, transformers)."""
+    from ernie45 import resolve
+
     folder = os.fspath(path)
     os.makedirs(folder, exist_ok=True)
+    src = getattr(tokenizer, "source", tokenizer) if tokenizer is not None else getattr(model, "checkpoint_folder",
+                                                                                        None)
     if getattr(model, "quant_config", None) is not None:
         from ernie45.quant.load import save_quantized
 
         save_quantized(model, folder, max_shard_size)
-        return
-    dtype = model.model.embed_tokens.weight.dtype
-    config = model.config.replace(torch_dtype=str(dtype).removeprefix("torch."))
-    save_tensors(native_to_hf(model), folder, max_shard_size)
-    config.save_json(folder)
+    else:
+        dtype = model.model.embed_tokens.weight.dtype
+        config = model.config.replace(torch_dtype=str(dtype).removeprefix("torch."))
+        save_tensors(native_to_hf(model), folder, max_shard_size)
+        config.save_json(folder)
+    if src is not None and os.fspath(src) != "<memory>":
+        resolve.copy_files(src, folder, resolve.TOKENIZER_FILES)
 

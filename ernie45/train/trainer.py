@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 import warnings
 from typing import Any
@@ -32,7 +31,6 @@ from ernie45.utils import atomic_write_text, resolve_dtype
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -339,7 +337,7 @@ class Trainer:
     def export(self) -> str:
         """HF-format model in output_dir/final (LoRA merged; the adapter alone in output_dir/adapter),
         with the tokenizer files beside it."""
-        from ernie45.model.checkpoint import resolve_model_path, save_model
+        from ernie45.model.checkpoint import save_model
 
         out = os.path.join(self.cfg.output_dir, "final")
         model = self.model
@@ -350,11 +348,7 @@ class Trainer:
                               base=self.cfg.init_from)
             model = lora.merge_lora(copy.deepcopy(model))
         export = copy.deepcopy(model).to(resolve_dtype(self.cfg.export_dtype)).eval()
-        save_model(export, out)
-        src = resolve_model_path(self.tokenizer_dir)
-        for name in TOKENIZER_FILES + ("generation_config.json",):
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+        save_model(export, out, tokenizer=self.tokenizer_dir or self.tokenizer)  # with the tokenizer's files
         gen = os.path.join(out, "generation_config.json")
         if not os.path.isfile(gen):  # the official sampling defaults (spec §4)
             tok = self.tokenizer
