@@ -225,7 +225,7 @@ def main() -> None:
         port = free_port()
         cb = [] if args.peer_no_cb else ["--continuous-batching"]
         servers.append(("transformers", ["transformers", "serve", model, "--port", str(port), "--device", "cpu",
-                                         "--dtype", "bfloat16", *cb], port, model))
+                                         "--dtype", "bfloat16", "--model-timeout", "86400", *cb], port, model))
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:
         running = [(name, stack.enter_context(Server(cmd, port, os.path.join(work, f"{name}.log"))), port, served)
