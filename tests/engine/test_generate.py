@@ -137,6 +137,6 @@ def test_preempting_a_request_already_in_the_batch_gives_the_same_outputs(moe_mo
     small = LLM(moe_model, kv_cache_memory=4 * per_block, block_size=4)
     got = small.generate([p, late], params)
     assert small.engine.stats()["kv_blocks_total"] == 4
-    assert True in hits, hits  # the branch under test ran
+    assert any(hits), hits  # the branch under test ran: a victim already in the batch
     assert [[c.token_ids for c in o.outputs] for o in got] == expected
     assert small.engine.stats()["kv_blocks_used"] == 0
