@@ -40,3 +40,10 @@ def pytest_runtest_call(item: pytest.Item) -> None:
         from tests import native
 
         native.require()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest's TerminalReporter
+    """The same line at the end too: `pytest -q` (scripts/test.sh) hides the header."""
+    from tests import native
+
+    terminalreporter.write_line(native.report_line())
