@@ -56,6 +56,7 @@ def test_every_entry_point_takes_the_same_names(capsys):
     assert "no such file or folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_saved_folder_opens_everywhere(tmp_path):
     """save_model copies the tokenizer and generation files of the folder the model came from (or of
     ``tokenizer=``): LLM and the generate verb take the folder alone and give the demo's tokens."""
