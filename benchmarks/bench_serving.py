@@ -301,7 +301,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], model: str, offline
     for r in rows:
         groups.setdefault((r["server"], r["concurrency"]), []).append(r)
     for (_, _), rs in groups.items():
-        r = median(sorted(rs, key=lambda x: x["output_tok_s"]))
+        r = sorted(rs, key=lambda x: x["output_tok_s"])[len(rs) // 2]  # the median round, as common.median picks
         lines.append(f"| {r['server']} | {r['concurrency']} | {r['requests']} | {sum(x['failed'] for x in rs)} | "
                      f"{median_range([x['output_tok_s'] for x in rs], '{:.1f}')} | {r['mean_prompt_tokens']:.0f} | "
                      f"{r['ttft_p50_ms']:.0f} / {r['ttft_p90_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
