@@ -9,11 +9,9 @@ import sys
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import os
+    from ernie45.resolve import model_config
 
-    from ernie45.config import ModelConfig
-
-    cfg = ModelConfig.from_json(args.model) if os.path.exists(args.model) else ModelConfig.from_name(args.model)
+    cfg = model_config(args.model)
     layers = cfg.moe_layers
     info = {
         "model_type": cfg.model_type,
@@ -254,9 +252,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from ernie45.loading import save_model
+    from ernie45 import resolve
+    from ernie45.loading import load_model, save_model
     from ernie45.model.checkpoint import resolve_model_path
-    from ernie45.quant.load import copy_side_files, load_quantized
     from ernie45.quant.quantize import quantized_nbytes
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -267,10 +265,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         opts["dense_bits"] = args.dense_bits
     if args.head_bits is not None:
         opts["head_bits"] = args.head_bits or None
-    model = load_quantized(src, dtype=args.dtype, quant=f"int{args.bits}", method=args.method, progress=True,
-                           **opts)
-    save_model(model, args.out, max_shard_size=args.max_shard_size)
-    copy_side_files(src, args.out)
+    model = load_model(src, dtype=args.dtype, quant=f"int{args.bits}", method=args.method, progress=True, **opts)
+    save_model(model, args.out, max_shard_size=args.max_shard_size)  # the tokenizer and generation files travel along
+    resolve.copy_files(src, args.out, resolve.DOC_FILES)  # same weights in another format: card and license too
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out) if f.endswith(".safetensors"))
     print(f"{model.quant_config.describe()}\n{quantized_nbytes(model) / 2**30:.2f} GiB in memory, "
           f"{size / 2**30:.2f} GiB on disk -> {args.out}")
@@ -298,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie45", description="ERNIE 4.5 text models in plain PyTorch")
     sub = p.add_subparsers(dest="verb", required=True)
     s = sub.add_parser("info", help="architecture and parameter counts of a preset or checkpoint folder")
-    s.add_argument("model", help="preset name (ernie-4.5-21b-a3b, ...) or checkpoint folder")
+    s.add_argument("model", help="checkpoint folder, 'demo' or preset name (ernie-4.5-21b-a3b, ...)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_info)
     add_serve_parser(sub)

@@ -141,13 +141,14 @@ class Tokenizer:
     # ----------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> Tokenizer:
-        """Load `tokenizer.model` and the JSON files beside it from a checkpoint folder."""
-        folder = os.fspath(folder)
-        if os.path.isfile(folder):
-            folder = os.path.dirname(os.path.abspath(folder))
-        if not os.path.isdir(folder):
-            raise TokenizerError(f"{folder}: no such folder (give the checkpoint folder holding "
-                                 f"{TOKENIZER_MODEL})")
+        """Load `tokenizer.model` and the JSON files beside it from a checkpoint folder (any model name
+        ``load_model`` takes: a folder, a file in one, or ``demo``; ``ernie45.resolve``)."""
+        from ernie45 import resolve
+
+        try:
+            folder = resolve.checkpoint_folder(folder)
+        except resolve.ModelNameError as e:
+            raise TokenizerError(f"{e} (the tokenizer is the folder's {TOKENIZER_MODEL})") from None
         model_file = os.path.join(folder, TOKENIZER_MODEL)
         if not os.path.isfile(model_file):
             raise TokenizerError(f"{folder}: no {TOKENIZER_MODEL} here; copy the SentencePiece model and "

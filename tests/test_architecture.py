@@ -25,7 +25,9 @@ PACKAGE = "ernie45"
 # ARCHITECTURE.md mirrors this table: keep the two the same.
 LAYERS: list[set[str]] = [
     {"utils", "assets"},  # helpers and bundled files
-    {"config", "tokenizer"},  # configs and text
+    {"config"},  # configs and presets
+    {"resolve"},  # model names -> folders (demo, preset, folder, file)
+    {"tokenizer"},  # text
     {"model"},  # plain torch: the reference every backend is tested against
     {"kernels"},  # native code for the passes above the model (see ONLY: it imports no model code)
     {"quant"},  # quantized weight formats and the quantize swap

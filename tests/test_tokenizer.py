@@ -157,8 +157,8 @@ def test_rare_characters_use_byte_fallback(tok):
 
 
 def test_numpy_and_torch_ids(tok):
-    torch = pytest.importorskip("torch")
-    np = pytest.importorskip("numpy")
+    import numpy as np
+    import torch
     ids = tok.encode("你好<|end_of_sentence|>")
     assert tok.decode(torch.tensor(ids)) == tok.decode(np.array(ids)) == tok.decode(ids) == "你好"
     det = tok.detokenizer(torch.tensor(ids[:2]))
@@ -258,7 +258,7 @@ CONVERSATIONS = [
 
 def _official_render(messages: list[dict], add_generation_prompt: bool, specials: dict) -> str:
     """Render with the official template the way transformers does (sandboxed jinja2, trim/lstrip blocks)."""
-    jinja2_sandbox = pytest.importorskip("jinja2.sandbox")
+    import jinja2.sandbox as jinja2_sandbox
     with open(os.path.join(OFFICIAL, "tokenizer_config.json"), encoding="utf-8") as f:
         template = json.load(f)["chat_template"]
     env = jinja2_sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -302,7 +302,7 @@ def test_chat_template_errors(tok, messages, match):
 
 # ------------------------------------------------------------------------------------------- errors
 def test_clear_errors_for_bad_folders(tmp_path, tok_dir):
-    with pytest.raises(TokenizerError, match="no such folder"):
+    with pytest.raises(TokenizerError, match="no such file or folder"):
         Tokenizer.from_pretrained(tmp_path / "missing")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -337,7 +337,7 @@ def test_folder_with_only_tokenizer_model(tmp_path, tok_dir):
 
 # ------------------------------------------------------------------------------- transformers parity
 def test_matches_transformers_llama_tokenizer(tok_dir, tok):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     # how transformers serves ERNIE's tokenizer (spec §4)
     hf = transformers.LlamaTokenizer.from_pretrained(tok_dir, legacy=True, add_bos_token=False,
                                                      add_prefix_space=False)

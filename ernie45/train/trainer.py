@@ -14,8 +14,8 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -31,7 +31,6 @@ from ernie45.utils import atomic_write_text, resolve_dtype
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -304,9 +303,18 @@ class Trainer:
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     def plot(self) -> str | None:
-        """loss.png of the metrics so far (matplotlib, Agg backend)."""
+        """loss.png of the metrics so far (matplotlib, Agg backend). A plot that fails is a warning: the run, its
+        checkpoints and metrics.jsonl never depend on it."""
         if not self.history:
             return None
+        try:
+            return self._plot()
+        except Exception as e:  # any plotting failure (missing backend, fonts, disk) is not fatal
+            warnings.warn(f"could not draw {os.path.join(self.cfg.output_dir, 'loss.png')} ({type(e).__name__}: "
+                          f"{e}); training goes on, metrics.jsonl has the same numbers", stacklevel=2)
+            return None
+
+    def _plot(self) -> str:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -330,7 +338,6 @@ class Trainer:
         """HF-format model in output_dir/final (LoRA merged; the adapter alone in output_dir/adapter),
         with the tokenizer files beside it."""
         from ernie45.loading import save_model
-        from ernie45.model.checkpoint import resolve_model_path
 
         out = os.path.join(self.cfg.output_dir, "final")
         model = self.model
@@ -341,11 +348,7 @@ class Trainer:
                               base=self.cfg.init_from)
             model = lora.merge_lora(copy.deepcopy(model))
         export = copy.deepcopy(model).to(resolve_dtype(self.cfg.export_dtype)).eval()
-        save_model(export, out)
-        src = resolve_model_path(self.tokenizer_dir)
-        for name in TOKENIZER_FILES + ("generation_config.json",):
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+        save_model(export, out, tokenizer=self.tokenizer_dir or self.tokenizer)  # with the tokenizer's files
         gen = os.path.join(out, "generation_config.json")
         if not os.path.isfile(gen):  # the official sampling defaults (spec §4)
             tok = self.tokenizer

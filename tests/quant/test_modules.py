@@ -28,7 +28,7 @@ SCHEMES = {  # scheme, layout without the native kernels (with them: "span" wher
 }
 
 
-NATIVE = [pytest.param(True, marks=pytest.mark.skipif(not kernels.available(), reason="no native kernels")), False]
+NATIVE = [pytest.param(True, marks=pytest.mark.native), False]
 
 
 @pytest.mark.parametrize("native", NATIVE)
@@ -220,7 +220,7 @@ def test_gptq_lowers_output_error_against_rtn() -> None:
     assert q(ids).logits.isfinite().all()
 
 
-@pytest.mark.skipif(not kernels.available(), reason="no native kernels")
+@pytest.mark.native
 @pytest.mark.parametrize("scheme", [TensorScheme(4, 128), TensorScheme(8, None, True), TensorScheme(2, 64)],
                          ids=["int4-g128", "int8-channel", "int2-g64"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -249,7 +249,7 @@ def test_fused_native_experts_equal_the_per_expert_path(scheme: TensorScheme, dt
                      qx.down_proj.kernel_args())
 
 
-@pytest.mark.skipif(not kernels.available(), reason="no native kernels")
+@pytest.mark.native
 def test_deepcopy_of_a_used_quantized_linear_reads_its_own_weights() -> None:
     """The span path caches raw pointers: a copy (or an unpickled module) must not read its original's memory."""
     q = QuantLinear.from_linear(nn.Linear(256, 64, bias=False), TensorScheme(4, 128))
@@ -263,7 +263,7 @@ def test_deepcopy_of_a_used_quantized_linear_reads_its_own_weights() -> None:
         assert torch.equal(twin(x), before)  # the copy still computes with its own weights
 
 
-@pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
+@pytest.mark.native
 @pytest.mark.parametrize("bits", [8, 6, 4, 2])
 def test_fused_linears_equal_the_separate_calls(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """q/k/v (and gate/up) read the same x: one native call gives each linear's own result bit for bit, and the
