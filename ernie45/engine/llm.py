@@ -25,6 +25,7 @@ from ernie45.engine.sampler import Sampler, SeqSampling, make_generator
 from ernie45.engine.sampling_params import SamplingParams
 from ernie45.engine.scheduler import Scheduler
 from ernie45.engine.sequence import Sequence, SequenceStatus
+from ernie45.engine.structured import build_processors
 from ernie45.model.model import ErnieForCausalLM
 from ernie45.utils import resolve_dtype
 
@@ -198,10 +199,11 @@ class LLMEngine:
         seqs = []
         for i in range(params.n):
             seq = Sequence(request_id, ids, params, index=i, arrival=seqs[0].arrival if seqs else None)
-            seq.state = _SeqState(SeqSampling(make_generator(params.seed, i, self.runner.device), stop_ids))
+            procs = build_processors(params, self.tokenizer, self.config.vocab_size, stop_ids)
+            seq.state = _SeqState(SeqSampling(make_generator(params.seed, i, self.runner.device), stop_ids, procs))
             if self.tokenizer is not None:
                 d = getattr(self.tokenizer, "detokenizer", None)
-                seq.state.detok = d(ids) if d is not None else _Detok(self.tokenizer)
+                seq.state.detok = d(ids, params.skip_special_tokens) if d is not None else _Detok(self.tokenizer)
             if params.logprobs is not None:
                 seq.state.logprobs = []
             seqs.append(seq)
