@@ -164,7 +164,7 @@ def build_app(engine: Any, model_name: str, *, api_key: str | None = None,
                                       sum(len(ids) for ids in prompts)),
                     media_type="text/event-stream", headers=SSE_HEADERS)
             return {"id": cid, "object": "text_completion", "created": t, "model": model_name, "choices": heads,
-                    "usage": usage(sum(len(ids) for ids in prompts) * req.n, 0)}
+                    "usage": usage(sum(len(ids) for ids in prompts), 0)}
         params = svc.sampling_params(req, req.max_tokens, max(len(p) for p in prompts), req.logprobs,
                                      structured=req.structured())
         q, ids = await svc.submit(cid, prompts, params)
@@ -239,9 +239,12 @@ def build_app(engine: Any, model_name: str, *, api_key: str | None = None,
         if req.prompt is not None:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
-            chat = ChatCompletionRequest.model_validate({"messages": req.messages, "tools": req.tools,
-                                                         "add_generation_prompt": req.add_generation_prompt,
-                                                         "chat_template_kwargs": req.chat_template_kwargs})
+            try:
+                chat = ChatCompletionRequest.model_validate({"messages": req.messages, "tools": req.tools,
+                                                             "add_generation_prompt": req.add_generation_prompt,
+                                                             "chat_template_kwargs": req.chat_template_kwargs})
+            except ValidationError as e:
+                raise validation_error(e) from None
             ids = svc.tokenizer.encode(plan_chat(tok, chat)[0])
         strs = [svc.token_str(i) for i in ids] if req.return_token_strs else None
         return {"count": len(ids), "max_model_len": svc.max_model_len, "tokens": ids, "token_strs": strs}

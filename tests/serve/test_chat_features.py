@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from tests.serve.util import engine_kwargs
 
 NAME = "scripted-thinking"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
@@ -21,19 +20,11 @@ CALLS = ("I need the tools.\n</think>\n\n<tool_call>\n{\"name\": \"get_weather\"
 
 
 @pytest.fixture(scope="module")
-def scripted(tmp_path_factory):
-    from ernie45.engine.llm import LLMEngine
-    from ernie45.serve import ServerThread, build_app
-    from tests.serve.scripted import build_scripted
+def scripted(scripted_server):
+    import openai
 
-    model, tok = build_scripted(str(tmp_path_factory.mktemp("thinking")))
-    kw = engine_kwargs(enable_prefix_caching=False, max_model_len=1024, kv_cache_memory="64MB")
-    kw.pop("dtype")
-    engine = LLMEngine(model, tokenizer=tok, **kw)
-    with ServerThread(build_app(engine, NAME)) as srv:
-        import openai
-
-        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60), model, tok, srv
+    srv, model, tok = scripted_server
+    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60), model, tok, srv
 
 
 def run(scripted, text: str, messages: list[dict], tools=None, **kw):

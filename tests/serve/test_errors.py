@@ -59,6 +59,8 @@ CASES = [  # (route, body (dict, or raw bytes), status, words the message must c
     ("/v1/completions", {**COMP, "logit_bias": {"99999999": 5}}, 400, "outside the vocabulary", None),
     ("/v1/chat/completions", {**CHAT, "max_reasoning_tokens": 8}, 400, "thinking template",
      "max_reasoning_tokens"),
+    ("/tokenize", {"messages": [{"role": "robot", "content": "x"}]}, 400, "role", "messages"),
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "x"}]}, 400, "exactly one", "prompt"),
     ("/v1/completions", {**COMP, "max_tokens": 10**9}, 400, "maximum context length", "max_tokens"),
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 10**6}, 400, "lower max_tokens", "max_tokens"),
     ("/v1/completions", {**COMP, "prompt": LONG_PROMPT}, 400, "maximum context length", "prompt"),
