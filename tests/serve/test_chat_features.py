@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-
 NAME = "scripted-thinking"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
