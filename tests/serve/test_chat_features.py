@@ -67,6 +67,7 @@ def test_reasoning_is_separated_streamed_and_not(scripted):
     assert (reasoning, content, calls, reasons) == (msg.reasoning_content, msg.content, [], ["stop"])
 
 
+@pytest.mark.slow
 def test_tool_calls_parsed_with_ids_streamed_and_not(scripted):
     full, (reasoning, content, calls, reasons) = run(scripted, CALLS, ASK, tools=TOOLS)
     choice = full.choices[0]
