@@ -348,8 +348,9 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict] | None = None
-    # the thinking budget: our name, and FastDeploy's (vLLM and SGLang have none for ERNIE)
+    # the thinking budget: our name, vLLM's (`thinking_token_budget`, PR #20859) and FastDeploy's
     max_reasoning_tokens: int | None = Field(None, ge=1)
+    thinking_token_budget: int | None = Field(None, ge=1)
     reasoning_max_tokens: int | None = Field(None, ge=1)
 
     refused: ClassVar[dict] = CHAT_REFUSED
@@ -383,7 +384,12 @@ class ChatCompletionRequest(_SamplingFields):
 
     @property
     def reasoning_budget(self) -> int | None:
-        return self.max_reasoning_tokens if self.max_reasoning_tokens is not None else self.reasoning_max_tokens
+        given = [v for v in (self.max_reasoning_tokens, self.thinking_token_budget, self.reasoning_max_tokens)
+                 if v is not None]
+        if len(set(given)) > 1:
+            raise APIError("max_reasoning_tokens, thinking_token_budget and reasoning_max_tokens name the same "
+                           "budget; give one", param="max_reasoning_tokens")
+        return given[0] if given else None
 
 
 class TokenizeRequest(BaseModel):

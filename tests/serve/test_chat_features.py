@@ -124,5 +124,7 @@ def test_reasoning_budget_forces_the_closing_marker(scripted):
     # token 5 was the forced </think>; the script goes on from token 6 and is now the answer
     assert msg.content == tok.decode(script[6:14]).strip()
     assert (reasoning, content) == (msg.reasoning_content, msg.content)
+    vllm_name, _ = run(scripted, long_thought, ASK, max_tokens=14, extra_body={"thinking_token_budget": 5})
+    assert vllm_name.choices[0].message.content == msg.content
     unbounded, _ = run(scripted, long_thought, ASK, max_tokens=14)
     assert unbounded.choices[0].message.content is None or unbounded.choices[0].message.content == ""
