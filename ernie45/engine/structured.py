@@ -5,12 +5,14 @@ any token is picked; each sequence keeps its own processors in `seq.state.sampli
 (built by `build_processors` when a request is added). Processors read the sequence's tokens so far,
 so they hold no engine hooks: preemption (recompute) and n>1 forks change nothing for them.
 
-Structured output runs on llguidance (Microsoft's grammar engine, the one vLLM and FastDeploy offer
-beside xgrammar). It was chosen over xgrammar because it takes our tokenizer as it is - the bytes of
-every id, from the byte-fallback SentencePiece table `Tokenizer._bytes` - with no HF tokenizer object,
-compiles JSON schema, regex and Lark (GBNF converted) grammars without a C++ build step, and computes a
-mask for ERNIE's 103k vocabulary in tens of microseconds on a CPU. A grammar's masks for all the
-constrained rows of a step are written into one [R, V/32] bitmask and applied to the batch at once.
+Structured output runs on llguidance (Microsoft's grammar engine; vLLM and FastDeploy offer it beside
+xgrammar). Both install here on CPU and both can take a byte-fallback SentencePiece vocabulary; llguidance
+was chosen because it is one self-contained wheel (xgrammar pulls in apache-tvm-ffi), it takes our
+tokenizer as it is (the bytes of every id from `Tokenizer._bytes`, no HF tokenizer object), and one grammar
+language covers every request kind: JSON schema, regex, Lark with JSON schemas nested inside it (the
+`<tool_call>` grammar of forced tool calls below) and GBNF through its converter. Masks are computed in
+Rust, a fraction of a millisecond per row (benchmarks/results/2026-12-04-structured.md); the masks of all
+constrained rows of a step go into one [R, V/32] bitmask applied to the batch at once.
 """
 
 from __future__ import annotations
