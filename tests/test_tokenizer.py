@@ -7,6 +7,7 @@ BPE SentencePiece model trained at test time on generated English and Chinese te
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -296,6 +297,20 @@ def test_chat_template_spec_example(tok):
     (["hello"], r"messages\[0\] must be a dict"),
 ])
 def test_chat_template_errors(tok, messages, match):
+    builtin = copy.copy(tok)
+    builtin.chat_template = None  # the built-in base template checks roles and contents itself
+    with pytest.raises(ValueError, match=match):
+        builtin.apply_chat_template(messages)
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([{"role": "user", "content": "a"}, {"content": "b"}], r"messages\[1\] must be a dict with a string 'role'"),
+    (["hello"], r"messages\[0\] must be a dict"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "only .*text"),
+    ([{"role": "user"}], "the chat template failed"),  # the official template reads message["content"]
+])
+def test_checkpoint_template_errors(tok, messages, match):
+    assert tok.chat_template is not None, "the official tokenizer_config.json carries its template"
     with pytest.raises(ValueError, match=match):
         tok.apply_chat_template(messages)
 

@@ -25,6 +25,7 @@ from ernie45.engine.sampler import Sampler, SeqSampling, make_generator
 from ernie45.engine.sampling_params import SamplingParams
 from ernie45.engine.scheduler import Scheduler
 from ernie45.engine.sequence import Sequence, SequenceStatus
+from ernie45.engine.structured import build_processors
 from ernie45.model.model import ErnieForCausalLM
 from ernie45.utils import resolve_dtype
 
@@ -157,7 +158,9 @@ class LLMEngine:
         for i in range(params.n):
             seq = Sequence(request_id, ids, params, index=i, arrival=seqs[0].arrival if seqs else None)
             out = self.output.new_seq(ids, params)
-            seq.state = _SeqState(SeqSampling(make_generator(params.seed, i, self.runner.device), out.stop_ids), out)
+            procs = build_processors(params, self.tokenizer, self.config.vocab_size, out.stop_ids)
+            seq.state = _SeqState(SeqSampling(make_generator(params.seed, i, self.runner.device), out.stop_ids, procs),
+                                  out)
             seqs.append(seq)
         for child in seqs[1:]:
             child.status = SequenceStatus.FORK_PENDING
@@ -168,9 +171,10 @@ class LLMEngine:
         self.scheduler.add(seqs[0])
         self.prompt_tokens_total += len(ids)
 
-    def check_request(self, ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, ids: list[int], params: SamplingParams | None, score_only: bool = False) -> None:
         """Raise ``RequestError`` (naming the field at fault) for a request this engine cannot run: the one
-        place requests are validated; ``SamplingParams`` has checked its own ranges already."""
+        place requests are validated; ``SamplingParams`` has checked its own ranges already. ``params`` None with
+        ``score_only``: a prompt only scored (the server's echo / prompt_logprobs), which may fill the context."""
         vocab = self.config.vocab_size
         bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
@@ -179,11 +183,13 @@ class LLMEngine:
         if not ids:
             raise RequestError("the prompt is empty: it must contain at least one token", param="prompt")
         limit = self.max_model_len
-        if len(ids) >= limit:
+        if len(ids) > limit or (len(ids) == limit and not score_only):
             raise RequestError(f"This model's maximum context length is {limit} tokens, but the prompt has {len(ids)} "
                                f"tokens, which leaves no room to generate: shorten the prompt (or give a larger "
                                f"kv_cache_memory / max_model_len; the KV cache holds {self.kv_cache.capacity_tokens} "
                                f"tokens)", param="prompt", code="context_length_exceeded")
+        if params is None:
+            return
         room = limit - len(ids)
         if self.strict_max_tokens and params.max_tokens is not None and params.max_tokens > room:
             raise RequestError(f"This model's maximum context length is {limit} tokens; the request asks for "

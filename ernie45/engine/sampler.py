@@ -20,6 +20,7 @@ import torch
 
 from ernie45 import kernels
 from ernie45.engine.sequence import Sequence
+from ernie45.engine.structured import apply_processors
 
 
 @dataclass
@@ -29,6 +30,8 @@ class SeqSampling:
     generator: torch.Generator | None = None
     stop_ids: list[int] = field(default_factory=list)
     """Token ids masked until min_tokens is reached (EOS unless ignore_eos, plus stop_token_ids)."""
+    processors: list = field(default_factory=list)
+    """logit_bias, allowed ids, thinking budget, grammar mask (ernie45.engine.structured), in this order."""
 
 
 def make_generator(seed: int | None, index: int, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -89,7 +92,7 @@ def _plain_greedy(q: Sequence) -> bool:
     """Greedy, no logprobs, no penalties, no stop ids masked for min_tokens: the token is the argmax."""
     p = q.params
     return (p.greedy and p.logprobs is None and p.repetition_penalty == 1 and not p.presence_penalty
-            and not p.frequency_penalty
+            and not p.frequency_penalty and not (q.state is not None and q.state.sampling.processors)
             and not (q.num_output_tokens < p.min_tokens and q.state is not None and q.state.sampling.stop_ids))
 
 
@@ -111,6 +114,9 @@ class Sampler:
         for i, q in enumerate(seqs):
             if q.num_output_tokens < q.params.min_tokens and q.state is not None and q.state.sampling.stop_ids:
                 logits_SV[i, q.state.sampling.stop_ids] = float("-inf")
+        # Logits processors (logit_bias, grammar masks, ...): one place, after penalties, before any pick.
+        if any(q.state is not None and q.state.sampling.processors for q in seqs):
+            apply_processors(logits_SV, seqs)
         tokens_S = logits_SV.argmax(-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
