@@ -137,7 +137,7 @@ def test_quality_table(trained, artifacts_dir: str) -> None:  # noqa: ANN001
     assert kl["experts int4 g128"] < 0.25 * kl["experts int2 g64 RTN"]
     gptq = "experts int2 g64 GPTQ (calibrated)"
     assert rows[gptq]["bpw"] == pytest.approx(rows["experts int2 g64 RTN"]["bpw"])  # same bits per weight
-    assert kl[gptq] < 0.5 * kl["experts int2 g64 RTN"]
+    assert kl[gptq] < 0.1 * kl["experts int2 g64 RTN"]  # measured 0.038x (9.8e-6 vs 2.6e-4) on 2026-12-04
     assert rows[gptq]["ppl"] < rows["experts int2 g64 RTN"]["ppl"]
     assert rows["int8 (per-channel)"]["ppl"] < base["ppl"] * 1.01
     if native.run():  # the activation quantization costs little next to the weights' own error
