@@ -140,4 +140,4 @@ def test_every_shipped_recipe_parses():
     assert {"demo_pretrain.yaml", "demo_sft.yaml", "sft_lora.yaml", "dpo.yaml"} <= set(names)
     for name in names:
         cfg = TrainConfig.from_yaml(os.path.join(recipes, name))
-        assert cfg.task in ("pretrain", "sft", "dpo")
+        assert cfg.task in ("pretrain", "sft", "dpo", "upo")
