@@ -12,6 +12,7 @@ samples in our probes):
 
     python scripts/make_upo_task.py --task add --out data/upo_add.jsonl [--max-operand 4]
     python scripts/make_upo_task.py --task copy --out data/upo_copy.jsonl [--words 48] [--seed 0]
+    python scripts/make_upo_task.py --eval MODEL --out data/upo_add.jsonl    # accuracy of a model on the prompts
 """
 
 from __future__ import annotations
@@ -69,6 +70,26 @@ def make(num_words: int, seed: int) -> list[dict]:
     return [{"prompt": TEMPLATE.format(word=w), "answer": w} for w in words]
 
 
+def evaluate(model: str, path: str, samples: int = 8) -> dict:
+    """Exact-match rate of ``model`` (a folder or 'demo') on the prompts in ``path``: greedy, and over
+    ``samples`` samples at temperature 1; plus the greedy answers."""
+    from ernie45 import LLM, SamplingParams
+
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    llm = LLM(model, dtype="float32", enable_prefix_caching=False)
+    prompts = [r["prompt"] for r in rows]
+    greedy = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, stop=["\n"]))
+    sampled = llm.generate(prompts, [SamplingParams(max_tokens=6, temperature=1.0, n=samples, seed=i, stop=["\n"])
+                                     for i in range(len(prompts))])
+    g = [o.outputs[0].text.strip() for o in greedy]
+    return {"model": model, "prompts": len(rows),
+            "greedy_exact": sum(a == r["answer"] for a, r in zip(g, rows)) / len(rows),
+            "sampled_exact": sum(c.text.strip() == r["answer"] for o, r in zip(sampled, rows) for c in o.outputs)
+            / (len(rows) * samples),
+            "greedy_answers": {r["prompt"].strip(): a for a, r in zip(g, rows)}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", choices=["add", "copy"], default="add")
@@ -76,7 +97,11 @@ def main() -> None:
     ap.add_argument("--max-operand", type=int, default=4)
     ap.add_argument("--words", type=int, default=len(WORDS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval", metavar="MODEL", help="score MODEL on the prompts in --out instead of writing them")
     args = ap.parse_args()
+    if args.eval:
+        print(json.dumps(evaluate(args.eval, args.out), ensure_ascii=False))
+        return
     rows = make_add(args.max_operand) if args.task == "add" else make(args.words, args.seed)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
