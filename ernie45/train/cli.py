@@ -1,4 +1,4 @@
-"""`ernie45 train pretrain|sft|dpo --config recipe.yaml [--resume]`: the training verb of ernie45/cli.py."""
+"""`ernie45 train pretrain|sft|dpo|upo --config recipe.yaml [--resume]`: the training verb of ernie45/cli.py."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.task != args.task:
         raise ValueError(f"{args.config} is a {cfg.task!r} recipe; run `ernie45 train {cfg.task} --config "
                          f"{args.config}` or set task: {args.task} in it")
+    if cfg.task == "upo" and (args.ep > 1 or args.fsdp > 1):
+        raise ValueError("train upo runs in one process (its rollout engine shares the module); drop --ep/--fsdp")
     if args.ep > 1 or args.fsdp > 1:  # several ranks: ernie45.parallel (torchrun started here when needed)
         from ernie45.parallel.launch import relaunch_with_torchrun, under_torchrun
         from ernie45.train.distributed import DistributedTrainer, check_layout
@@ -24,6 +26,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             relaunch_with_torchrun(nproc, "ernie45.cli")  # `ernie45 train ...` again, as torchrun (exec)
 
         trainer = DistributedTrainer(cfg, ep=args.ep, fsdp=args.fsdp)
+    elif cfg.task == "upo":
+        from ernie45.train.upo import UPOTrainer
+
+        trainer = UPOTrainer(cfg)
     else:
         trainer = Trainer(cfg)
     history = trainer.train(resume=args.resume)
@@ -34,8 +40,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_train_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
-    s = sub.add_parser("train", help="pretrain, SFT or DPO (full or LoRA) from a YAML recipe (see recipes/)")
-    s.add_argument("task", choices=["pretrain", "sft", "dpo"])
+    s = sub.add_parser("train", help="pretrain, SFT, DPO or online UPO (full or LoRA) from a recipe (recipes/)")
+    s.add_argument("task", choices=["pretrain", "sft", "dpo", "upo"])
     s.add_argument("--config", required=True, help="recipe YAML (keys: ernie45.train.recipe.TrainConfig)")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     s.add_argument("--output-dir", help="override the recipe's output_dir")

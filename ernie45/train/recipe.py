@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-TASKS = ("pretrain", "sft", "dpo")
+TASKS = ("pretrain", "sft", "dpo", "upo")
 DPO_LOSSES = ("sigmoid", "ipo", "simpo")
 
 
@@ -16,7 +16,7 @@ class TrainConfig:
     """A training run. Paths in a YAML recipe are relative to the directory the command runs in."""
 
     task: str = "pretrain"
-    """pretrain | sft | dpo."""
+    """pretrain | sft | dpo | upo (online: ernie45.train.upo)."""
     output_dir: str = "runs/out"
     """Checkpoints, metrics.jsonl, loss.png and the exported model (``final/``) go here."""
     tokenizer: str | None = None
@@ -72,6 +72,9 @@ class TrainConfig:
     simpo_gamma: float = 0.5
     lora: dict[str, Any] | None = None
     """LoRA instead of full fine-tuning: {r, alpha, targets}; see ernie45.train.lora.LoRAConfig."""
+    upo: dict[str, Any] | None = None
+    """task: upo only: rollouts, rewards and loss weights; see ernie45.train.upo.UPOConfig. batch_size is then
+    prompts per step, seq_len the longest prompt."""
     log_every: int = 1
     """Metrics line every N steps."""
     save_every: int = 50
@@ -107,6 +110,15 @@ class TrainConfig:
         if self.lora and self.aux_free_rate:
             raise ValueError("aux_free_rate updates the routers' correction bias, which a LoRA adapter does not "
                              "carry; set aux_free_rate: 0 for a LoRA run")
+        if self.task == "upo":
+            from ernie45.train.upo import UPOConfig
+
+            u = UPOConfig.from_dict(self.upo)
+            if self.batch_size % (u.updates_per_step * self.grad_accum):
+                raise ValueError(f"batch_size={self.batch_size} prompts must split evenly into upo.updates_per_step="
+                                 f"{u.updates_per_step} x grad_accum={self.grad_accum} parts")
+        elif self.upo is not None:
+            raise ValueError(f"the upo mapping is for task: upo; this recipe is task: {self.task}")
         if self.tokenizer is None and self.init_from is None:
             raise ValueError("tokenizer is not set: give the folder holding tokenizer.model")
 

@@ -66,7 +66,7 @@ class Trainer:
         self.tokenizer_dir = cfg.tokenizer or cfg.init_from
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.tokenizer_dir)
         self.model = self.build_model()
-        self.reference = self.build_reference() if cfg.task == "dpo" and cfg.dpo_loss != "simpo" else None
+        self.reference = self.build_reference() if self.needs_reference() else None
         self.lora_config = None
         if cfg.lora:
             from ernie45.train import lora
@@ -102,6 +102,10 @@ class Trainer:
         if cfg.freeze_correction_bias and cfg.aux_free_rate:
             raise ValueError("freeze_correction_bias and aux_free_rate > 0 contradict each other; pick one")
         return model.to(self.device).train()
+
+    def needs_reference(self) -> bool:
+        """A frozen reference is kept for DPO/IPO (subclasses such as UPO decide for themselves)."""
+        return self.cfg.task == "dpo" and self.cfg.dpo_loss != "simpo"
 
     def build_reference(self) -> nn.Module:
         """Frozen copy of the starting policy for DPO/IPO (built before LoRA is applied)."""

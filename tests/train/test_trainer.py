@@ -140,7 +140,7 @@ def test_every_shipped_recipe_parses():
     assert {"demo_pretrain.yaml", "demo_sft.yaml", "sft_lora.yaml", "dpo.yaml"} <= set(names)
     for name in names:
         cfg = TrainConfig.from_yaml(os.path.join(recipes, name))
-        assert cfg.task in ("pretrain", "sft", "dpo")
+        assert cfg.task in ("pretrain", "sft", "dpo", "upo")
 
 
 def test_a_failing_plot_never_costs_the_run(tmp_path, tok, tok_dir, small_corpus, monkeypatch):
