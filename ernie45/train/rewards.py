@@ -120,7 +120,7 @@ class RewardModel(nn.Module):
     def from_pretrained(cls, folder: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> RewardModel:
         from safetensors.torch import load_file
 
-        from ernie45.model.checkpoint import load_model
+        from ernie45.loading import load_model
 
         path = os.path.join(folder, HEAD_FILE)
         if not os.path.isfile(path):
@@ -145,7 +145,7 @@ class RewardModel(nn.Module):
     def save(self, folder: str) -> None:
         from safetensors.torch import save_file
 
-        from ernie45.model.checkpoint import save_model
+        from ernie45.loading import save_model
         from ernie45.utils import atomic_path
 
         save_model(self.lm, folder)
