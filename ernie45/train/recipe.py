@@ -55,6 +55,8 @@ class TrainConfig:
     """fp32 | bf16 (bf16 autocast over fp32 master weights)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in backward to save activation memory."""
+    recompute: str | list[str] | None = None
+    """Fine-grained recomputation: none | attention | experts | mlp | full, or a list (ernie45.train.recompute)."""
     seed: int = 0
     """Seeds initialisation and data order."""
     aux_loss_coef: float = 0.0
@@ -107,6 +109,10 @@ class TrainConfig:
         if self.lora and self.aux_free_rate:
             raise ValueError("aux_free_rate updates the routers' correction bias, which a LoRA adapter does not "
                              "carry; set aux_free_rate: 0 for a LoRA run")
+        if self.recompute is not None:
+            from ernie45.train.recompute import parse_recompute
+
+            parse_recompute(self.recompute)
         if self.tokenizer is None and self.init_from is None:
             raise ValueError("tokenizer is not set: give the folder holding tokenizer.model")
 

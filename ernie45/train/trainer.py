@@ -76,6 +76,10 @@ class Trainer:
             lora.apply_lora(self.model, self.lora_config)
         if cfg.gradient_checkpointing:
             self.model.model.gradient_checkpointing = True
+        if cfg.recompute:  # after the subclasses' parallelize: the experts' class is swapped there
+            from ernie45.train.recompute import apply_recompute
+
+            apply_recompute(self.model, cfg.recompute)
         self.optimizer = self.build_optimizer(self.model)
         self.dataset = self.build_dataset()
         self.sampler = BatchSampler(len(self.dataset), cfg.batch_size, seed=cfg.seed, shuffle=True)
