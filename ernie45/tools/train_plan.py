@@ -73,17 +73,20 @@ def layer_activation_bytes(config: ModelConfig, layer: int, tokens: int, dtype_b
 
 
 def stage_activation_bytes(config: ModelConfig, layers: range, tokens: int, dtype_bytes: int,
-                           recompute: tuple[str, ...] = (), last: bool = True, in_flight: int = 1) -> int:
-    """Peak saved-activation bytes of a stage holding ``layers`` with ``in_flight`` micro-batches of
-    ``tokens`` tokens alive (1F1B: pp - stage; one process: 1). ``last`` adds the head."""
+                           recompute: tuple[str, ...] = (), last: bool = True, in_flight: int = 1,
+                           first: bool = True, microbatches: int = 1) -> int:
+    """Peak activation bytes of a stage holding ``layers`` with ``in_flight`` micro-batches of ``tokens``
+    tokens alive (1F1B: pp - stage; one process: 1). ``last`` adds the head: the final norm, the fp32
+    logits, their log-softmax and its gradient. A pipeline stage that is not the first also holds a
+    receive buffer per micro-batch (torch.distributed.pipelining allocates one per chunk), and every
+    stage of a pipeline a gradient buffer per micro-batch in flight."""
     per = [layer_activation_bytes(config, i, tokens, dtype_bytes, recompute) for i in layers]
     kept = sum(k for k, _ in per)
-    head = 0
-    if last:
-        ab = dtype_bytes
-        head = tokens * config.hidden_size * (3 * ab + (4 if ab < 4 else 0)) + tokens * config.vocab_size * 4
+    ab, th = dtype_bytes, tokens * config.hidden_size
+    head = th * (3 * ab + (4 if ab < 4 else 0)) + 3 * tokens * config.vocab_size * 4 if last else 0
     transient = max((tr for _, tr in per), default=0)
-    return in_flight * kept + max(head, transient)
+    buffers = (0 if first else microbatches * th * ab) + (0 if first and last else in_flight * th * ab)
+    return in_flight * kept + max(head, transient) + buffers
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,7 @@ def train_memory(config: ModelConfig, layout: TrainLayout, micro_batch: int, seq
         if mixed and layout.fsdp <= 1:
             gathered += dense * dtype_bytes  # autocast keeps 16-bit copies of the weights it casts
         in_flight = min(layout.pp - s, m)
-        act = stage_activation_bytes(config, layers, tokens, dtype_bytes, kinds, last, in_flight)
+        act = stage_activation_bytes(config, layers, tokens, dtype_bytes, kinds, last, in_flight, first, m)
         overhead = GPU_OVERHEAD if device == "gpu" else CPU_OVERHEAD
         total = weights + grads + optim + act + gathered + overhead
         mem = TrainMemory(asdict(layout), layout.gpus, s, [layers.start, layers.stop], weights, grads, optim, act,

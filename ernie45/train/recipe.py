@@ -52,7 +52,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
     precision: str = "fp32"
-    """fp32 | bf16 (bf16 autocast over fp32 master weights)."""
+    """fp32 | bf16 (bf16 autocast over fp32 master weights) | fp8 (bf16 autocast + FP8 GEMMs, ernie45.train.fp8;
+    needs CUDA capability >= 8.9)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in backward to save activation memory."""
     recompute: str | list[str] | None = None
@@ -89,8 +90,8 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r}: choose one of {list(TASKS)}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision={self.precision!r}: choose 'fp32' or 'bf16'")
+        if self.precision not in ("fp32", "bf16", "fp8"):
+            raise ValueError(f"precision={self.precision!r}: choose 'fp32', 'bf16' or 'fp8'")
         if self.dpo_loss not in DPO_LOSSES:
             raise ValueError(f"dpo_loss={self.dpo_loss!r}: choose one of {list(DPO_LOSSES)}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "save_every",

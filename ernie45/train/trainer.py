@@ -76,6 +76,10 @@ class Trainer:
             lora.apply_lora(self.model, self.lora_config)
         if cfg.gradient_checkpointing:
             self.model.model.gradient_checkpointing = True
+        if cfg.precision == "fp8":  # before recompute: both swap module classes, FP8 first
+            from ernie45.train.fp8 import enable_fp8
+
+            enable_fp8(self.model)
         if cfg.recompute:  # after the subclasses' parallelize: the experts' class is swapped there
             from ernie45.train.recompute import apply_recompute
 
@@ -135,7 +139,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ stepping
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision in ("bf16", "fp8"))
 
     def next_batch(self) -> list[dict[str, torch.Tensor]]:
         return [self.dataset[i] for i in self.sampler.next_indices()]

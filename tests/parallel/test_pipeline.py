@@ -73,6 +73,7 @@ def two_ranks(folders) -> dict:
         ("pp2_zero_bubble", pc.pp2_zero_bubble),
         ("pp2_stage_load", functools.partial(pc.pp2_stage_load, path=folders["hf"])),
         ("pp2_save", functools.partial(pc.pp2_save, folder=folders["dcp"])),
+        ("pp2_memory", pc.pp2_memory),
     ], world=2)
 
 
@@ -107,6 +108,11 @@ def test_pp2_zero_bubble_v_equals_single_process(two_ranks):
 @pytest.mark.multiprocess
 def test_pp2_stage_reads_only_its_layers_from_hf(two_ranks):
     assert_passed(two_ranks, "pp2_stage_load")
+
+
+@pytest.mark.multiprocess
+def test_pp2_peak_memory_per_rank_as_planned(two_ranks):
+    assert_passed(two_ranks, "pp2_memory")
 
 
 @pytest.mark.multiprocess
