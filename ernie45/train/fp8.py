@@ -54,8 +54,10 @@ def require_fp8(device: torch.device | str | None = None) -> None:
     if fp8_supported(device):
         return
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    have = (f"CUDA capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}"
-            if device.type == "cuda" and torch.cuda.is_available() else f"device {device.type!r}")
+    if device.type == "cuda" and torch.cuda.is_available():
+        have = f"CUDA capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}"
+    else:
+        have = "no CUDA device" if not torch.cuda.is_available() else f"device {device.type!r}"
     raise Fp8Unavailable(f"precision: fp8 needs a GPU with FP8 tensor cores (CUDA compute capability >= "
                          f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}: H100/H200/H20, L40S, RTX 4090); this run has "
                          f"{have}. Use precision: bf16 here.")
