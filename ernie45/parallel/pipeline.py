@@ -160,6 +160,15 @@ class StageModel(nn.Module):
         e = self.config.moe_num_experts
         self.num_experts = max(e, 1)
         self.records: list[tuple[torch.Tensor, float]] = []  # per forward: (load_LE, aux value)
+        # Router outputs are collected by hooks, not by the list DecoderLayer takes: FSDP2's pre-forward
+        # copies a layer's list arguments, so appends to it would be lost.
+        self._router: list = []
+        for moe in self.moe:
+            moe.gate.register_forward_hook(self._record_router)
+
+    def _record_router(self, module: nn.Module, args: tuple, out: tuple) -> None:
+        probs_TE, _, idx_TK = out
+        self._router.append((probs_TE, idx_TK))
 
     @property
     def has_mtp(self) -> bool:
@@ -170,11 +179,11 @@ class StageModel(nn.Module):
         h = m.embed_tokens(x) if self.is_first else x  # [B, T, H]
         positions = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         cos, sin = m.rotary(positions)
-        router: list | None = [] if self.moe else None
+        self._router = []
         for layer in m.layers:
-            h = layer(h, cos, sin, None, None, router)
+            h = layer(h, cos, sin, None, None, None)
+        router, self._router = self._router, []
         if router:
-            router = router[: len(self.moe)]  # recomputation in backward appends again
             with torch.no_grad():
                 load_LE = torch.stack([torch.bincount(idx_TK.reshape(-1), minlength=self.num_experts).float()
                                        for _, idx_TK in router])
@@ -305,8 +314,11 @@ class Pipeline:
         self.cfg, self.pmesh = cfg, pmesh
         mesh = pmesh.stage_mesh
         self.stage_ids = cfg.stage_ids(pmesh.pp_rank)
-        if isinstance(model, list):
+        if isinstance(model, list):  # stages from load_stage_model: already expert-parallel
             self.modules = model
+            if fsdp:
+                for mod in self.modules:
+                    shard_stage_fsdp(mod, mesh, param_dtype)
         else:
             self.bounds = split_layers(model.config, cfg.num_stages, costs)
             self.modules = [build_stage(copy.deepcopy(model) if len(self.stage_ids) > 1 else model, s,
@@ -358,6 +370,15 @@ class Pipeline:
     def named_buffers(self):  # noqa: ANN201 - with named_parameters and config: what dist_checkpoint reads
         for m in self.modules:
             yield from m.named_buffers()
+
+    def submodules(self):  # noqa: ANN201 - what the recompute and fp8 passes walk
+        for m in self.modules:
+            yield from m.modules()
+
+    def train(self, mode: bool = True) -> Pipeline:
+        for m in self.modules:
+            m.train(mode)
+        return self
 
     # -------------------------------------------------------------------------------- one step
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> float:
@@ -492,10 +513,17 @@ class Pipeline:
 def parallelize_stage(stage: StageModel, mesh: ParallelMesh, fsdp: bool = False,
                       param_dtype: torch.dtype | None = None) -> StageModel:
     """ep (tokens sharded) then, with ``fsdp``, FSDP2 per layer and on the stage root over the data ranks."""
+    parallelize(stage, mesh, tokens="sharded")  # type: ignore[arg-type] - a stage has the model's layout
+    if fsdp:
+        shard_stage_fsdp(stage, mesh, param_dtype)
+    return stage
+
+
+def shard_stage_fsdp(stage: StageModel, mesh: ParallelMesh, param_dtype: torch.dtype | None = None) -> StageModel:
+    """FSDP2 over the stage's data ranks: each layer, then the root; expert weights stay ep-sharded."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    parallelize(stage, mesh, tokens="sharded")  # type: ignore[arg-type] - a stage has the model's layout
-    if fsdp and mesh.dp * mesh.ep > 1:
+    if mesh.dp * mesh.ep > 1:
         data = mesh.data_mesh()
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
         for layer in stage.model.layers:

@@ -154,6 +154,9 @@ def enable_fp8(model: nn.Module, emulate: bool = False, experts: bool = True) ->
     emulate: run each FP8 GEMM as its cast-round-trip emulation (any device; for tests). Without it the
     hardware must have FP8 (``require_fp8``). Returns how many linears and expert blocks were converted.
     The router (fp32, spec §2.7), norms, embeddings and the LM head stay in higher precision."""
+    if hasattr(model, "submodules"):  # a Pipeline (ernie45.parallel.pipeline): each of its stages
+        counts = [enable_fp8(m, emulate, experts) for m in model.modules]
+        return {k: sum(c[k] for c in counts) for k in ("linears", "expert_blocks")}
     if not emulate:
         require_fp8(next(model.parameters()).device)
     try:

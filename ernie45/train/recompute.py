@@ -75,7 +75,8 @@ def apply_recompute(model: nn.Module, value: str | Iterable[str] | None) -> tupl
     """Swap the chosen modules of ``model`` (a full model or a pipeline stage) to recomputing ones, in
     place; returns the parsed choice."""
     kinds = parse_recompute(value)
-    for m in list(model.modules()):
+    mods = model.submodules() if hasattr(model, "submodules") else model.modules()  # a Pipeline: its stages
+    for m in list(mods):
         if ("full" in kinds and isinstance(m, DecoderLayer)) or ("attention" in kinds and isinstance(m, Attention)) \
                 or ("experts" in kinds and isinstance(m, Experts)) \
                 or ("mlp" in kinds and isinstance(m, SwiGLU)):

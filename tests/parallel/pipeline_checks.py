@@ -171,8 +171,10 @@ def pp2_stage_load(rank: int, world: int, path: str) -> None:
 
 # ------------------------------------------------------------------------------------------ 4 ranks
 def pp2_ep2_fsdp(rank: int, world: int) -> None:
-    """pp=2 x ep=2 with FSDP over the 2 data ranks of each stage: the 3-D layout on 4 processes."""
-    compare(2, ParallelConfig(ep=2), PipelineConfig(pp=2, microbatches=2, schedule="1f1b"), fsdp=True, clip=0.05)
+    """pp=2 x ep=2 with FSDP over the 2 data ranks of each stage: the 3-D layout on 4 processes, with the
+    aux loss and the aux-free bias update (global expert load) per stage."""
+    compare(2, ParallelConfig(ep=2), PipelineConfig(pp=2, microbatches=2, schedule="1f1b"), fsdp=True, clip=0.05,
+            aux_coef=0.1, aux_free=1e-3)
 
 
 def pp2_ep2_resume(rank: int, world: int, folder: str) -> None:
