@@ -162,13 +162,14 @@ class StageModel(nn.Module):
         self.records: list[tuple[torch.Tensor, float]] = []  # per forward: (load_LE, aux value)
         # Router outputs are collected by hooks, not by the list DecoderLayer takes: FSDP2's pre-forward
         # copies a layer's list arguments, so appends to it would be lost.
-        self._router: list = []
+        self._router: list | None = None  # a list only while this stage's forward runs (not its recomputation)
         for moe in self.moe:
             moe.gate.register_forward_hook(self._record_router)
 
     def _record_router(self, module: nn.Module, args: tuple, out: tuple) -> None:
-        probs_TE, _, idx_TK = out
-        self._router.append((probs_TE, idx_TK))
+        if self._router is not None:
+            probs_TE, _, idx_TK = out
+            self._router.append((probs_TE, idx_TK))
 
     @property
     def has_mtp(self) -> bool:
@@ -182,7 +183,7 @@ class StageModel(nn.Module):
         self._router = []
         for layer in m.layers:
             h = layer(h, cos, sin, None, None, None)
-        router, self._router = self._router, []
+        router, self._router = self._router, None
         if router:
             with torch.no_grad():
                 load_LE = torch.stack([torch.bincount(idx_TK.reshape(-1), minlength=self.num_experts).float()
