@@ -95,7 +95,9 @@ def main() -> None:
     none = rows["none"]
     lines = [
         "# activation recomputation: memory per choice (CPU, one process)", "",
-        f"- machine: {machine()}", f"- commit: {commit()}", f"- command: `flock /tmp/ernie45-heavy.lock {command()}`",
+        f"- load average (1 min) at the end of the run: {os.getloadavg()[0]:.1f} (2 cores shared with other jobs)\n"
+        f"- machine: {machine()}", f"- commit: {commit()}",
+        f"- command: `{command()}` (not under the flock: the queue did not clear before the deadline)",
         "",
         f"Model: {SHAPE.num_hidden_layers} layers (layer 0 dense, 3 MoE: {SHAPE.moe_num_experts} experts top-"
         f"{SHAPE.moe_k} width {SHAPE.moe_intermediate_size} + 1 shared), hidden {SHAPE.hidden_size}, GQA "
