@@ -120,8 +120,9 @@ def main() -> None:
         f"- machine: {machine()}; 2 ranks, 1 torch thread each", f"- commit: {commit()}",
         f"- command: `{command()}` (not under the flock: the queue of other helpers' benchmarks did not clear "
         "before the deadline)", "",
-        f"Model: {SHAPE.num_hidden_layers} layers (layer 0 dense, then MoE {SHAPE.moe_num_experts} experts top-"
-        f"{SHAPE.moe_k} + 1 shared), hidden {SHAPE.hidden_size}, vocab {SHAPE.vocab_size}, "
+        f"Model: {SHAPE.num_hidden_layers} layers (MoE layers "
+        f"{[i for i in range(SHAPE.num_hidden_layers) if SHAPE.is_moe_layer(i)]}: {SHAPE.moe_num_experts} experts "
+        f"top-{SHAPE.moe_k} + 1 shared; the others dense), hidden {SHAPE.hidden_size}, vocab {SHAPE.vocab_size}, "
         f"{SHAPE.num_params() / 1e6:.1f}M params; micro-batch {args.rows} x {args.seq} tokens; split by parameter "
         f"count (embedding on stage 0, head on the last). Bubble = 1 - (time in the stage's forward/backward "
         f"chunks) / step wall time, per rank, median of {args.steps} steps after one warm-up (range in brackets). "

@@ -13,7 +13,7 @@ from ernie45.parallel.shard import collect_specs
 from ernie45.train import balance, losses
 from tests.parallel.dist_checks import build, ids_for
 
-# 4 layers (layer 0 dense, 1-3 MoE), tied embedding: the head on the last stage shares its gradient.
+# 4 layers (1-2 MoE, 0 and 3 dense), tied embedding: the head on the last stage shares its gradient.
 PP_MOE = ModelConfig.from_name("tiny-moe").replace(num_hidden_layers=4)
 LR = 1e-2
 
