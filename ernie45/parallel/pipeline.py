@@ -28,7 +28,7 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,11 +44,12 @@ from ernie45.parallel import parallelize
 from ernie45.parallel.expert_parallel import is_expert_param
 from ernie45.parallel.fsdp import expert_params
 from ernie45.parallel.mesh import MeshError, ParallelConfig, ParallelMesh
-from ernie45.train import losses
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb", "zbv")
+AuxLossFn = Callable[[list, int], torch.Tensor]
+"""(router records [(probs_TE, idx_TK)] of some MoE layers, E) -> their mean auxiliary loss (the trainer's)."""
 MULTI_STAGE = ("interleaved-1f1b", "zb", "zbv")
 
 
@@ -140,7 +141,7 @@ class StageModel(nn.Module):
     fp32 logits [B, T, V] on the last stage. Holds ``model`` and ``lm_head`` like the full model."""
 
     def __init__(self, full: ErnieForCausalLM, layers: range, first: bool, last: bool,
-                 aux_loss_coef: float = 0.0, aux_divisor: float = 1.0) -> None:
+                 aux_loss_coef: float = 0.0, aux_divisor: float = 1.0, aux_loss_fn: AuxLossFn | None = None) -> None:
         super().__init__()
         self.config = full.config
         self.layer_range, self.is_first, self.is_last = layers, first, last
@@ -154,7 +155,9 @@ class StageModel(nn.Module):
         if last:
             self.model.norm = m.norm
             self.lm_head = full.lm_head
-        self.aux_loss_coef = aux_loss_coef
+        if aux_loss_coef and aux_loss_fn is None:
+            raise ValueError("aux_loss_coef > 0 needs aux_loss_fn (e.g. ernie45.train.losses.load_balancing_loss)")
+        self.aux_loss_coef, self.aux_loss_fn = aux_loss_coef, aux_loss_fn
         self.aux_divisor = aux_divisor  # MoE layers of the whole model x micro-batches per step
         self.moe = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
         e = self.config.moe_num_experts
@@ -192,7 +195,7 @@ class StageModel(nn.Module):
             if self.aux_loss_coef and torch.is_grad_enabled():
                 # load_balancing_loss averages over its records: x (stage layers / all layers) = this
                 # stage's share of the model-wide mean, divided over the step's micro-batches.
-                aux = losses.load_balancing_loss(router, self.config.moe_num_experts) * len(router)
+                aux = self.aux_loss_fn(router, self.config.moe_num_experts) * len(router)
                 aux_value = float(aux.detach()) / self.aux_divisor
                 h = AuxLossInjector.apply(h, aux * (self.aux_loss_coef / self.aux_divisor))
             self.records.append((load_LE, aux_value))
@@ -202,12 +205,12 @@ class StageModel(nn.Module):
 
 
 def build_stage(model: ErnieForCausalLM, stage: int, bounds: list[range], aux_loss_coef: float = 0.0,
-                microbatches: int = 1) -> StageModel:
+                microbatches: int = 1, aux_loss_fn: AuxLossFn | None = None) -> StageModel:
     """The stage ``stage`` of ``bounds`` (from ``split_layers``) sharing ``model``'s modules; deep-copy
     the model first when several stages are built from one."""
     n_moe = sum(model.config.is_moe_layer(i) for i in range(model.config.num_hidden_layers))
     return StageModel(model, bounds[stage], stage == 0, stage == len(bounds) - 1, aux_loss_coef,
-                      max(1, n_moe) * microbatches)
+                      max(1, n_moe) * microbatches, aux_loss_fn)
 
 
 # -------------------------------------------------------------------------------------------- mesh
@@ -308,7 +311,7 @@ class Pipeline:
 
     def __init__(self, model: ErnieForCausalLM | list[StageModel], pmesh: PipelineMesh, cfg: PipelineConfig,
                  fsdp: bool = False, aux_loss_coef: float = 0.0, costs: Sequence[float] | None = None,
-                 param_dtype: torch.dtype | None = None) -> None:
+                 param_dtype: torch.dtype | None = None, aux_loss_fn: AuxLossFn | None = None) -> None:
 
         if cfg.pp != pmesh.pp:
             raise MeshError(f"PipelineConfig.pp={cfg.pp} but the mesh has pp={pmesh.pp}")
@@ -323,7 +326,8 @@ class Pipeline:
         else:
             self.bounds = split_layers(model.config, cfg.num_stages, costs)
             self.modules = [build_stage(copy.deepcopy(model) if len(self.stage_ids) > 1 else model, s,
-                                        self.bounds, aux_loss_coef, cfg.microbatches) for s in self.stage_ids]
+                                        self.bounds, aux_loss_coef, cfg.microbatches, aux_loss_fn)
+                            for s in self.stage_ids]
             for mod in self.modules:
                 parallelize_stage(mod, mesh, fsdp, param_dtype)
         self.config = self.modules[0].config
@@ -351,7 +355,10 @@ class Pipeline:
         self._shape = (rows, seq)
 
     def _loss(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-        return losses.masked_cross_entropy(logits_BTV, labels_BT, reduction="sum") * self.scale
+        # summed token cross-entropy in fp32 (-100 ignored), as the trainers' masked_cross_entropy
+        summed = torch.nn.functional.cross_entropy(logits_BTV.float().reshape(-1, logits_BTV.shape[-1]),
+                                                   labels_BT.reshape(-1), ignore_index=-100, reduction="sum")
+        return summed * self.scale
 
     @property
     def has_last(self) -> bool:
@@ -536,7 +543,7 @@ def shard_stage_fsdp(stage: StageModel, mesh: ParallelMesh, param_dtype: torch.d
 # ------------------------------------------------------------------------------------ HF loading
 def load_stage_model(path: str | os.PathLike, pmesh: PipelineMesh, cfg: PipelineConfig,
                      dtype: str | torch.dtype = torch.float32, aux_loss_coef: float = 0.0,
-                     costs: Sequence[float] | None = None) -> list[StageModel]:
+                     costs: Sequence[float] | None = None, aux_loss_fn: AuxLossFn | None = None) -> list[StageModel]:
     """This rank's stages read straight from an HF checkpoint: only the tensors of the stage's layers
     (and of its experts under ep), byte ranges as ``sharded_load``. Returns parallelized stages for
     ``Pipeline(stages, pmesh, cfg)`` (apply FSDP afterwards with ``parallelize_stage``'s rule if wanted)."""
@@ -563,7 +570,8 @@ def load_stage_model(path: str | os.PathLike, pmesh: PipelineMesh, cfg: Pipeline
     for s in cfg.stage_ids(pmesh.pp_rank):
         with torch.device("meta"):
             full = ErnieForCausalLM(config)
-        stage = build_stage(full.to(dtype=resolve_dtype(dtype)), s, bounds, aux_loss_coef, cfg.microbatches)
+        stage = build_stage(full.to(dtype=resolve_dtype(dtype)), s, bounds, aux_loss_coef, cfg.microbatches,
+                            aux_loss_fn)
         parallelize(stage, pmesh.stage_mesh, tokens="sharded")  # type: ignore[arg-type]
         stage.to_empty(device="cpu")
         reset_nonpersistent_buffers(stage)

@@ -33,10 +33,16 @@ GPU_OVERHEAD = 768 * MiB + 512 * MiB  # CUDA context + NCCL buffers (ernie45.too
 CPU_OVERHEAD = 320 * MiB
 
 
-def _parse(recompute: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    from ernie45.train.recompute import parse_recompute
+RECOMPUTE = ("none", "attention", "experts", "mlp", "full")
+"""ernie45.train.recompute.CHOICES (tools/ does not import train/; a test keeps the two equal)."""
 
-    return parse_recompute(recompute)
+
+def _parse(recompute: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    names = [] if recompute is None else [recompute] if isinstance(recompute, str) else list(recompute)
+    bad = [n for n in names if n not in RECOMPUTE]
+    if bad:
+        raise ValueError(f"recompute={recompute!r}: unknown choice(s) {bad}; choose from {list(RECOMPUTE)}")
+    return tuple(sorted(set(names) - {"none"}))
 
 
 def layer_activation_bytes(config: ModelConfig, layer: int, tokens: int, dtype_bytes: int,

@@ -15,9 +15,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.task != args.task:
         raise ValueError(f"{args.config} is a {cfg.task!r} recipe; run `ernie45 train {cfg.task} --config "
                          f"{args.config}` or set task: {args.task} in it")
-    if getattr(args, "pp", 1) > 1:  # pipeline stages x (ep, fsdp) ranks (ernie45.parallel.pipeline_trainer)
+    if getattr(args, "pp", 1) > 1:  # pipeline stages x (ep, fsdp) ranks (ernie45.train.pipeline_trainer)
         from ernie45.parallel.launch import relaunch_with_torchrun, under_torchrun
-        from ernie45.parallel.pipeline_trainer import PipelineTrainer, check_pipeline_layout
+        from ernie45.train.pipeline_trainer import PipelineTrainer, check_pipeline_layout
 
         nproc = check_pipeline_layout(cfg, args.pp, args.ep, args.fsdp)
         if not under_torchrun():

@@ -88,7 +88,8 @@ def assert_matches(pipe: Pipeline, want: dict[str, torch.Tensor], grads: bool, a
 def _pipeline(pp: int, sizes: ParallelConfig, cfg: PipelineConfig, fsdp: bool = False, aux_coef: float = 0.0
               ) -> tuple[PipelineMesh, Pipeline, torch.optim.Optimizer]:
     pmesh = PipelineMesh(pp, sizes, PP_MOE)
-    pipe = Pipeline(build(PP_MOE).train(), pmesh, cfg, fsdp=fsdp, aux_loss_coef=aux_coef)
+    pipe = Pipeline(build(PP_MOE).train(), pmesh, cfg, fsdp=fsdp, aux_loss_coef=aux_coef,
+                    aux_loss_fn=losses.load_balancing_loss)
     return pmesh, pipe, torch.optim.AdamW(pipe.parameters(), lr=LR, weight_decay=0.01)
 
 

@@ -60,3 +60,14 @@ def test_cli_prints_the_training_layout(capsys):
                "--device", "h100"])
     text = capsys.readouterr().out
     assert "training layout pp=2 ep=1 fsdp=1" in text and "smallest training layout" in text
+
+
+def test_recompute_choices_match_the_trainer():
+    from ernie45.tools.train_plan import RECOMPUTE, _parse
+    from ernie45.train.recompute import CHOICES, parse_recompute
+
+    assert RECOMPUTE == CHOICES
+    for value in ("none", "full", ["attention", "experts"], "mlp"):
+        assert _parse(value) == parse_recompute(value)
+    with pytest.raises(ValueError, match="unknown choice"):
+        _parse("bogus")

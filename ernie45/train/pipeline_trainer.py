@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ernie45.parallel.mesh import MeshError, ParallelConfig, init_distributed
 from ernie45.parallel.pipeline import Pipeline, PipelineConfig, PipelineMesh, load_stage_model
 from ernie45.parallel.trainer import DistributedTrainer
-from ernie45.train import balance
+from ernie45.train import balance, losses
 from ernie45.train.data import pad_batch
 from ernie45.train.recipe import TrainConfig
 from ernie45.train.trainer import Trainer, lr_at
@@ -87,11 +87,12 @@ class PipelineTrainer(DistributedTrainer):
         self.pmesh = PipelineMesh(self.pcfg.pp, self.sizes, mcfg, self.device.type)
         self.mesh = self.pmesh.stage_mesh
         if cfg.init_from:  # each stage reads only its layers (and its experts) from the HF files
-            stages = load_stage_model(cfg.init_from, self.pmesh, self.pcfg, torch.float32, cfg.aux_loss_coef)
+            stages = load_stage_model(cfg.init_from, self.pmesh, self.pcfg, torch.float32, cfg.aux_loss_coef,
+                                      aux_loss_fn=losses.load_balancing_loss)
             pipe = Pipeline(stages, self.pmesh, self.pcfg, fsdp=self.use_fsdp)
         else:
             pipe = Pipeline(Trainer.build_model(self), self.pmesh, self.pcfg, fsdp=self.use_fsdp,
-                            aux_loss_coef=cfg.aux_loss_coef)
+                            aux_loss_coef=cfg.aux_loss_coef, aux_loss_fn=losses.load_balancing_loss)
         log.info("rank %d: pipeline stages %s of %d (%s)", self.rank, pipe.stage_ids, self.pcfg.num_stages,
                  self.pcfg.schedule)
         return pipe.train()
