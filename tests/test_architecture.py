@@ -246,7 +246,8 @@ def test_checker_names_file_line_and_target_of_a_function_level_import(tmp_path)
     })
     errors, _ = violations(package_imports(root))
     assert errors == [f"{os.path.join(PACKAGE, 'model', 'model.py')}:6 imports ernie45.engine.llm (model -> engine): "
-                      "model may not import engine (model may import: assets, chat_template, config, resolve, tokenizer, utils)"]
+                      "model may not import engine (model may import: assets, chat_template, config, resolve, "
+                      "tokenizer, utils)"]
 
 
 def test_checker_resolves_package_and_relative_imports(tmp_path):

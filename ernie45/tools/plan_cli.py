@@ -35,13 +35,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
         formats = tuple(args.plot_formats.split(",")) if args.plot_formats else None
         plot_memory(args.model, args.plot, req, **({"formats": formats} if formats else {}),
                     utilization=args.utilization)
+    training = None
+    if args.mode == "full" and (args.pp > 1 or args.ep > 1 or args.fsdp > 1 or args.recompute):
+        training = _training_layout(args)  # issue 17: pp x ep x fsdp per-rank memory and the smallest layouts
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps(plan.to_dict() | ({"training_layout": training[0]} if training else {}), indent=2))
     else:
         print(format_plan(plan))
+        if training:
+            print("\n" + training[1])
         if args.plot:
             print(f"\nplot: {args.plot}")
     return 0
+
+
+def _training_layout(args: argparse.Namespace) -> tuple[dict, str]:
+    from dataclasses import asdict
+
+    from ernie45.tools.formats import FLOAT_BYTES
+    from ernie45.tools.plan import load_config
+    from ernie45.tools.train_plan import TrainLayout, format_train_plan, smallest_layouts, train_memory
+
+    if args.tp > 1:
+        raise ValueError("--tp with --mode full: the trainers shard training with --pp, --ep and --fsdp; drop --tp")
+    config = load_config(args.model)
+    recompute = args.recompute.split(",") if args.recompute else None
+    dtype_bytes = FLOAT_BYTES[(args.dtype or "bf16").lower()]
+    mem = train_memory(config, TrainLayout(args.pp, args.ep, args.fsdp), args.batch, args.context, recompute,
+                       dtype_bytes, args.microbatches, device="cpu" if args.cpu else "gpu")
+    devices = [find_device(d) for d in args.device] if args.device else None
+    fits = smallest_layouts(config, args.batch, args.context, recompute, dtype_bytes, devices,
+                            utilization=args.utilization)
+    return {"memory": mem.to_dict(), "smallest": [asdict(f) for f in fits]}, format_train_plan(mem, fits)
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -89,6 +114,12 @@ def add_plan_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparser
     s.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     s.add_argument("--ep", type=int, default=1, help="expert-parallel size (GPUs = tp x ep x pp)")
     s.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
+    s.add_argument("--fsdp", type=int, default=1, help="--mode full: data ranks per stage sharding the dense weights "
+                                                      "(FSDP2); GPUs = pp x max(ep, fsdp)")
+    s.add_argument("--recompute", default=None, help="--mode full: none, attention, experts, mlp, full or a "
+                                                     "comma-separated list (ernie45.train.recompute)")
+    s.add_argument("--microbatches", type=int, default=None, help="--mode full: micro-batches per step "
+                                                                  "(default pp; 1F1B keeps pp - stage in flight)")
     s.add_argument("--mode", default="inference", choices=["inference", "full", "lora"],
                    help="inference, full fine-tuning, or LoRA")
     s.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "none"], help="training optimizer")

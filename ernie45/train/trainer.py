@@ -75,6 +75,14 @@ class Trainer:
             lora.apply_lora(self.model, self.lora_config)
         if cfg.gradient_checkpointing:
             self.model.model.gradient_checkpointing = True
+        if cfg.precision == "fp8":  # before recompute: both swap module classes, FP8 first
+            from ernie45.train.fp8 import enable_fp8
+
+            enable_fp8(self.model)
+        if cfg.recompute:  # after the subclasses' parallelize: the experts' class is swapped there
+            from ernie45.train.recompute import apply_recompute
+
+            apply_recompute(self.model, cfg.recompute)
         self.optimizer = self.build_optimizer(self.model)
         self.dataset = self.build_dataset()
         self.sampler = BatchSampler(len(self.dataset), cfg.batch_size, seed=cfg.seed, shuffle=True)
@@ -134,7 +142,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ stepping
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision in ("bf16", "fp8"))
 
     def next_batch(self) -> list[dict[str, torch.Tensor]]:
         return [self.dataset[i] for i in self.sampler.next_indices()]
