@@ -147,3 +147,26 @@ def test_dense_model_refused():
 def test_cuda_without_cuda_is_clear(base):
     with pytest.raises(PlacementError, match="no CUDA device"):
         place_experts(copy.deepcopy(base), "cuda", experts_on="cpu")
+
+
+@pytest.mark.slow
+def test_load_model_and_cli_wiring(capsys):
+    """``load_model(..., experts_on=...)`` (what ``LLMEngine(path, experts_on=...)`` passes through) and
+    ``ernie45 generate --experts-on cpu``: the bundled demo checkpoint, same greedy text as the plain placement."""
+    from ernie45 import load_model
+    from ernie45.cli import main
+
+    hyb = load_model("demo", dtype=torch.float32, experts_on="cpu", gpu_experts=1)
+    assert hyb.placement.gpu_experts == 1 and hyb.placement.host_layers == hyb.placement.moe_layers - 1
+    assert any(isinstance(layer.mlp, HostMoE) for layer in hyb.model.layers)
+    plain = load_model("demo", dtype=torch.float32)
+    ids = torch.tensor([[1, 300, 301, 302, 77]])
+    with torch.inference_mode():
+        torch.testing.assert_close(hyb(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    flags = ["--dtype", "float32", "--kv-cache-memory", "4MB", "--temperature", "0", "--max-tokens", "4"]
+    assert main(["generate", "demo", "Hello", *flags]) == 0
+    want = capsys.readouterr().out
+    assert main(["generate", "demo", "Hello", *flags, "--experts-on", "cpu"]) == 0
+    assert capsys.readouterr().out == want
+    assert main(["generate", "demo", "Hello", *flags, "--gpu-experts", "9"]) == 2
+    assert "gpu_experts=9 exceeds the model's" in capsys.readouterr().err
