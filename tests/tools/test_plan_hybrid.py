@@ -90,3 +90,12 @@ def test_cli(capsys):
     assert "recommended: all on GPU" in out and "experts_on=cpu" in out
     assert main(["plan", BIG, "--weights", "int2", "--gpu", "24GB", "--gpu-bandwidth", "1TB/s", "--ram", "32GB"]) == 2
     assert "no placement fits" in capsys.readouterr().err
+
+
+def test_300b_wint2_weights_are_the_readme_figure():
+    """Baidu's WINT2 layout: 93.8 GB of weights (README, the memory planner's figure), all of it on the H200."""
+    plan = estimate_placements(BIG, weights="wint2", gpu="h200", ram="128GB")
+    best = recommend_placement(plan)
+    assert best.name == "all on GPU"
+    assert best.gpu_weights_bytes == pytest.approx(93.8e9, rel=1e-3)
+    assert best.gpu_weights_bytes == plan_memory(BIG, weights="wint2").weights_bytes
