@@ -99,8 +99,7 @@ def test_hybrid_quantized_int4(base):
 
     q = copy.deepcopy(base)
     quantize_model(q, "int4")
-    _check_hybrid(q, None)
-    _check_hybrid(q, 2)
+    _check_hybrid(q, 1)  # layer 1's experts on the "device", layers 2-3 on the host
 
 
 def test_replacing_is_reversible(base):
