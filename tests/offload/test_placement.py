@@ -82,7 +82,6 @@ def test_hybrid_records_router_and_state_dict_unchanged(base):
     assert hyb.state_dict().keys() == base.state_dict().keys()
     records_ref: list = []
     records_hyb: list = []
-    ids = torch.tensor([PROMPTS[0]])
     with torch.inference_mode():
         for layer_ref, layer_hyb in zip(base.model.layers, hyb.model.layers):
             if layer_ref.is_moe:
@@ -90,7 +89,6 @@ def test_hybrid_records_router_and_state_dict_unchanged(base):
                 torch.testing.assert_close(layer_hyb.mlp(x, records_hyb), layer_ref.mlp(x, records_ref))
     assert len(records_hyb) == len(records_ref) == 3
     assert all(torch.equal(a[1], b[1]) for a, b in zip(records_hyb, records_ref))
-    del ids
 
 
 @pytest.mark.slow
