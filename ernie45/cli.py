@@ -47,7 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, dtype=args.dtype,
           quant=args.quant, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
           kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
-          block_size=args.block_size, enable_prefix_caching=False if args.no_prefix_caching else None)
+          block_size=args.block_size, enable_prefix_caching=False if args.no_prefix_caching else None,
+          **_placement_kwargs(args))
     return 0
 
 
@@ -71,7 +72,26 @@ def add_serve_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparse
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit (HTTP 413)")
     s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (torchrun; started for you if needed)")
     s.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (MoE models)")
+    s.add_argument("--device", default=None, help="where the weights and KV cache live: cpu (default), cuda, cuda:N")
+    _add_placement_flags(s)
     s.set_defaults(func=cmd_serve)
+
+
+def _add_placement_flags(s: argparse.ArgumentParser) -> None:
+    """Hybrid placement (ernie45.offload): routed experts in host RAM, the rest on --device."""
+    s.add_argument("--experts-on", choices=("gpu", "cpu", "auto"), default=None,
+                   help="where the routed experts live: cpu = host RAM, computed by the CPU kernels (the rest on "
+                   "--device); auto = as many MoE layers' experts on the device as fit its free memory")
+    s.add_argument("--gpu-experts", type=int, default=None, metavar="N",
+                   help="keep the first N MoE layers' routed experts on --device, the rest in host RAM")
+
+
+def _placement_kwargs(args: argparse.Namespace) -> dict:
+    out = {k: getattr(args, k) for k in ("experts_on", "gpu_experts", "device") if getattr(args, k, None) is not None}
+    if ("experts_on" in out or "gpu_experts" in out) and "device" not in out:
+        raise ValueError("--experts-on / --gpu-experts place the routed experts apart from --device: give --device "
+                         "cuda (or cuda:N) too")
+    return out
 
 
 # ----------------------------------------------------------------------------- generate / chat
@@ -92,6 +112,7 @@ def _add_generation_flags(s: argparse.ArgumentParser) -> None:
     e.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     e.add_argument("--quant", help="quantize on load (passed to load_model)")
     e.add_argument("--device", default="cpu", help="where the weights and KV cache live: cpu, cuda, cuda:1, ...")
+    _add_placement_flags(e)
 
 
 def _make_engine(args: argparse.Namespace, verb: str):
@@ -115,6 +136,9 @@ def _make_engine(args: argparse.Namespace, verb: str):
     kv = args.kv_cache_memory
     kwargs = {"quant": args.quant} if args.quant else {}
     if device.type != "cpu":
+        kwargs["device"] = device
+    kwargs.update({k: v for k, v in _placement_kwargs(args).items() if k != "device"})
+    if ("experts_on" in kwargs or "gpu_experts" in kwargs) and "device" not in kwargs:
         kwargs["device"] = device
     return LLMEngine(args.model, dtype=args.dtype, max_num_seqs=1, max_model_len=args.max_model_len,
                      kv_cache_memory=int(kv) if kv and kv.isdigit() else kv, **kwargs)

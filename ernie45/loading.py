@@ -42,6 +42,8 @@ def load_model(
     dtype: str | torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
+    experts_on: str | None = None,
+    gpu_experts: int | None = None,
     **quant_options,
 ) -> ErnieForCausalLM:
     """Load an HF-format ERNIE 4.5 checkpoint (a folder, or ``"demo"``) into ``ErnieForCausalLM``.
@@ -50,7 +52,15 @@ def load_model(
     device: where the weights end up. progress: show a bar over shards (None: only on a terminal).
     quant_options: ``quant="int4"`` etc. quantize while loading (see ``ernie45.quant.load.load_quantized``);
     a checkpoint saved quantized loads quantized without them.
+    experts_on / gpu_experts: hybrid placement (``ernie45.offload.place_experts``): load on the host, keep the
+    routed experts of the chosen MoE layers there and move the rest to ``device``.
     """
+    if experts_on is not None or gpu_experts is not None:
+        from ernie45.offload import place_experts
+
+        model = load_model(path, dtype, "cpu", progress, **quant_options)
+        place_experts(model, device, experts_on=experts_on or "cpu", gpu_experts=gpu_experts)
+        return model
     folder = resolve_model_path(path)
     if quant_options.get("quant") or is_quantized_checkpoint(folder):
         from ernie45.quant.load import load_quantized  # quantize-on-load streams differently

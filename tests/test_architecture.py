@@ -31,7 +31,8 @@ LAYERS: list[set[str]] = [
     {"model"},  # plain torch: the reference every backend is tested against
     {"kernels"},  # native code for the passes above the model (see ONLY: it imports no model code)
     {"quant"},  # quantized weight formats and the quantize swap
-    {"accel", "formats"},  # acceleration pass (module swaps per backend); other weight file formats (GGUF, Paddle)
+    {"accel", "formats", "offload"},  # acceleration pass (module swaps per backend); other weight file formats
+    # (GGUF, Paddle); hybrid placement (routed experts in host RAM, the rest on the device)
     {"loading"},  # load_model / save_model: plain or quantized
     {"engine"},  # scheduling, paged KV cache, sampling, outputs; receives its runner
     {"parallel"},  # tp / ep / fsdp applied from outside; the multi-rank runner

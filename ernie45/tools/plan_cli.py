@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 def cmd_plan(args: argparse.Namespace) -> int:
     from ernie45.tools.plan import PlanRequest, plan_memory
 
+    if args.gpu:  # hybrid placement: one named GPU and host RAM (ernie45.tools.hybrid)
+        return cmd_placement(args)
     req = PlanRequest(
         weights=args.weights, dtype=args.dtype, kv_dtype=args.kv_dtype, context=args.context,
         batch=args.batch, tp=args.tp, ep=args.ep, pp=args.pp, mode=args.mode, optimizer=args.optimizer,
@@ -139,4 +141,30 @@ def add_plan_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparser
     s.add_argument("--plot", default=None, metavar="OUT.png", help="write memory vs context per format as PNG")
     s.add_argument("--plot-formats", default=None, help="comma-separated formats for --plot "
                                                         "(default bf16,fp8,wint8,wint4,wint2)")
+    h = s.add_argument_group("hybrid placement (routed experts on the GPU or in host RAM; --gpu turns it on)")
+    h.add_argument("--gpu", default=None, help="one GPU: catalogue key (h200, h100, rtx4090) or a size (24GB)")
+    h.add_argument("--ram", default=None, help="host RAM, e.g. 128GB (default: this machine's)")
+    h.add_argument("--placement", default="auto", help="auto (all on the GPU if it fits, else the most MoE "
+                   "layers' experts that fit, else experts in RAM), gpu, cpu, or N = GPU MoE layers")
+    h.add_argument("--host-bandwidth", default="60GB/s", help="host RAM read bandwidth (default 60GB/s)")
+    h.add_argument("--gpu-bandwidth", default=None, help="GPU memory bandwidth (default: the catalogue's)")
     s.set_defaults(func=cmd_plan)
+
+
+def cmd_placement(args: argparse.Namespace) -> int:
+    """``ernie45 plan MODEL --gpu H200 --ram 128GB --placement auto``: every placement and the recommended one."""
+    from dataclasses import asdict
+
+    from ernie45.tools.hybrid import estimate_placements, format_placements, recommend_placement
+
+    plan = estimate_placements(args.model, weights=args.weights or "bf16", context=args.context, batch=args.batch,
+                               gpu=args.gpu, ram=args.ram, gpu_bandwidth=args.gpu_bandwidth,
+                               host_bandwidth=args.host_bandwidth, utilization=args.utilization, dtype=args.dtype)
+    recommend_placement(plan, args.placement)
+    if args.json:
+        out = plan.to_dict()
+        out["recommended"] = {**asdict(plan.recommended), "name": plan.recommended.name}
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_placements(plan))
+    return 0
