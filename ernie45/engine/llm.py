@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ernie45.accel import accelerate, backend_of
 from ernie45.config import ModelConfig
 from ernie45.engine.block_manager import BlockManager
 from ernie45.engine.kv_cache import KVCache
@@ -109,7 +110,11 @@ class LLMEngine:
     def __init__(self, model: str | ErnieForCausalLM = "demo", *, tokenizer=None, dtype="bfloat16",  # noqa: ANN001
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, block_size: int = 16,
                  kv_cache_memory: int | str | None = None, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, max_waiting: int | None = None, **load_options) -> None:
+                 enable_prefix_caching: bool = True, max_waiting: int | None = None, backend: str = "auto",
+                 **load_options) -> None:
+        """backend: the acceleration backend ("auto", "cpu", "torch"; ``ernie45.accel.accelerate``), applied to the
+        model in place after it is built, quantized, loaded and sharded; "auto" keeps one already applied to a given
+        model, else takes the native CPU kernels where they run. The name is ``self.backend``."""
         if isinstance(model, ErnieForCausalLM):
             if load_options:
                 raise TypeError(f"load options {sorted(load_options)} need a checkpoint path, not a built model")
@@ -122,6 +127,9 @@ class LLMEngine:
             if tokenizer is None:
                 tokenizer = _load_tokenizer(folder)
         self.model.eval()
+        accelerate(self.model, backend)  # the last pass: build -> quantize swap -> load -> shard -> accelerate
+        accel = backend_of(self.model)
+        self.backend: str = accel.name
         self.tokenizer = tokenizer
         self.config: ModelConfig = self.model.config
         if block_size < 1:
@@ -151,8 +159,9 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(self.kv_cache.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = (DistributedModelRunner if parallel else ModelRunner)(self.model, self.kv_cache)
-        self.sampler = Sampler()
+        self.runner = (DistributedModelRunner if parallel else ModelRunner)(self.model, self.kv_cache,
+                                                                            accel.attention(self.kv_cache))
+        self.sampler = Sampler(argmax=accel.argmax)
         self.max_waiting = max_waiting
         self.requests: dict[str, _Request] = {}
         self._pending: dict[str, _Request] = {}  # aborted: final output due at the next step()
@@ -236,7 +245,7 @@ class LLMEngine:
             "kv_blocks_used": self.block_manager.num_used_blocks, "kv_blocks_total": self.block_manager.num_blocks,
             "prompt_tokens_total": self.prompt_tokens_total, "generation_tokens_total": self.generation_tokens_total,
             "prefix_cache_hit_tokens": s.prefix_cache_hit_tokens, "num_preemptions": s.num_preemptions,
-            "prompt_tokens_computed": s.prompt_tokens_computed,
+            "prompt_tokens_computed": s.prompt_tokens_computed, "backend": self.backend,
         }
 
     # ------------------------------------------------------------------ the step
@@ -339,6 +348,11 @@ class LLM:
     @property
     def tokenizer(self):  # noqa: ANN201
         return self.engine.tokenizer
+
+    @property
+    def backend(self) -> str:
+        """The acceleration backend the engine runs ("cpu", "torch")."""
+        return self.engine.backend
 
     def generate(self, prompts: str | list[int] | list[str | list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,

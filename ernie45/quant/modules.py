@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernie45 import kernels
-from ernie45.model import native
 from ernie45.model.moe import Experts
 from ernie45.quant import math as qm
 from ernie45.quant.scheme import TensorScheme
@@ -69,8 +68,9 @@ class QWeight(nn.Module):
         if k * self.bits % 8:
             raise ValueError(f"{k} input features do not pack into whole bytes at {self.bits} bits")
         cpu = torch.device(device or "cpu").type in ("cpu", "meta")
-        self._zero_free: bool | None = None  # all zeros 0 (symmetric): the kernel skips them; set lazily
-        self._ptrs: tuple | None = None  # the span kernel's pointers and strides; reset when buffers change
+        self.version = 0
+        """Bumped whenever the stored weight or its buffers change (set_stored, .to()): what a backend derived from
+        them (kernel arguments, a fused layer's plan) is stale."""
         if cpu and kernels.span_ok(k, self.bits, self.group) and kernels.available():
             self.layout = "span"
         elif cpu and self.bits == 8 and scheme.symmetric and self.group == k:
@@ -116,7 +116,7 @@ class QWeight(nn.Module):
     def set_stored(self, i: int | None, codes_NK: torch.Tensor, scales_NG: torch.Tensor, zeros_NG: torch.Tensor
                    ) -> None:
         """Store weight ``i`` from the portable form (codes [N, K] uint8, scales/zeros [N, G], middle-code)."""
-        self._zero_free = self._ptrs = None
+        self.version += 1
         if self.layout == "span":
             self._at("qweight", i).copy_(kernels.to_span(codes_NK, self.bits))
             self._at("scales", i).copy_(scales_NG)
@@ -163,14 +163,13 @@ class QWeight(nn.Module):
 
     # --------------------------------------------------------------------------------------- compute
     def matmul(self, x_TK: torch.Tensor, i: int | None = None) -> torch.Tensor:
-        """x @ W_i^T for x [..., K] -> [..., N], in x's dtype."""
+        """x @ W_i^T for x [..., K] -> [..., N], in x's dtype: torch's int8/int4 weight-only ops for few rows in
+        their layouts, else dequantize + GEMM (the reference; ``ernie45.accel`` backends run the span layout's
+        kernel)."""
         lead = x_TK.shape[:-1]
         x2 = x_TK.reshape(-1, self.k)
         rows = x2.shape[0]
-        if self.layout == "span" and 0 < rows <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and kernels.available():
-            xk = x2 if x2.dtype in (torch.bfloat16, torch.float32) else x2.float()
-            y = self._span_matmul(xk.contiguous(), 0 if i is None else i).to(x_TK.dtype)
-        elif self.layout in ("int8", "int4") and rows <= KERNEL_MAX_ROWS and x2.device.type == "cpu":
+        if self.layout in ("int8", "int4") and rows <= KERNEL_MAX_ROWS and x2.device.type == "cpu":
             xk = x2.to(self.dtype).contiguous()
             if self.layout == "int8":
                 y = torch.ops.aten._weight_int8pack_mm(xk, self._at("qweight", i), self._at("scales", i))
@@ -182,49 +181,9 @@ class QWeight(nn.Module):
             y = F.linear(x2, self.dequantize(i, x_TK.dtype))
         return y.reshape(*lead, self.n)
 
-    def _span_matmul(self, x_MK: torch.Tensor, i: int) -> torch.Tensor:
-        """The decode hot path: ``kernels.qgemm`` with the weight's pointers computed once (a call costs a few
-        microseconds of Python instead of ~20)."""
-        q0, qs, s0, ss, z0, zs, sb = self._kernel_ptrs()
-        return kernels.qgemm_ptrs(x_MK, self.n, q0 + i * qs, self.bits, s0 + i * ss, z0 + i * zs if z0 else None,
-                                  sb, self.group)
-
-    def fused_args(self, x: torch.Tensor) -> tuple | None:
-        """For ``kernels.fused_linears`` (which checks x's device, dtype and grad): :meth:`span_args` when this
-        weight takes x's decode-size rows, else None."""
-        if x.shape[-1] != self.k or not 0 < x.numel() <= KERNEL_MAX_ROWS * self.k:
-            return None
-        return self.span_args()
-
-    def span_args(self) -> tuple | None:
-        """(rows, codes, scales, zeros or 0, (bits, group, scales bf16)): the addresses the native kernels take, for
-        a single span-layout weight without a bias; else None."""
-        if self.layout != "span" or self.qweight.dim() != 2 or getattr(self, "bias", None) is not None:
-            return None
-        q0, _, s0, _, z0, _, sb = self._kernel_ptrs()
-        return self.n, q0, s0, z0, (self.bits, self.group, sb)
-
-    def _kernel_ptrs(self) -> tuple:
-        p = self._ptrs
-        q = self.qweight
-        if p is None or p[0] != q.data_ptr():  # a deepcopy or unpickled module carries its original's pointers
-            _, scales, zeros, _ = self.kernel_args()
-            p = self._ptrs = (q.data_ptr(), q.stride(0) if q.dim() == 3 else 0, scales.data_ptr(),
-                              scales.stride(0) * scales.element_size() if scales.dim() == 3 else 0,
-                              0 if zeros is None else zeros.data_ptr(),
-                              0 if zeros is None or zeros.dim() == 2 else zeros.stride(0) * zeros.element_size(),
-                              int(scales.dtype == torch.bfloat16))
-        return p
-
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
-        self._ptrs = None  # .to() / .cuda() / .float() may replace the buffers
+        self.version += 1  # .to() / .cuda() / .float() may replace the buffers
         return super()._apply(fn, recurse)
-
-    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-        """(codes, scales, zeros or None when all zero, group) of the span layout, for ``kernels.qmoe``."""
-        if self._zero_free is None:
-            self._zero_free = self.zeros is None or not bool(self.zeros.any())
-        return self.qweight, self.scales, None if self._zero_free else self.zeros, self.group
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
@@ -283,28 +242,7 @@ class QuantExperts(Experts):
             q.down_proj.quantize_(i, experts.down_proj[i].detach())
         return q
 
-    def forward(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
-        """Decode sizes on CPU: all selected experts in one native call (``kernels.qmoe``: the same products,
-        roundings and ascending-expert sum as the per-expert path, without its per-expert torch ops)."""
-        gu, dn = self.gate_up_proj, self.down_proj
-        if (gu.layout == "span" and dn.layout == "span" and 0 < x_TH.shape[0] <= kernels.MOE_MAX_TOKENS
-                and x_TH.device.type == "cpu" and x_TH.dtype in (torch.bfloat16, torch.float32)
-                and gu.dtype == dn.dtype and kernels.available() and not kernels.needs_grad(x_TH)):
-            return kernels.qmoe(x_TH, idx_TK, w_TK.to(x_TH.dtype), gu.bits, gu.kernel_args(), dn.kernel_args())
-        return super().forward(x_TH, idx_TK, w_TK)
-
-    def span_args(self) -> tuple | None:
-        """(bits, scales bf16, gate_up (codes, scales, zeros or 0, group), down (the same)): the addresses of the
-        stacks for the native decode layer, when both are in the span layout with one scheme; else None."""
-        gu, dn = self.gate_up_proj, self.down_proj
-        if gu.layout != "span" or dn.layout != "span" or gu.bits != dn.bits or gu.dtype != dn.dtype:
-            return None
-        (q0, _, s0, _, z0, _, sb), d = gu._kernel_ptrs(), dn._kernel_ptrs()
-        return gu.bits, sb, (q0, s0, z0, gu.group), (d[0], d[2], d[4], dn.group)
-
     def expert_forward(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.matmul(x_TH, e).chunk(2, dim=-1)
         return self.down_proj.matmul(F.silu(gate) * up, e)
 
-
-native.NATIVE_TYPES.update((QuantLinear, QuantExperts))  # the C decode layer reproduces their forward
