@@ -253,3 +253,24 @@ def test_kv_cache_decode_attention_equals_the_torch_path() -> None:
         v = torch.randn(2, cfg.num_key_value_heads, cfg.head_dim, generator=g).bfloat16()
         outs.append(step.attend(0, q, k, v).float())
     torch.testing.assert_close(outs[0], outs[1], rtol=2**-7, atol=1e-2)
+
+
+def test_the_header_is_the_one_boundary() -> None:
+    """ernie45_kernels.h declares every exported function and struct; the ctypes side declares each function with
+    as many arguments as its prototype, and its struct mirrors have the C sizes (checked at load, again here)."""
+    import ctypes
+    import re
+
+    header = kernels.HEADER.read_text()
+    protos = dict(re.findall(r"^(?:int|int64_t) (ernie45_\w+)\(([^;]*)\);", header, flags=re.M))
+    lib = kernels.library()
+    assert len(protos) == 14 and "ernie45_decode_layer" in protos
+    for name, params in protos.items():
+        assert len(getattr(lib, name).argtypes) == len(params.split(",")), name
+    for struct in (kernels.QSet, kernels.LayerPlan):
+        assert f"}} {struct.__name__};" in header
+        assert lib.ernie45_sizeof(struct.__name__.encode()) == ctypes.sizeof(struct)
+    assert lib.ernie45_sizeof(b"Nothing") == -1
+    source = kernels.SOURCE.read_text()
+    exported = set(re.findall(r"^(?:int|int64_t) (ernie45_\w+)\(", source, flags=re.M))
+    assert exported == set(protos), exported ^ set(protos)  # nothing exported past the header
