@@ -25,11 +25,11 @@ def native_class(cls: type, table: dict[type, type]) -> type | None:
     """The class a module of class ``cls`` becomes under ``table`` (reference class -> native class); None: none."""
     if cls in table:
         return table[cls]
-    key = next(((ref, table[ref]) for ref in cls.__mro__ if ref in table), None)
-    if key is None:
+    ref = next((r for r in cls.__mro__ if r in table), None)
+    if ref is None:
         return None
-    if (cls, key[1]) not in _derived:
-        ref, native = key
+    native = table[ref]
+    if (cls, native) not in _derived:
         def inherited(name: str) -> bool:
             return hasattr(ref, name) and getattr(cls, name) is getattr(ref, name)
 

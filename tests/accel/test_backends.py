@@ -192,6 +192,7 @@ def test_sharded_linears_get_the_native_matmul_hook() -> None:
     from ernie45.parallel.tensor_parallel import RowParallelLinear, TPAttention
 
     row = native_class(RowParallelLinear, NATIVE)
+    assert native_class(RowParallelLinear, NATIVE) is row  # derived once, then reused
     assert row.forward is RowParallelLinear.forward and row.local_linear is not RowParallelLinear.local_linear
     assert native_class(TPAttention, NATIVE).forward is NATIVE[type(_model().model.layers[0].self_attn)].forward
 
