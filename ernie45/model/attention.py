@@ -3,8 +3,8 @@
 - Dense causal path (``cache is None``): SDPA over [B, T] with an optional padding mask. Used for
   parity tests and training.
 - Cache path: the caller passes an object with ``attend(layer_idx, q, k, v) -> out`` that writes the
-  new keys/values into its cache and attends over it (the engine's paged KV cache,
-  ``ernie45.engine.kv_cache``). The model never imports the engine; the metadata travels explicitly.
+  new keys/values into its cache and attends over it (the engine passes its attention backend's context
+  for the step, ``ernie45.accel.attention``). The model imports neither; the metadata travels with the step.
 
 Shape suffixes: B batch, T tokens, N query heads, K kv heads, D head_dim, H hidden.
 """
