@@ -120,6 +120,10 @@ class QWeight(nn.Module):
         self.version += 1  # .to() / .cuda() / .float() may replace the buffers
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - nn.Module signature
+        self.version += 1  # load_state_dict writes (or, with assign=True, replaces) the buffers
+        super()._load_from_state_dict(*args, **kwargs)
+
     def nbytes(self) -> int:
         return self.format.nbytes(self)
 

@@ -18,6 +18,8 @@ one) keeps the layer on the module path, where the hook runs.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 from torch import nn
 
@@ -86,29 +88,40 @@ def build_plan(layer: DecoderLayer) -> kernels.LayerPlan | None:
     return plan
 
 
-class _Plan:
-    """A layer's plan and the signature it was built from: every module with its class and children, every
-    full-precision tensor with its address, every quantized weight with its version and codes' address."""
+_VERSION = attrgetter("version")
+_FWD_HOOKS, _PRE_HOOKS = attrgetter("_forward_hooks"), attrgetter("_forward_pre_hooks")
+_CHILDREN, _PARAMS, _BUFFERS = attrgetter("_modules"), attrgetter("_parameters"), attrgetter("_buffers")
 
-    __slots__ = ("children", "mods", "plan", "qweights", "tensors")
+
+class _Plan:
+    """A layer's plan and the signature it was built from: every module's class, children, parameters and buffers
+    (by identity), every full-precision tensor's address, every quantized weight's version (which its own changes
+    bump: ``set_stored``, ``.to()``, ``load_state_dict``). The checks are C-level maps and list comparisons: a few
+    microseconds a layer, every step."""
+
+    __slots__ = ("dicts", "entries", "mods", "plan", "ptrs", "qweights", "tensors", "types", "versions")
 
     def __init__(self, layer: DecoderLayer) -> None:
         self.plan = build_plan(layer)
-        self.mods = [(m, type(m)) for m in layer.modules()]
-        self.children = [(m._modules, name, c) for m, _ in self.mods for name, c in m._modules.items()]
-        self.qweights = [(m, m.version, m.qweight, m.qweight.data_ptr()) for m, _ in self.mods
-                         if isinstance(m, QWeight)]
-        self.tensors = [(d, name, t, t.data_ptr()) for m, _ in self.mods if not isinstance(m, QWeight)
-                        for d in (m._parameters, m._buffers) for name, t in d.items() if t is not None]
+        self.mods = list(layer.modules())
+        self.types = list(map(type, self.mods))
+        plain = [m for m in self.mods if not isinstance(m, QWeight)]
+        self.dicts = [d for d in (*map(_CHILDREN, self.mods), *map(_PARAMS, self.mods), *map(_BUFFERS, plain)) if d]
+        self.entries = list(map(tuple, map(dict.values, self.dicts)))
+        self.tensors = [t for m in plain for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        self.ptrs = list(map(torch.Tensor.data_ptr, self.tensors))
+        self.qweights = [m for m in self.mods if isinstance(m, QWeight)]
+        self.versions = list(map(_VERSION, self.qweights))
 
     def valid(self) -> bool:
-        return (all(type(m) is c for m, c in self.mods) and all(d.get(n) is c for d, n, c in self.children)
-                and all(m.version == v and m.qweight is q and q.data_ptr() == a for m, v, q, a in self.qweights)
-                and all(d.get(n) is t and t.data_ptr() == a for d, n, t, a in self.tensors))
+        return (list(map(type, self.mods)) == self.types
+                and list(map(tuple, map(dict.values, self.dicts))) == self.entries
+                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs
+                and list(map(_VERSION, self.qweights)) == self.versions)
 
     def hooked(self) -> bool:
         """A forward hook on any module of the layer: it must see the module calls, so the layer runs them."""
-        return any(m._forward_hooks or m._forward_pre_hooks for m, _ in self.mods)
+        return any(map(_FWD_HOOKS, self.mods)) or any(map(_PRE_HOOKS, self.mods))
 
 
 def _global_hooks() -> bool:
