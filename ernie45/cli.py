@@ -201,8 +201,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         start, first, end = m.get("arrival_time"), m.get("first_token_time"), m.get("finished_time")
         ttft = f"first token after {first - start:.2f} s" if first and start else "no token"
         rate = f", then {(n - 1) / (end - first):.1f} tok/s" if n > 1 and first and end and end > first else ""
-        print(f"[{len(last.prompt_token_ids)} prompt + {n} generated tokens; {ttft}{rate}; finish={finish}]",
-              file=sys.stderr)
+        print(f"[{len(last.prompt_token_ids)} prompt + {n} generated tokens; {ttft}{rate}; finish={finish}; "
+              f"backend={engine.backend}]", file=sys.stderr)
     return 130 if finish == "abort" else 0
 
 
@@ -234,9 +234,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     turn = 0
     while True:
         line = _read_line(interactive)
-        if line is None:  # end of input
-            return 0
-        if line.strip() == "/exit":
+        if line is None or line.strip() == "/exit":  # end of input
+            print(f"[{turn} replies; backend={engine.backend}]", file=sys.stderr)
             return 0
         if line.strip() == "/reset":
             messages = list(system)

@@ -94,6 +94,9 @@ def test_generate_subprocess(model_dir, llm):
     assert r.stdout == expected + "\n"
     assert "generated tokens; first token after" in r.stderr and "tok/s" in r.stderr
     assert "finish=length" in r.stderr
+    from ernie45 import kernels
+
+    assert f"backend={'cpu' if kernels.available() else 'torch'}]" in r.stderr  # the path that ran
 
 
 def test_generate_stop_strings(model_dir, llm, capsys):

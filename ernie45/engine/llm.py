@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ernie45.accel import accelerate, backend_of
 from ernie45.config import ModelConfig
 from ernie45.engine.block_manager import BlockManager
 from ernie45.engine.errors import QueueFullError, RequestError
@@ -67,13 +68,16 @@ class LLMEngine:
                  kv_cache_memory: int | str | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, max_waiting: int | None = None,
                  runner: type[ModelRunner] = ModelRunner, max_logprobs: int = 20, strict_max_tokens: bool = False,
-                 **load_options) -> None:
+                 backend: str = "auto", **load_options) -> None:
         """max_logprobs: the most top logprobs a request may ask for (OpenAI's and vLLM's 20).
         strict_max_tokens: refuse a request whose prompt plus ``max_tokens`` exceeds ``max_model_len`` (the
         OpenAI server's rule) instead of ending it there with finish_reason "length".
         runner: the class that runs each step's forward; ``ModelRunner`` on one process,
         ``ernie45.parallel.runner.DistributedModelRunner`` on rank 0 of a model split by ``ernie45.parallel``
-        (its KV cache is sized with ``runner.cache_config(model)``: that rank's heads only)."""
+        (its KV cache is sized with ``runner.cache_config(model)``: that rank's heads only).
+        backend: the acceleration backend ("auto", "cpu", "torch"; ``ernie45.accel.accelerate``), applied to the
+        model in place after it is built, quantized, loaded and sharded; "auto" keeps one already applied to a given
+        model, else takes the native CPU kernels where they run. The name is ``self.backend``."""
         if isinstance(model, ErnieForCausalLM):
             if load_options:
                 raise TypeError(f"load options {sorted(load_options)} need a checkpoint path, not a built model")
@@ -87,6 +91,9 @@ class LLMEngine:
             if tokenizer is None:
                 tokenizer = _load_tokenizer(folder)
         self.model.eval()
+        accelerate(self.model, backend)  # the last pass: build -> quantize swap -> load -> shard -> accelerate
+        accel = backend_of(self.model)
+        self.backend: str = accel.name
         self.tokenizer = tokenizer
         self.config: ModelConfig = self.model.config
         if block_size < 1:
@@ -113,8 +120,8 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(self.kv_cache.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = runner(self.model, self.kv_cache)
-        self.sampler = Sampler()
+        self.runner = runner(self.model, self.kv_cache, accel.attention(self.kv_cache))
+        self.sampler = Sampler(argmax=accel.argmax)
         self.max_waiting = max_waiting
         self.max_logprobs = max_logprobs
         self.strict_max_tokens = strict_max_tokens
@@ -225,7 +232,7 @@ class LLMEngine:
             "kv_blocks_used": self.block_manager.num_used_blocks, "kv_blocks_total": self.block_manager.num_blocks,
             "prompt_tokens_total": self.prompt_tokens_total, "generation_tokens_total": self.generation_tokens_total,
             "prefix_cache_hit_tokens": s.prefix_cache_hit_tokens, "num_preemptions": s.num_preemptions,
-            "prompt_tokens_computed": s.prompt_tokens_computed,
+            "prompt_tokens_computed": s.prompt_tokens_computed, "backend": self.backend,
         }
 
     # ------------------------------------------------------------------ the step
@@ -285,6 +292,11 @@ class LLM:
     @property
     def tokenizer(self):  # noqa: ANN201
         return self.engine.tokenizer
+
+    @property
+    def backend(self) -> str:
+        """The acceleration backend the engine runs ("cpu", "torch")."""
+        return self.engine.backend
 
     def generate(self, prompts: str | list[int] | list[str | list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,

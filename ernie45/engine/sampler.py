@@ -14,11 +14,11 @@ Shape suffixes: S sequences sampling this step, V vocabulary, L padded token-lis
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ernie45 import kernels
 from ernie45.engine.sequence import Sequence
 from ernie45.engine.structured import apply_processors
 
@@ -97,14 +97,20 @@ def _plain_greedy(q: Sequence) -> bool:
 
 
 class Sampler:
-    """``sampler(logits [S, V], seqs) -> (token ids, per-row logprob dicts or None)``."""
+    """``sampler(logits [S, V], seqs) -> (token ids, per-row logprob dicts or None)``.
+
+    argmax: the backend's greedy argmax (``ernie45.accel``: logits [S, V] -> int64 [S], or None where it does not
+    take them), run on the raw logits when every row is plain greedy: the same token as the path below."""
+
+    def __init__(self, argmax: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> None:
+        self.argmax = argmax
 
     def __call__(self, logits_SV: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
         params = [q.params for q in seqs]
-        if (logits_SV.device.type == "cpu" and logits_SV.dtype in (torch.bfloat16, torch.float32)
-                and all(_plain_greedy(q) for q in seqs) and kernels.available()):
-            # Argmax of the raw logits: the same token as below (bf16 -> fp32 is exact, first index on ties).
-            return kernels.argmax(logits_SV).tolist(), [None] * len(seqs)
+        if self.argmax is not None and all(_plain_greedy(q) for q in seqs):
+            tokens = self.argmax(logits_SV)
+            if tokens is not None:
+                return tokens.tolist(), [None] * len(seqs)
         logits_SV = logits_SV.float()
         dev = logits_SV.device
         want_lp = [p.logprobs for p in params]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from ernie45 import ErnieForCausalLM, ModelConfig, init_weights, kernels
+from ernie45.accel import accelerate
 from ernie45.quant import QuantConfig, modules, quantize_model, quantized_nbytes
 from ernie45.quant.quality import compare
 from tests import native
@@ -111,7 +112,7 @@ def test_quality_table(trained, artifacts_dir: str) -> None:  # noqa: ANN001
     # row of the held-out set to measure what that adds on top of the weights' own error.
     if native.run():
         for name in ("int8 (per-channel)", "int4 g128"):
-            q = quantize_model(copy.deepcopy(model), PRESETS[name], progress=False)
+            q = accelerate(quantize_model(copy.deepcopy(model), PRESETS[name], progress=False), "cpu")
             old = modules.KERNEL_MAX_ROWS, kernels.MOE_MAX_TOKENS
             modules.KERNEL_MAX_ROWS = kernels.MOE_MAX_TOKENS = 10**9
             try:
