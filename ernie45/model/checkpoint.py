@@ -236,7 +236,7 @@ def resolve_model_path(path: str | os.PathLike) -> str:
     if not os.path.exists(p):
         raise CheckpointError(f"{p}: no such file or folder (give a checkpoint folder with config.json and "
                               f"*.safetensors, or 'demo')")
-    if os.path.isfile(p):
+    if os.path.isfile(p) and not p.endswith(".gguf"):  # a GGUF file is the whole model (ernie45.formats.gguf)
         p = os.path.dirname(os.path.abspath(p))
     return p
 
@@ -349,6 +349,9 @@ def load_model(
     quant_options: ``quant="int4"`` etc. quantize while loading (see ``ernie45.quant``).
     """
     folder = resolve_model_path(path)
+    if folder.endswith(".gguf"):  # lazily: ernie45.formats imports this module (moves to the loading dispatcher)
+        from ernie45.formats.gguf import load_gguf
+        return load_gguf(folder, dtype=dtype, device=device, progress=progress, **quant_options)
     if quant_options.get("quant") or _is_quantized(folder):
         from ernie45.quant.load import load_quantized  # quantize-on-load streams differently
 

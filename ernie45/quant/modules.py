@@ -266,18 +266,22 @@ class QuantExperts(Experts):
     matmuls change, so at batch 1 only the k selected experts' packed bytes are read."""
 
     def __init__(self, num_experts: int, hidden: int, width: int, scheme: TensorScheme,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
+                 down_scheme: TensorScheme | None = None) -> None:
+        """down_scheme: the down projection's own scheme when it differs (mixed-bit rules, GGUF files whose
+        ffn_down_exps has another type); None = ``scheme``."""
         nn.Module.__init__(self)  # not Experts.__init__: no full-precision parameters
         self.num_experts, self.width, self.hidden = num_experts, width, hidden
         self.gate_up_proj = QWeight((num_experts,), 2 * width, hidden, scheme, dtype, device)
-        self.down_proj = QWeight((num_experts,), hidden, width, scheme, dtype, device)
+        self.down_proj = QWeight((num_experts,), hidden, width, down_scheme or scheme, dtype, device)
 
     @classmethod
-    def from_experts(cls, experts: Experts, scheme: TensorScheme, dtype: torch.dtype | None = None) -> QuantExperts:
+    def from_experts(cls, experts: Experts, scheme: TensorScheme, dtype: torch.dtype | None = None,
+                     down_scheme: TensorScheme | None = None) -> QuantExperts:
         """Quantize an existing ``Experts`` one expert at a time."""
         e, two_i, h = experts.gate_up_proj.shape
         dtype = dtype or experts.gate_up_proj.dtype
-        q = cls(e, h, two_i // 2, scheme, dtype, experts.gate_up_proj.device)
+        q = cls(e, h, two_i // 2, scheme, dtype, experts.gate_up_proj.device, down_scheme)
         for i in range(e):
             q.gate_up_proj.quantize_(i, experts.gate_up_proj[i].detach())
             q.down_proj.quantize_(i, experts.down_proj[i].detach())
@@ -287,7 +291,8 @@ class QuantExperts(Experts):
         """Decode sizes on CPU: all selected experts in one native call (``kernels.qmoe``: the same products,
         roundings and ascending-expert sum as the per-expert path, without its per-expert torch ops)."""
         gu, dn = self.gate_up_proj, self.down_proj
-        if (gu.layout == "span" and dn.layout == "span" and 0 < x_TH.shape[0] <= kernels.MOE_MAX_TOKENS
+        if (gu.layout == "span" and dn.layout == "span" and gu.bits == dn.bits
+                and 0 < x_TH.shape[0] <= kernels.MOE_MAX_TOKENS
                 and x_TH.device.type == "cpu" and x_TH.dtype in (torch.bfloat16, torch.float32)
                 and gu.dtype == dn.dtype and kernels.available() and not kernels.needs_grad(x_TH)):
             return kernels.qmoe(x_TH, idx_TK, w_TK.to(x_TH.dtype), gu.bits, gu.kernel_args(), dn.kernel_args())

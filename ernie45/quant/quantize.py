@@ -1,8 +1,9 @@
 """``quantize_model``: swap a model's linears and stacked experts for quantized ones, by name.
 
-Which module gets which scheme (``QuantConfig``): routed experts (``*.mlp.experts``) -> ``experts``;
-``lm_head`` -> ``head`` (None keeps it); every other ``nn.Linear`` (attention, dense MLP, shared experts,
-MTP projection) -> ``dense``. The router ``mlp.gate`` (an fp32 ``Router``, not a Linear), norms and
+Which module gets which scheme (``QuantConfig.scheme_for``): a matching rule first, else routed experts
+(``*.mlp.experts``) -> ``experts``; ``lm_head`` -> ``head`` (None keeps it); every other ``nn.Linear``
+(attention, dense MLP, shared experts, MTP projection) -> ``dense``.
+The router ``mlp.gate`` (an fp32 ``Router``, not a Linear), norms and
 embeddings are never touched: routing decisions and the residual stream stay exact.
 """
 
@@ -28,9 +29,14 @@ def plan_modules(model: nn.Module, config: QuantConfig) -> Iterator[tuple[str, n
         if isinstance(m, (QuantLinear, QuantExperts)):
             continue
         if isinstance(m, Experts):
-            yield name, m, config.experts
+            gate_up, down = (config.scheme_for(f"{name}.{w}", "experts") for w in ("gate_up_proj", "down_proj"))
+            if (gate_up is None) != (down is None):
+                raise ValueError(f"{name}: the rules quantize one of gate_up_proj / down_proj but not the other; "
+                                 f"an expert stack is quantized whole or not at all")
+            if gate_up is not None:
+                yield name, m, gate_up
         elif isinstance(m, nn.Linear):
-            scheme = config.head if name == "lm_head" else config.dense
+            scheme = config.scheme_for(name, "head" if name == "lm_head" else "dense")
             if scheme is not None:
                 yield name, m, scheme
 
@@ -69,13 +75,16 @@ def quantize_model(model: nn.Module, config: QuantConfig | str, *, build_only: b
     for name, m, scheme in bar:
         try:
             if hess is not None and scheme.method == "gptq":
+                if isinstance(m, Experts) and config.scheme_for(f"{name}.down_proj", "experts") != scheme:
+                    raise ValueError("gptq quantizes an expert stack with one scheme; drop the down_proj rule")
                 new = _quantize_gptq(name, m, scheme, dtype, hess)
             elif isinstance(m, Experts):
                 w = m.gate_up_proj
                 e, two_i, h = w.shape
                 dt = dtype or w.dtype
-                new = (QuantExperts(e, h, two_i // 2, scheme, dt, w.device) if build_only
-                       else QuantExperts.from_experts(m, scheme, dt))
+                down = config.scheme_for(f"{name}.down_proj", "experts")
+                new = (QuantExperts(e, h, two_i // 2, scheme, dt, w.device, down) if build_only
+                       else QuantExperts.from_experts(m, scheme, dt, down))
             else:
                 dt = dtype or m.weight.dtype
                 new = (QuantLinear(m.in_features, m.out_features, scheme, m.bias is not None, dt, m.weight.device)
