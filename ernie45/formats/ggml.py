@@ -101,8 +101,9 @@ def encode(codes: torch.Tensor, scales: torch.Tensor, qtype: int) -> np.ndarray:
     blocks, [..., N, K / 32 * bytes] uint8. The scales are stored as f16 (exact for bf16 scales in f16's normal
     range, 6e-5 .. 65504)."""
     *lead, n, k = codes.shape
-    d = scales.float().to(torch.float16).reshape(*lead, n, k // 32, 1).view(torch.uint8)  # [..., B, 2]
-    c = codes.reshape(*lead, n, k // 32, 32)
+    d16 = scales.float().to(torch.float16).contiguous().reshape(-1)  # 1-D: a dtype view needs stride 1
+    d = d16.view(torch.uint8).reshape(*lead, n, k // 32, 2)  # little-endian f16 bytes
+    c = codes.contiguous().reshape(*lead, n, k // 32, 32)
     if qtype == Q8_0:
         q = (c.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
     elif qtype == Q4_0:

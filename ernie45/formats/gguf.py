@@ -482,10 +482,13 @@ def _weights(model: ErnieForCausalLM) -> Iterator[tuple[str, str, object, int | 
 
     cfg = model.config
     m = model.model
-    yield "token_embd.weight", "embed", m.embed_tokens.weight, None
+    # Tied: llama.cpp's one token_embd is both the lookup and the head; a quantized head of ours is written there
+    # from its own codes (the head keeps its exact values; the lookup then reads the quantized rows).
+    head_codes = cfg.tie_word_embeddings and hasattr(model.lm_head, "qweight")
+    yield "token_embd.weight", "embed", model.lm_head if head_codes else m.embed_tokens.weight.detach(), None
     yield "output_norm.weight", "norm", m.norm.weight, None
-    tied = cfg.tie_word_embeddings and not hasattr(model.lm_head, "qweight")
-    if not tied:
+    if not cfg.tie_word_embeddings:  # tied: llama.cpp reads token_embd as the head (a quantized head of ours is
+        # a quantization of that same embedding)
         yield "output.weight", "linear", _src(model.lm_head), None
     for i, layer in enumerate(m.layers):
         b = f"blk.{i}."
