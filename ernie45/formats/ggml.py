@@ -12,13 +12,17 @@ numpy, and the tests hold ours to its ``dequantize``):
 - ``Q4_1``: as Q4_0 plus ``m`` (f16); w = d * q + m -> int4 g32: scale = d, zero = m + 8 d.
 - ``Q4_K``: super-blocks of 256 = 8 groups of 32: ``d``, ``dmin`` (f16), 12 bytes of 6-bit group scales and mins,
   128 bytes of nibbles; w = d * sc * q - dmin * m -> int4 g32 asymmetric: scale = d sc, zero = 8 d sc - dmin m.
+- ``Q5_0``: 32 weights, ``d``, 32 high bits, 16 bytes of nibbles; w = d * (q - 16) -> 6-bit g32: scale = d,
+  zero = 16 d (a 5-bit code held in 6 bits: 20% more storage, no loss).
+- ``Q5_K``: as Q4_K with a fifth bit per weight (32 bytes); w = d * sc * q - dmin * m -> 6-bit g32 asymmetric:
+  scale = d sc, zero = 32 d sc - dmin m.
 - ``Q6_K``: super-blocks of 256 = 16 groups of 16: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8
   group scales, ``d`` (f16); w = d * sc * (q - 32) -> 6-bit g16 symmetric: code = q, scale = d sc, zero = 0.
 
 All products above are exact in fp32 (an f16 times a 6- or 8-bit integer), so with ``dtype=float32`` scales the
 conversion is bit-exact against ggml's dequantization; with bf16 scales (the default compute dtype) each scale
 and zero is rounded to bf16 (8 significant bits; relative error <= 2**-9 per group). Other types
-(``Q5_*``, ``Q2_K``, ``Q3_K``, ``Q5_K``, IQ*) have no exact counterpart here: ``to_float`` dequantizes them with
+(``Q5_1``, ``Q2_K``, ``Q3_K``, IQ*) have no exact counterpart here: ``to_float`` dequantizes them with
 gguf-py and the loader requantizes them (see ``gguf.py``).
 """
 
@@ -30,17 +34,19 @@ import torch
 from ernie45.quant.scheme import TensorScheme
 
 # ggml type ids (ggml.h enum ggml_type); gguf-py names them GGMLQuantizationType.
-F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 14, 30
+F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 8, 12, 13, 14, 30
 EXACT: dict[int, TensorScheme] = {
     Q8_0: TensorScheme(8, 32, symmetric=True),
     Q4_0: TensorScheme(4, 32, symmetric=True),
     Q4_1: TensorScheme(4, 32),
     Q4_K: TensorScheme(4, 32),
+    Q5_0: TensorScheme(6, 32, symmetric=True),
+    Q5_K: TensorScheme(6, 32),
     Q6_K: TensorScheme(6, 16, symmetric=True),
 }
 """The ggml types that map onto one of our schemes without loss (``decode``), and that scheme."""
-BLOCK: dict[int, tuple[int, int]] = {Q8_0: (32, 34), Q4_0: (32, 18), Q4_1: (32, 20), Q4_K: (256, 144),
-                                     Q6_K: (256, 210)}
+BLOCK: dict[int, tuple[int, int]] = {Q8_0: (32, 34), Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22),
+                                     Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
 """(weights, bytes) of one block."""
 
 
@@ -69,7 +75,13 @@ def decode(raw: torch.Tensor, qtype: int, k: int) -> tuple[torch.Tensor, torch.T
         codes = torch.cat((qs & 15, qs >> 4), dim=-1)  # weights 0..15 low nibbles, 16..31 high
         zeros = torch.zeros_like(d) if qtype == Q4_0 else _f16(b[..., 2:4]) + 8 * d
         return codes.reshape(*lead, n, k), d, zeros
-    if qtype == Q4_K:
+    if qtype == Q5_0:  # d, 4 bytes of high bits (bit j: weight j), 16 bytes of nibbles; w = d * (q - 16)
+        d = _f16(b[..., 0:2])
+        qh = b[..., 2:6].contiguous().view(torch.int32)  # [..., B, 1] little endian
+        bit = (qh >> torch.arange(32, dtype=torch.int32)) & 1  # [..., B, 32]
+        codes = torch.cat((b[..., 6:22] & 15, b[..., 6:22] >> 4), dim=-1) | (bit.to(torch.uint8) << 4)
+        return codes.reshape(*lead, n, k), d, 16 * d  # 6-bit codes around 32: (q - 32) d + 16 d
+    if qtype in (Q4_K, Q5_K):
         d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]  # [..., N, B, 1]
         s = b[..., 4:16]
         lo_sc, lo_m = s[..., 0:4] & 63, s[..., 4:8] & 63
@@ -77,10 +89,14 @@ def decode(raw: torch.Tensor, qtype: int, k: int) -> tuple[torch.Tensor, torch.T
         hi_m = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
         sc = torch.cat((lo_sc, hi_sc), -1).float()  # [..., N, B, 8]
         mn = torch.cat((lo_m, hi_m), -1).float()
-        qs = b[..., 16:144].reshape(*lead, n, k // qk, 4, 32)
+        qs = b[..., -128:].reshape(*lead, n, k // qk, 4, 32)
         codes = torch.stack((qs & 15, qs >> 4), dim=-2)  # [..., 4, 2, 32]: group 2i low nibbles, 2i+1 high
         scale = d * sc
-        zeros = 8 * scale - dmin * mn
+        if qtype == Q5_K:  # qh[32]: bit g of byte l is the fifth bit of weight l of group g
+            qh = b[..., 16:48].reshape(*lead, n, k // qk, 1, 1, 32)
+            shifts = torch.arange(8, dtype=torch.uint8).reshape(4, 2, 1)
+            codes = codes | (((qh >> shifts) & 1) << 4)
+        zeros = (32 if qtype == Q5_K else 8) * scale - dmin * mn
         return codes.reshape(*lead, n, k), scale.reshape(*lead, n, -1), zeros.reshape(*lead, n, -1)
     # Q6_K
     ql, qh = b[..., 0:128], b[..., 128:192]

@@ -4,8 +4,8 @@ In (``load_gguf``, reached through ``load_model("x.gguf")``): the PyPI ``gguf`` 
 the tensor names, the config (from the GGUF metadata) and the tokenizer (``gguf_tokenizer``: a SentencePiece
 model rebuilt from ``tokenizer.ggml.*``) are ours. Every weight keeps its own type: ``Q8_0`` / ``Q4_0`` / ``Q4_1``
 / ``Q4_K`` / ``Q6_K`` become our int8 g32 / int4 g32 / 6-bit g16 codes with the file's own scales (``ggml.py``:
-exact), F32/F16/BF16 stay full precision, and other types (``Q5_*``, ``Q2_K``, ``Q3_K``, ``Q5_K``, IQ*) are
-dequantized by gguf-py and requantized to int8 g32 (``FALLBACK``). The per-module schemes become a
+exact; ``Q5_0`` / ``Q5_K`` as 6-bit g32), F32/F16/BF16 stay full precision, and other types (``Q5_1``, ``Q2_K``,
+``Q3_K``, IQ*) are dequantized by gguf-py and requantized to int8 g32 (``FALLBACK``). The per-module schemes become a
 ``QuantConfig`` with rules, so ``save_model`` writes the result as our quantized checkpoint. Tensors are read
 one at a time (stacked experts one expert at a time) with ``readinto`` into the allocated model: peak memory
 is the result plus one expert's temporaries.
