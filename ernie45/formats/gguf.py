@@ -427,7 +427,7 @@ def _tokenizer_kv(w, tokenizer, vocab_size: int) -> None:  # noqa: ANN001
         log.warning("no tokenizer: the GGUF gets placeholder pieces <t0>.. (llama.cpp needs a vocabulary); "
                     "token ids still match")
         tokens = [f"<t{i}>" for i in range(vocab_size)]
-        scores, types = [0.0] * vocab_size, [3 if i < 3 else 1 for i in range(vocab_size)]
+        scores, types = [0.0] * vocab_size, [2 if i == 0 else 3 if i < 3 else 1 for i in range(vocab_size)]
         add_prefix, bos, eos, unk, pad = False, 1, 2, 0, 0
     else:
         sp = tokenizer.sp

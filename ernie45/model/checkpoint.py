@@ -349,9 +349,9 @@ def load_model(
     quant_options: ``quant="int4"`` etc. quantize while loading (see ``ernie45.quant``).
     """
     folder = resolve_model_path(path)
-    if folder.endswith(".gguf"):  # lazily: ernie45.formats imports this module (moves to the loading dispatcher)
-        from ernie45.formats.gguf import load_gguf
-        return load_gguf(folder, dtype=dtype, device=device, progress=progress, **quant_options)
+    if folder.endswith(".gguf") or _is_paddle(folder):  # lazily: ernie45.formats imports this module
+        from ernie45.formats.convert import load_foreign  # (moves to the load_model dispatcher above model/)
+        return load_foreign(folder, dtype=dtype, device=device, progress=progress, **quant_options)
     if quant_options.get("quant") or _is_quantized(folder):
         from ernie45.quant.load import load_quantized  # quantize-on-load streams differently
 
@@ -384,6 +384,14 @@ def load_model(
 
 def _no_bar(progress: bool | None) -> bool | None:
     return None if progress is None else not progress
+
+
+def _is_paddle(folder: str) -> bool:
+    """Paddle's fused names in the checkpoint (``ernie45.formats.paddle`` reads those folders)."""
+    try:
+        return any(".qkv_proj." in n or ".up_gate_proj." in n for n in index_checkpoint(folder)[0])
+    except CheckpointError:
+        return False
 
 
 def _is_quantized(folder: str) -> bool:
