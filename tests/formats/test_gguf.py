@@ -336,3 +336,20 @@ def test_llama_cpp_converter_output_loads_equal(tmp_path):
     back = gguf_tokenizer(out)
     for text in TEXTS:
         assert back.encode(text) == tok.encode(text), text
+
+
+@pytest.mark.slow
+def test_generate_from_a_gguf_file(tmp_path, capsys):
+    """`ernie45 generate model.gguf`: the engine loads the file and its tokenizer from the metadata; the text equals
+    the one generated from the HF folder the GGUF was written from (bf16 file of a bf16 model: same weights)."""
+    from ernie45.cli import main
+
+    src = load_model("demo")  # bf16 weights: the BF16 GGUF holds them exactly
+    path = str(tmp_path / "demo.gguf")
+    export_gguf(src, path, "bf16", tokenizer=Tokenizer.from_pretrained(DEMO))
+    flags = ["--temperature", "0", "--max-tokens", "8", "--kv-cache-memory", "16MB", "--dtype", "float32"]
+    outs = []
+    for model in ("demo", path):
+        assert main(["generate", model, "Once upon a time", *flags]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and len(outs[0].strip()) > len("Once upon a time")
