@@ -39,17 +39,7 @@ from ernie45.utils import resolve_dtype
 
 log = logging.getLogger(__name__)
 
-_FUSED = re.compile(r"(qkv_proj|up_gate_proj)\.(weight|bias)$")
 _TRANSPOSED = re.compile(r"(o_proj|down_proj|mlp\.gate|mtp_linear_proj\.\d+|qkv_proj|up_gate_proj)\.weight$")
-
-
-def is_paddle_checkpoint(folder: str) -> bool:
-    """A folder whose safetensors use Paddle's fused names (``qkv_proj`` / ``up_gate_proj``)."""
-    try:
-        refs, _ = index_checkpoint(folder)
-    except CheckpointError:
-        return False
-    return any(_FUSED.search(n) for n in refs)
 
 
 def paddle_config(folder: str) -> ModelConfig:

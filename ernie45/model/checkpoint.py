@@ -387,11 +387,12 @@ def _no_bar(progress: bool | None) -> bool | None:
 
 
 def _is_paddle(folder: str) -> bool:
-    """Paddle's fused names in the checkpoint (``ernie45.formats.paddle`` reads those folders)."""
+    """Paddle's fused names and none of the split ones (``ernie45.formats.paddle`` reads those folders)."""
     try:
-        return any(".qkv_proj." in n or ".up_gate_proj." in n for n in index_checkpoint(folder)[0])
+        names = index_checkpoint(folder)[0]
     except CheckpointError:
         return False
+    return any(".qkv_proj." in n for n in names) and not any(".q_proj." in n for n in names)
 
 
 def _is_quantized(folder: str) -> bool:
