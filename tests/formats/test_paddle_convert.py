@@ -99,6 +99,7 @@ def test_convert_round_trips(tmp_path, capsys):
     assert load_model(tmp_path / "q4").quant_config.name == "int4"
 
 
+@pytest.mark.slow
 def test_gguf_to_hf_folder_keeps_the_tokenizer(tmp_path, capsys):
     pytest.importorskip("gguf")
     tok = Tokenizer.from_pretrained(DEMO)
