@@ -267,7 +267,11 @@ def report(r: dict) -> str:
                   f"| llama.cpp `Llama(use_mmap=False)` | {ll['load_s']:.1f} s | {ll['peak_rss'] / gib:.2f} GiB | "
                   f"{ll['rss_before'] / gib:.2f} GiB | {imp['file_bytes'] / gib:.2f} GiB (file) | "
                   f"{(ll['peak_rss'] - ll['rss_before']) / imp['file_bytes']:.2f} |", "",
-                  "Ours holds Q5_K / Q5_0 in 6 bits (no 5-bit layout here), hence weights above the file size.", "",
+                  "Ours is larger than the file: int4 g32 with a bf16 scale and zero is 5 bits a weight (Q4_K 4.5), "
+                  "Q6_K "
+                  "becomes 6-bit g16 with a scale and a zero (8 bits; Q6_K 6.56), Q5_K/Q5_0 would be held in 6 bits, "
+                  "and the embedding is dequantized to bf16. The peak above the weights is the imported file's header "
+                  "and vocabulary parsed by gguf-py plus per-expert temporaries.", "",
                   "### Our weights against gguf-py's dequantization (every tensor; first, middle, last expert of a "
                   "stack)", "",
                   "| ggml type | scales | tensors | max abs. error / max abs. weight |", "|---|---|---|---|"]
