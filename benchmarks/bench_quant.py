@@ -152,75 +152,10 @@ def roofline(h: dict, bytes_per_token: int) -> tuple[float, float, float]:
 
 # --------------------------------------------------------------------------------------------- GGUF
 def write_gguf(model, path: str) -> None:  # noqa: ANN001
-    """Our weights as a BF16 ``ernie4_5-moe`` GGUF (tensor names as llama.cpp's converter writes them)."""
-    import gguf
+    """Our weights as a BF16 ``ernie4_5-moe`` GGUF (``ernie45.formats.gguf.export_gguf``)."""
+    from ernie45.formats.gguf import export_gguf
 
-    cfg = model.config
-    w = gguf.GGUFWriter(path, "ernie4_5-moe")
-    w.add_context_length(4096)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_expert_count(cfg.moe_num_experts)
-    w.add_expert_used_count(cfg.moe_k)
-    w.add_interleave_moe_layer_step(cfg.moe_layer_interval)
-    w.add_leading_dense_block_count(cfg.moe_layer_start_index)
-    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    w.add_expert_shared_count(cfg.moe_num_shared_experts)
-    # llama.cpp derives the shared width this way (MACHINE.md); true for the real 21B.
-    w.add_expert_shared_feed_forward_length(cfg.intermediate_size // cfg.num_key_value_heads)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
-    w.add_tokenizer_model("llama")
-    w.add_token_list([f"<t{i}>".encode() for i in range(cfg.vocab_size)])
-    w.add_token_scores([0.0] * cfg.vocab_size)
-    w.add_token_types([3 if i < 3 else 1 for i in range(cfg.vocab_size)])
-    w.add_bos_token_id(cfg.bos_token_id)
-    w.add_eos_token_id(cfg.eos_token_id)
-    w.add_unk_token_id(0)
-
-    def bf16(name: str, t: torch.Tensor) -> None:
-        w.add_tensor(name, t.detach().to(torch.bfloat16).view(torch.int16).numpy(),
-                     raw_dtype=gguf.GGMLQuantizationType.BF16)
-
-    def f32(name: str, t: torch.Tensor) -> None:
-        w.add_tensor(name, t.detach().float().numpy())
-
-    m = model.model
-    bf16("token_embd.weight", m.embed_tokens.weight)
-    f32("output_norm.weight", m.norm.weight)
-    if not cfg.tie_word_embeddings:
-        bf16("output.weight", model.lm_head.weight)
-    for i, layer in enumerate(m.layers):
-        b = f"blk.{i}."
-        f32(b + "attn_norm.weight", layer.input_layernorm.weight)
-        f32(b + "ffn_norm.weight", layer.post_attention_layernorm.weight)
-        for ours, theirs in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"),
-                             ("o_proj", "attn_output")):
-            bf16(b + theirs + ".weight", getattr(layer.self_attn, ours).weight)
-        if not layer.is_moe:
-            for p in ("gate", "up", "down"):
-                bf16(b + f"ffn_{p}.weight", getattr(layer.mlp, f"{p}_proj").weight)
-            continue
-        moe = layer.mlp
-        f32(b + "ffn_gate_inp.weight", moe.gate.weight)
-        f32(b + "exp_probs_b.bias", moe.gate.e_score_correction_bias)
-        gate_up, inter = moe.experts.gate_up_proj, cfg.moe_intermediate_size
-        bf16(b + "ffn_gate_exps.weight", gate_up[:, :inter])
-        bf16(b + "ffn_up_exps.weight", gate_up[:, inter:])
-        bf16(b + "ffn_down_exps.weight", moe.experts.down_proj)
-        if moe.shared_experts is not None:
-            for p in ("gate", "up", "down"):
-                bf16(b + f"ffn_{p}_shexp.weight", getattr(moe.shared_experts, f"{p}_proj").weight)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    export_gguf(model, path, "bf16", progress=False)
 
 
 def llama_quantize(src: str, dst: str, ftype: str) -> None:

@@ -130,7 +130,8 @@ def _make_engine(args: argparse.Namespace, verb: str):
         raise ValueError(f"--device {args.device}: this machine has no CUDA device (use --device cpu)")
     from ernie45.model.checkpoint import resolve_model_path
 
-    if not os.path.isfile(os.path.join(resolve_model_path(args.model), "tokenizer.model")):  # before loading
+    path = resolve_model_path(args.model)  # a .gguf file carries its tokenizer in its metadata
+    if not path.endswith(".gguf") and not os.path.isfile(os.path.join(path, "tokenizer.model")):  # before loading
         raise ValueError(f"{args.model}: no tokenizer.model in the checkpoint folder; {verb} needs one (copy the "
                          f"checkpoint's tokenizer.model and tokenizer_config.json there)")
     kv = args.kv_cache_memory
@@ -324,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_generate_parsers(sub)
     add_quantize_parser(sub)
+    from ernie45.tools.convert_cli import add_convert_parsers  # convert / export-gguf (GGUF, Paddle)
+
+    add_convert_parsers(sub)
     from ernie45.train.cli import add_train_parser
 
     add_train_parser(sub)

@@ -23,7 +23,7 @@ from ernie45.model.checkpoint import (
 from ernie45.model.model import ErnieForCausalLM
 from ernie45.utils import resolve_dtype
 
-__all__ = ["is_quantized_checkpoint", "load_model", "save_model"]
+__all__ = ["is_paddle_checkpoint", "is_quantized_checkpoint", "load_model", "save_model"]
 
 
 def is_quantized_checkpoint(folder: str) -> bool:
@@ -37,6 +37,13 @@ def is_quantized_checkpoint(folder: str) -> bool:
     return METADATA_KEY in meta
 
 
+def is_paddle_checkpoint(folder: str) -> bool:
+    """A ``-Paddle`` folder (ERNIEKit / FastDeploy): Paddle's fused names and none of the split ones."""
+    from ernie45.model.checkpoint import _is_paddle
+
+    return os.path.isdir(folder) and _is_paddle(folder)
+
+
 def load_model(
     path: str | os.PathLike = "demo",
     dtype: str | torch.dtype = torch.bfloat16,
@@ -46,7 +53,8 @@ def load_model(
     gpu_experts: int | None = None,
     **quant_options,
 ) -> ErnieForCausalLM:
-    """Load an HF-format ERNIE 4.5 checkpoint (a folder, or ``"demo"``) into ``ErnieForCausalLM``.
+    """Load an ERNIE 4.5 checkpoint into ``ErnieForCausalLM``: an HF-format folder, ``"demo"``, a llama.cpp GGUF file
+    or an ERNIEKit/FastDeploy ``-Paddle`` folder (``ernie45.formats``).
 
     dtype: compute dtype of every weight except the router and its bias, which stay fp32.
     device: where the weights end up. progress: show a bar over shards (None: only on a terminal).
@@ -62,7 +70,11 @@ def load_model(
         place_experts(model, device, experts_on=experts_on or "cpu", gpu_experts=gpu_experts)
         return model
     folder = resolve_model_path(path)
-    if quant_options.get("quant") or is_quantized_checkpoint(folder):
+    if folder.endswith(".gguf") or is_paddle_checkpoint(folder):  # llama.cpp's or ERNIEKit/FastDeploy's files
+        from ernie45.formats.foreign import load_foreign
+
+        model = load_foreign(folder, dtype=dtype, device=device, progress=progress, **quant_options)
+    elif quant_options.get("quant") or is_quantized_checkpoint(folder):
         from ernie45.quant.load import load_quantized  # quantize-on-load streams differently
 
         model = load_quantized(folder, dtype=resolve_dtype(dtype), device=device, progress=progress,

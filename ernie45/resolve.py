@@ -49,8 +49,9 @@ class ModelRef:
 def resolve(name: str | os.PathLike) -> ModelRef:
     """Resolve a model name (see the module docstring for the order); raises ModelNameError."""
     p = os.fspath(name)
-    if os.path.exists(p):
-        return ModelRef(p, "folder", folder=os.path.dirname(os.path.abspath(p)) if os.path.isfile(p) else p)
+    if os.path.exists(p):  # a GGUF file is the whole model (ernie45.formats.gguf); another file names its folder
+        whole = p.endswith(".gguf") or not os.path.isfile(p)
+        return ModelRef(p, "folder", folder=p if whole else os.path.dirname(os.path.abspath(p)))
     if p == DEMO:
         from ernie45 import assets
 

@@ -373,6 +373,15 @@ def _no_bar(progress: bool | None) -> bool | None:
     return None if progress is None else not progress
 
 
+def _is_paddle(folder: str) -> bool:
+    """Paddle's fused names and none of the split ones (``ernie45.formats.paddle`` reads those folders)."""
+    try:
+        names = index_checkpoint(folder)[0]
+    except CheckpointError:
+        return False
+    return any(".qkv_proj." in n for n in names) and not any(".q_proj." in n for n in names)
+
+
 # -------------------------------------------------------------------------------------------- saving
 def parse_size(size: int | str) -> int:
     if isinstance(size, int):

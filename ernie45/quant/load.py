@@ -155,7 +155,7 @@ def to_device(model: ErnieForCausalLM, device: str | torch.device) -> ErnieForCa
                 new.bias.copy_(m.bias)
         elif isinstance(m, QuantExperts):
             new = QuantExperts(m.num_experts, m.hidden, m.width, m.gate_up_proj.scheme, m.gate_up_proj.dtype,
-                               device)
+                               device, m.down_proj.scheme)
             for src, dst in ((m.gate_up_proj, new.gate_up_proj), (m.down_proj, new.down_proj)):
                 for i in range(m.num_experts):
                     dst.set_stored(i, *(t.to(device) for t in src.stored(i)))

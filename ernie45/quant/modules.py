@@ -164,18 +164,22 @@ class QuantExperts(Experts):
     matmuls change, so at batch 1 only the k selected experts' packed bytes are read."""
 
     def __init__(self, num_experts: int, hidden: int, width: int, scheme: TensorScheme,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
+                 down_scheme: TensorScheme | None = None) -> None:
+        """down_scheme: the down projection's own scheme when it differs (mixed-bit rules, GGUF files whose
+        ffn_down_exps has another type); None = ``scheme``."""
         nn.Module.__init__(self)  # not Experts.__init__: no full-precision parameters
         self.num_experts, self.width, self.hidden = num_experts, width, hidden
         self.gate_up_proj = QWeight((num_experts,), 2 * width, hidden, scheme, dtype, device)
-        self.down_proj = QWeight((num_experts,), hidden, width, scheme, dtype, device)
+        self.down_proj = QWeight((num_experts,), hidden, width, down_scheme or scheme, dtype, device)
 
     @classmethod
-    def from_experts(cls, experts: Experts, scheme: TensorScheme, dtype: torch.dtype | None = None) -> QuantExperts:
+    def from_experts(cls, experts: Experts, scheme: TensorScheme, dtype: torch.dtype | None = None,
+                     down_scheme: TensorScheme | None = None) -> QuantExperts:
         """Quantize an existing ``Experts`` one expert at a time."""
         e, two_i, h = experts.gate_up_proj.shape
         dtype = dtype or experts.gate_up_proj.dtype
-        q = cls(e, h, two_i // 2, scheme, dtype, experts.gate_up_proj.device)
+        q = cls(e, h, two_i // 2, scheme, dtype, experts.gate_up_proj.device, down_scheme)
         for i in range(e):
             q.gate_up_proj.quantize_(i, experts.gate_up_proj[i].detach())
             q.down_proj.quantize_(i, experts.down_proj[i].detach())

@@ -1,8 +1,9 @@
 """``quantize_model``: swap a model's linears and stacked experts for quantized ones, by name.
 
-Which module gets which scheme (``QuantConfig``): routed experts (``*.mlp.experts``) -> ``experts``;
-``lm_head`` -> ``head`` (None keeps it); every other ``nn.Linear`` (attention, dense MLP, shared experts,
-MTP projection) -> ``dense``. The router ``mlp.gate`` (an fp32 ``Router``, not a Linear), norms and
+Which module gets which scheme (``QuantConfig.scheme_for``): a matching rule first, else routed experts
+(``*.mlp.experts``) -> ``experts``; ``lm_head`` -> ``head`` (None keeps it); every other ``nn.Linear``
+(attention, dense MLP, shared experts, MTP projection) -> ``dense``.
+The router ``mlp.gate`` (an fp32 ``Router``, not a Linear), norms and
 embeddings are never touched: routing decisions and the residual stream stay exact.
 """
 
@@ -29,9 +30,14 @@ def plan_modules(model: nn.Module, config: QuantConfig) -> Iterator[tuple[str, n
         if isinstance(m, (QuantLinear, QuantExperts)):
             continue
         if isinstance(m, Experts):
-            yield name, m, config.experts
+            gate_up, down = (config.scheme_for(f"{name}.{w}", "experts") for w in ("gate_up_proj", "down_proj"))
+            if (gate_up is None) != (down is None):
+                raise ValueError(f"{name}: the rules quantize one of gate_up_proj / down_proj but not the other; "
+                                 f"an expert stack is quantized whole or not at all")
+            if gate_up is not None:
+                yield name, m, gate_up
         elif isinstance(m, nn.Linear):
-            scheme = config.head if name == "lm_head" else config.dense
+            scheme = config.scheme_for(name, "head" if name == "lm_head" else "dense")
             if scheme is not None:
                 yield name, m, scheme
 
@@ -65,13 +71,17 @@ def quantize_model(model: nn.Module, config: QuantConfig | str, *, build_only: b
     if not build_only and any(s.method == "gptq" for _, _, s in todo):
         if calibration is None:
             raise ValueError("method='gptq' needs calibration=token_ids [batch, seq] to measure layer inputs")
+        for name, m, scheme in todo:
+            if isinstance(m, Experts) and config.scheme_for(f"{name}.down_proj", "experts") != scheme:
+                raise ValueError(f"{name}: gptq quantizes an expert stack with one scheme; drop the down_proj rule")
         done = _calibrated(model, todo, calibration, dtype)
         todo = [t for t in todo if t[0] not in done]
     bar = tqdm(todo, desc="quantizing", unit="module", disable=None if progress is None else not progress)
     for name, m, scheme in bar:
         try:
+            down = config.scheme_for(f"{name}.down_proj", "experts") if isinstance(m, Experts) else None
             if build_only:
-                new = _empty(m, scheme, dtype)
+                new = _empty(m, scheme, dtype, down)
             elif scheme.method == "gptq":  # a module the calibration pass does not reach (the MTP block)
                 log.warning("%s: no calibration activations reach it; quantized without them", name)
                 new = _empty(m, scheme, dtype)
@@ -80,7 +90,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | str, *, build_only: b
                         qw.set(i if w.dim() == 3 else None, *quantize_gptq(w_NK, None, qw.bits, qw.group,
                                                                            grid_dtype=qw.dtype))
             elif isinstance(m, Experts):
-                new = QuantExperts.from_experts(m, scheme, dtype or m.gate_up_proj.dtype)
+                new = QuantExperts.from_experts(m, scheme, dtype or m.gate_up_proj.dtype, down)
             else:
                 new = QuantLinear.from_linear(m, scheme, dtype or m.weight.dtype)
         except ValueError as err:
@@ -91,11 +101,13 @@ def quantize_model(model: nn.Module, config: QuantConfig | str, *, build_only: b
     return model
 
 
-def _empty(m: nn.Module, scheme: TensorScheme, dtype: torch.dtype | None) -> QuantLinear | QuantExperts:
-    """An unfilled quantized module of ``m``'s shape (bias copied), on its device."""
+def _empty(m: nn.Module, scheme: TensorScheme, dtype: torch.dtype | None, down: TensorScheme | None = None
+           ) -> QuantLinear | QuantExperts:
+    """An unfilled quantized module of ``m``'s shape (bias copied), on its device; ``down``: the experts' down
+    projection's own scheme (mixed-bit rules)."""
     if isinstance(m, Experts):
         e, two_i, h = m.gate_up_proj.shape
-        return QuantExperts(e, h, two_i // 2, scheme, dtype or m.gate_up_proj.dtype, m.gate_up_proj.device)
+        return QuantExperts(e, h, two_i // 2, scheme, dtype or m.gate_up_proj.dtype, m.gate_up_proj.device, down)
     new = QuantLinear(m.in_features, m.out_features, scheme, m.bias is not None, dtype or m.weight.dtype,
                       m.weight.device)
     if m.bias is not None and m.bias.device.type != "meta":

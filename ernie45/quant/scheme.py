@@ -4,12 +4,19 @@ Three classes of weight, following Baidu's deployed layouts (spec §5): the rout
 an MoE model), the ``dense`` linears (attention, dense MLP, shared experts, MTP projection) which every token
 reads, and the LM ``head``. The router ``mlp.gate``, the norms and the embeddings always stay in full
 precision. The scheme is stored as JSON in the checkpoint metadata under ``ernie45.quant``.
+
+Mixed bits: ``QuantConfig.rules`` override the class default for modules matching a name pattern and a decoder
+layer range (first match wins), e.g. Baidu's WINT2 release (preset ``wint2``: dense int8, the experts of layers
+0-6 int4, the rest 2-bit groups of 64) or a GGUF file whose tensors each have their own type. Checkpoints
+without rules keep writing version 1 of the JSON, so older readers still load them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -75,15 +82,66 @@ BASE: dict[int, TensorScheme] = {
 """The default scheme for each bit width."""
 
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A scheme for the modules whose qualified name matches ``pattern`` (``fnmatch``: ``*`` spans dots), in
+    decoder layers ``layers`` (inclusive; None = anywhere, the head and the MTP block included). Expert stacks
+    are named by their two weights, ``model.layers.3.mlp.experts.gate_up_proj`` / ``.down_proj``."""
+
+    pattern: str
+    scheme: TensorScheme | None
+    """None keeps the matching modules in full precision."""
+    layers: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            first, last = self.layers
+            if not 0 <= first <= last:
+                raise ValueError(f"rule {self.pattern!r}: layers={self.layers} must be (first, last) with "
+                                 f"0 <= first <= last")
+
+    def matches(self, name: str) -> bool:
+        if not fnmatch.fnmatchcase(name, self.pattern):
+            return False
+        if self.layers is None:
+            return True
+        m = _LAYER.search(name)
+        return m is not None and self.layers[0] <= int(m.group(1)) <= self.layers[1]
+
+    def to_dict(self) -> dict:
+        return {"pattern": self.pattern, "layers": list(self.layers) if self.layers else None,
+                "scheme": dataclasses.asdict(self.scheme) if self.scheme else None}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Rule:
+        layers = raw.get("layers")
+        return cls(raw["pattern"], TensorScheme(**raw["scheme"]) if raw.get("scheme") else None,
+                   tuple(layers) if layers else None)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    """A whole-model scheme: experts, dense linears, and the LM head (None keeps it full precision)."""
+    """A whole-model scheme: experts, dense linears, and the LM head (None keeps it full precision), with
+    optional per-module ``rules`` over them."""
 
     experts: TensorScheme
     dense: TensorScheme
     head: TensorScheme | None = None
     name: str = "custom"
-    """The preset it came from ("int8", "int4", "int2"), for logs and the checkpoint's metadata."""
+    """The preset it came from ("int8", "int4", "int2", "wint2"), for logs and the checkpoint's metadata."""
+    rules: tuple[Rule, ...] = ()
+    """Overrides by module name and layer range, tried in order before the class defaults."""
+
+    def scheme_for(self, name: str, kind: Literal["experts", "dense", "head"]) -> TensorScheme | None:
+        """The scheme of one module (``kind`` picks the class default): the first matching rule, else the
+        class's. Expert stacks are asked per weight (``<experts>.gate_up_proj``, ``<experts>.down_proj``)."""
+        for rule in self.rules:
+            if rule.matches(name):
+                return rule.scheme
+        return {"experts": self.experts, "dense": self.dense, "head": self.head}[kind]
 
     @classmethod
     def from_name(cls, name: str, group_size: int | None | Literal["default"] = "default",
@@ -103,10 +161,15 @@ class QuantConfig:
         dense_bits: bits for the dense linears (8, 6, 4 or 2). head_bits: bits for the LM head (8, 6, 4 or 2;
         6 = 6-bit groups of 64, llama.cpp's Q6_K size), None = bf16.
         """
+        if str(name).lower() in ("wint2", "w4w2"):
+            if (group_size, method, dense_bits, head_bits) != ("default", None, None, "default"):
+                raise ValueError("the wint2 preset is Baidu's fixed layout; it takes no group_size/method/"
+                                 "dense_bits/head_bits overrides (build a QuantConfig with rules instead)")
+            return cls.wint2()
         key = str(name).lower().removeprefix("w")
         presets = {"int8": (8, 8), "int4": (4, 4), "int2": (2, 4)}
         if key not in presets:
-            raise ValueError(f"quant={name!r} is not a scheme; choose one of {sorted(presets)}")
+            raise ValueError(f"quant={name!r} is not a scheme; choose one of {sorted(presets)} or 'wint2'")
         for what, b in (("dense_bits", dense_bits), ("head_bits", head_bits)):
             if b not in (None, 0, "default") and b not in BASE:
                 raise ValueError(f"{what}={b!r} is not supported; choose 8, 6, 4 or 2")
@@ -129,23 +192,42 @@ class QuantConfig:
         head = BASE[8] if head_bits == "default" else BASE[head_bits] if head_bits else None
         return cls(experts, dense, head, name=key)
 
+    @classmethod
+    def wint2(cls) -> QuantConfig:
+        """Baidu's released 2-bit layout (``ERNIE-4.5-300B-A47B-2Bits-Paddle``, spec §5): dense weights int8 per
+        channel, routed experts of layers 0-6 int4 per channel, the other experts 2-bit groups of 64, LM head
+        bf16. FastDeploy stores the 2-bit experts as CCQ codes; ours are plain 2-bit groups with a scale and an
+        offset (the same bits and groups, our own kernels)."""
+        int4_channel = TensorScheme(4, None)
+        return cls(BASE[2], BASE[8], None, name="wint2",
+                   rules=(Rule("*.mlp.experts.*", int4_channel, (0, 6)),))
+
     def to_json(self) -> str:
-        return json.dumps({"version": 1, "name": self.name, "experts": dataclasses.asdict(self.experts),
-                           "dense": dataclasses.asdict(self.dense),
-                           "head": dataclasses.asdict(self.head) if self.head else None})
+        raw = {"version": 2 if self.rules else 1, "name": self.name, "experts": dataclasses.asdict(self.experts),
+               "dense": dataclasses.asdict(self.dense), "head": dataclasses.asdict(self.head) if self.head else None}
+        if self.rules:
+            raw["rules"] = [r.to_dict() for r in self.rules]
+        return json.dumps(raw)
 
     @classmethod
     def from_json(cls, text: str, source: str = "checkpoint") -> QuantConfig:
         try:
             raw = json.loads(text)
-            if raw.get("version") != 1:
+            if raw.get("version") not in (1, 2):
                 raise ValueError(f"unknown scheme version {raw.get('version')!r}; a newer ernie45 wrote it")
             return cls(TensorScheme(**raw["experts"]), TensorScheme(**raw["dense"]),
-                       TensorScheme(**raw["head"]) if raw.get("head") else None, name=raw.get("name", "custom"))
+                       TensorScheme(**raw["head"]) if raw.get("head") else None, name=raw.get("name", "custom"),
+                       rules=tuple(Rule.from_dict(r) for r in raw.get("rules") or ()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{source}: metadata {METADATA_KEY!r} is not a valid quantization scheme ({e})"
                              ) from None
 
     def describe(self) -> str:
         head = self.head.describe() if self.head else "bf16"
-        return f"{self.name}: experts {self.experts.describe()}, dense {self.dense.describe()}, head {head}"
+        text = f"{self.name}: experts {self.experts.describe()}, dense {self.dense.describe()}, head {head}"
+        if self.rules:
+            shown = [f"{r.pattern}{'' if r.layers is None else f' layers {r.layers[0]}-{r.layers[1]}'} -> "
+                     f"{r.scheme.describe() if r.scheme else 'bf16'}" for r in self.rules[:4]]
+            more = f" (+{len(self.rules) - 4} more)" if len(self.rules) > 4 else ""
+            text += "; rules: " + "; ".join(shown) + more
+        return text

@@ -95,8 +95,21 @@ class WeightFormat:
     head: Storage | None = None
     """The LM head; None = full precision (a tied head then shares the embedding)."""
     expert_layers: tuple[tuple[int, int, Storage], ...] = field(default=())
-    """(first layer, last layer, storage) overrides for routed experts, e.g. Baidu's 2-bit layout."""
+    """(first layer, last layer, storage) overrides for routed experts."""
     description: str = ""
+    quant: object = None
+    """An ``ernie45.quant.QuantConfig`` whose ``scheme_for`` (class defaults and per-module/layer rules) picks the
+    storage of every projection, the same rule ``quantize_model`` applies; None = dense/experts/head above."""
+    fastdeploy: bool = False
+    """With ``quant``: store schemes as FastDeploy does (symmetric per-channel bf16 scales; 2-bit as CCQ)."""
+
+    def scheme_storage(self, scheme) -> Storage:  # noqa: ANN001 - ernie45.quant.TensorScheme | None
+        """The storage of one scheme of ``quant`` (None: full precision)."""
+        if scheme is None:
+            return self.full
+        if self.fastdeploy:
+            return CCQ2 if scheme.bits == 2 else int_storage(scheme.bits, scheme.group_size)
+        return scheme_storage(scheme, self.full.bits)
 
     @property
     def quantized(self) -> bool:
@@ -146,7 +159,7 @@ def quant_format(scheme, dtype: str = "bf16") -> WeightFormat:  # noqa: ANN001 -
     full = float_storage(dtype)
     return WeightFormat(name, scheme_storage(qc.dense, full.bits), scheme_storage(qc.experts, full.bits), full,
                         head=scheme_storage(qc.head, full.bits) if qc.head else None,
-                        description=f"{FORMAT_HELP.get(name, name)} [{qc.describe()}]")
+                        description=f"{FORMAT_HELP.get(name, name)} [{qc.describe()}]", quant=qc)
 
 
 def parse_weight_format(name: str, dtype: str = "bf16") -> WeightFormat:
@@ -169,10 +182,14 @@ def parse_weight_format(name: str, dtype: str = "bf16") -> WeightFormat:
         s = int_storage(int(key[4]))
         return WeightFormat(key, s, s, full, description=FORMAT_HELP[key])
     if key == "wint2":
-        int8, int4 = int_storage(8), int_storage(4)
-        # FastDeploy's w4w2 config names absolute layer ids: 0-6 wint4 (for the 300B: MoE layers 3-6).
-        return WeightFormat("wint2", int8, CCQ2, full, expert_layers=((0, 6, int4),),
-                            description=FORMAT_HELP["wint2"])
+        # The layers and bits are ernie45.quant's ``wint2`` preset (the same rules quantize_model applies;
+        # FastDeploy's w4w2 config names absolute layer ids: experts of 0-6 int4, for the 300B MoE layers 3-6);
+        # the storage is FastDeploy's (symmetric bf16 scales per channel, CCQ for the 2-bit experts).
+        from ernie45.quant.scheme import QuantConfig
+
+        qc = QuantConfig.from_name("wint2")
+        return WeightFormat("wint2", int_storage(8), CCQ2, full, description=FORMAT_HELP["wint2"], quant=qc,
+                            fastdeploy=True)
     if key.startswith("int"):
         parts = key.split("-")
         try:

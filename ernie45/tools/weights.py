@@ -148,6 +148,15 @@ def storage_for(spec: TensorSpec, fmt: WeightFormat, quantize_head: bool | None 
     """
     if spec.kind == "router":
         return ROUTER
+    if fmt.quant is not None and spec.kind in ("linear", "experts", "head"):
+        # ernie45.quant's own rule: the module's scheme by name and layer (QuantConfig.scheme_for)
+        kind = {"linear": "dense", "experts": "experts", "head": "head"}[spec.kind]
+        scheme = fmt.quant.scheme_for(spec.name.removesuffix(".weight"), kind)
+        if spec.kind == "head" and quantize_head is not None:
+            if not quantize_head:
+                return fmt.full
+            scheme = scheme or fmt.quant.scheme_for("lm_head", "dense") or fmt.quant.dense
+        return fmt.scheme_storage(scheme)
     if spec.kind == "linear":
         return fmt.dense
     if spec.kind == "experts":

@@ -113,7 +113,8 @@ class NativeQuantExperts(QuantExperts):
 
     def forward(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         gu, dn = self.gate_up_proj, self.down_proj
-        if (gu.layout == "span" and dn.layout == "span" and 0 < x_TH.shape[0] <= kernels.MOE_MAX_TOKENS
+        if (gu.layout == "span" and dn.layout == "span" and gu.bits == dn.bits
+                and 0 < x_TH.shape[0] <= kernels.MOE_MAX_TOKENS
                 and x_TH.device.type == "cpu" and x_TH.dtype in (torch.bfloat16, torch.float32)
                 and gu.dtype == dn.dtype and kernels.available() and not kernels.needs_grad(x_TH)):
             return kernels.qmoe(x_TH, idx_TK, w_TK.to(x_TH.dtype), gu.bits, kernel_args(gu), kernel_args(dn))
