@@ -23,7 +23,20 @@ from ernie45.model.checkpoint import (
 from ernie45.model.model import ErnieForCausalLM
 from ernie45.utils import resolve_dtype
 
-__all__ = ["is_paddle_checkpoint", "is_quantized_checkpoint", "load_model", "save_model"]
+__all__ = ["is_paddle_checkpoint", "is_quantized_checkpoint", "load_model", "load_tokenizer", "save_model"]
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer of a model: a checkpoint folder's ``tokenizer.model``, or the vocabulary in a GGUF file's
+    metadata (``ernie45.formats.gguf``); None when there is none (ids-only use)."""
+    p = os.fspath(path)
+    if p.endswith(".gguf") and os.path.isfile(p):
+        from ernie45.formats.gguf import gguf_tokenizer
+
+        return gguf_tokenizer(p)
+    from ernie45.tokenizer import load_tokenizer as folder_tokenizer
+
+    return folder_tokenizer(p)
 
 
 def is_quantized_checkpoint(folder: str) -> bool:

@@ -405,9 +405,6 @@ class IncrementalDetokenizer:
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer | None:
     """The tokenizer of a checkpoint folder, or None when it has no `tokenizer.model` (ids-only use)."""
     folder = os.fspath(folder)
-    if folder.endswith(".gguf") and os.path.isfile(folder):  # the vocabulary in the GGUF metadata
-        from ernie45.formats.gguf import gguf_tokenizer
-        return gguf_tokenizer(folder)
     if os.path.isfile(folder):
         folder = os.path.dirname(os.path.abspath(folder))
     if not os.path.isfile(os.path.join(folder, TOKENIZER_MODEL)):

@@ -53,7 +53,7 @@ class _Request:
 
 def _load_tokenizer(folder: str):  # noqa: ANN202 - Tokenizer | None; the module may not exist yet
     try:
-        from ernie45.tokenizer import load_tokenizer
+        from ernie45.loading import load_tokenizer
     except ImportError:
         log.warning("ernie45.tokenizer is not available: only token-id prompts are accepted")
         return None

@@ -29,8 +29,8 @@ def serve_parallel(model: str, sizes: ParallelConfig, dtype: str = "bfloat16", *
 
     folder, parallel_model = load_parallel(model, sizes, dtype)
     if dist.get_rank() == 0:
+        from ernie45.loading import load_tokenizer
         from ernie45.serve.app import serve
-        from ernie45.tokenizer import load_tokenizer
 
         serve_kwargs.setdefault("served_model_name", model)
         # When uvicorn returns (Ctrl-C / SIGTERM) the engine's runner releases the workers at exit.

@@ -52,7 +52,7 @@ def dequantize_model(model: ErnieForCausalLM, dtype: torch.dtype = torch.bfloat1
 
 
 def _tokenizer(src: str):  # noqa: ANN202 - Tokenizer | None
-    from ernie45.tokenizer import load_tokenizer
+    from ernie45.loading import load_tokenizer
 
     try:
         return load_tokenizer(src)
@@ -63,19 +63,19 @@ def _tokenizer(src: str):  # noqa: ANN202 - Tokenizer | None
 
 def _write_tokenizer(src: str, dst: str, tokenizer) -> list[str]:  # noqa: ANN001
     """Tokenizer files for a folder target: copied from a folder source, rebuilt from a GGUF's metadata."""
-    from ernie45.quant.load import copy_side_files
+    from ernie45 import resolve
 
     os.makedirs(dst, exist_ok=True)
     if os.path.isdir(src):
-        return copy_side_files(src, dst)
+        return resolve.copy_files(src, dst, resolve.TOKENIZER_FILES + resolve.DOC_FILES)
     if tokenizer is None:
         return []
-    with open(os.path.join(dst, "tokenizer.model"), "wb") as f:
-        f.write(tokenizer.sp.serialized_model_proto())
+    from ernie45.utils import atomic_write_bytes, atomic_write_text
+
+    atomic_write_bytes(os.path.join(dst, "tokenizer.model"), tokenizer.sp.serialized_model_proto())
     config = {k: v for k, v in tokenizer.config.items() if isinstance(v, (str, bool, int))}
     config.update(add_bos_token=False, tokenizer_class="LlamaTokenizer", legacy=True, add_prefix_space=False)
-    with open(os.path.join(dst, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
+    atomic_write_text(os.path.join(dst, "tokenizer_config.json"), json.dumps(config, indent=2, ensure_ascii=False))
     return ["tokenizer.model", "tokenizer_config.json"]
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ernie45.config import ModelConfig
-from ernie45.model.checkpoint import CheckpointError, build_empty, load_model, save_model
+from ernie45.loading import load_model, save_model
+from ernie45.model.checkpoint import CheckpointError, build_empty
 from ernie45.quant import QuantConfig, TensorScheme, quantize_model
 
 gguf = pytest.importorskip("gguf")  # the 'gguf' extra; installed with the test extra

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from ernie45.cli import main
 from ernie45.config import ModelConfig
-from ernie45.model.checkpoint import CheckpointError, build_empty, load_model, native_to_hf, save_model
+from ernie45.loading import load_model, save_model
+from ernie45.model.checkpoint import CheckpointError, build_empty, native_to_hf
 from ernie45.tokenizer import Tokenizer
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "ernie45", "assets", "demo")
