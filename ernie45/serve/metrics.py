@@ -100,6 +100,13 @@ class ServerMetrics:
                stats.get("prefix_cache_hit_tokens", 0))
         metric("ernie45:num_preemptions_total", "counter", "Requests preempted for KV space.",
                stats.get("num_preemptions", 0))
+        metric("ernie45:spec_decode_num_draft_tokens_total", "counter", "Speculative draft tokens verified.",
+               stats.get("spec_draft_tokens", 0))
+        metric("ernie45:spec_decode_num_accepted_tokens_total", "counter", "Speculative draft tokens accepted.",
+               stats.get("spec_accepted_tokens", 0))
+        metric("ernie45:spec_decode_num_verifications_total", "counter",
+               "Verification steps (one sequence, one step); accepted / verifications + 1 = mean accepted length.",
+               stats.get("spec_verify_steps", 0))
         with self._lock:
             lines += ["# HELP ernie45:request_success_total Finished requests by finish reason.",
                       "# TYPE ernie45:request_success_total counter"]
