@@ -115,6 +115,8 @@ class Trainer:
             raise ValueError("freeze_correction_bias and aux_free_rate > 0 contradict each other; pick one")
         if cfg.add_mtp and not model.has_mtp:
             model = _with_new_mtp(model, cfg.init_std, cfg.seed)
+        if cfg.mtp_distill and not cfg.mtp_loss_coef:
+            raise ValueError("mtp_distill changes the MTP loss's targets; it needs mtp_loss_coef > 0")
         if cfg.mtp_loss_coef and not model.has_mtp:
             raise ValueError("mtp_loss_coef > 0 needs a model with an MTP block (num_nextn_predict_layers >= 1 and "
                              "its model.mtp_* tensors); set add_mtp: true to start one")
@@ -172,7 +174,10 @@ class Trainer:
             mtp_sum = None
             if self.cfg.mtp_loss_coef:  # pairs (h_t, x_{t+1}) predict x_{t+2} = labels[t + 1]
                 mtp_logits = self.model.mtp_logits(out.hidden_states[:, :-1], batch["input_ids"][:, 1:])
-                mtp_sum = losses.masked_cross_entropy(mtp_logits, batch["labels"][:, 1:], reduction="sum")
+                if self.cfg.mtp_distill:  # the model's own distribution at t + 1 is the target of pair t
+                    mtp_sum = losses.soft_cross_entropy(mtp_logits, out.logits[:, 1:].detach(), batch["labels"][:, 1:])
+                else:
+                    mtp_sum = losses.masked_cross_entropy(mtp_logits, batch["labels"][:, 1:], reduction="sum")
         loss = loss_sum * token_scale
         rec = {"loss_sum": float(loss_sum.detach()), "tokens": int((batch["labels"] != -100).sum())}
         if mtp_sum is not None:
