@@ -41,8 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ernie45.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.tp * args.ep > 1:  # several ranks under torchrun (started here when needed): ernie45.parallel
-        from ernie45.parallel.launch import serve_cli
+    if args.tp * args.ep > 1:  # several ranks under torchrun (started here when needed)
+        from ernie45.serve.launch import serve_cli
 
         return serve_cli(args)
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("ERNIE45_API_KEY"),
@@ -271,7 +271,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from ernie45.model.checkpoint import resolve_model_path, save_model
+    from ernie45.loading import save_model
+    from ernie45.model.checkpoint import resolve_model_path
     from ernie45.quant.load import copy_side_files, load_quantized
     from ernie45.quant.quantize import quantized_nbytes
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ernie45.config import ModelConfig
 from ernie45.engine.kv_cache import AttentionMetadata, KVCache
 from ernie45.engine.scheduler import ScheduledSeq
 from ernie45.engine.sequence import Sequence
@@ -44,6 +45,14 @@ class MTPItem:
 
 
 class ModelRunner:
+    """Runs each step's forward on this process. ``LLMEngine(runner=...)`` takes this class or a subclass
+    (``ernie45.parallel.runner.DistributedModelRunner`` for a model split over ranks)."""
+
+    @classmethod
+    def cache_config(cls, model: ErnieForCausalLM) -> ModelConfig:
+        """The config this process's KV cache is sized with (a sharded model holds only its own heads)."""
+        return model.config
+
     def __init__(self, model: ErnieForCausalLM, kv_cache: KVCache) -> None:
         self.model = model
         self.kv = kv_cache

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ernie45.engine.errors import RequestError
+
 
 @dataclass
 class SamplingParams:
@@ -42,8 +44,8 @@ class SamplingParams:
     """Return top-k logprobs per generated token (0 = only the chosen token's); raw model distribution."""
 
     def __post_init__(self) -> None:
-        def bad(field: str, rule: str) -> ValueError:
-            return ValueError(f"SamplingParams.{field}={getattr(self, field)!r}: {rule}")
+        def bad(field: str, rule: str) -> RequestError:
+            return RequestError(f"SamplingParams.{field}={getattr(self, field)!r}: {rule}", param=field)
 
         def finite(field: str) -> float:
             v = getattr(self, field)

@@ -335,26 +335,20 @@ def _fill(param: torch.Tensor, ref: TensorRef, tgt: Target, f) -> None:  # noqa:
         dest.copy_(read_tensor(ref, f))
 
 
-def load_model(
+def load_checkpoint(
     path: str | os.PathLike = "demo",
     dtype: str | torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
-    **quant_options,
 ) -> ErnieForCausalLM:
-    """Load an HF-format ERNIE 4.5 checkpoint (a folder, or ``"demo"``) into ``ErnieForCausalLM``.
+    """Load a full-precision HF-format ERNIE 4.5 checkpoint (a folder, or ``"demo"``) into ``ErnieForCausalLM``.
 
     dtype: compute dtype of every weight except the router and its bias, which stay fp32.
     progress: show a bar over shards (None: only on a terminal).
-    quant_options: ``quant="int4"`` etc. quantize while loading (see ``ernie45.quant``).
+    ``ernie45.load_model`` (``ernie45/loading.py``) is the entry point: it calls this for a full-precision
+    checkpoint and the quantized loader (``ernie45.quant.load``) otherwise.
     """
     folder = resolve_model_path(path)
-    if quant_options.get("quant") or _is_quantized(folder):
-        from ernie45.quant.load import load_quantized  # quantize-on-load streams differently
-
-        return load_quantized(folder, dtype=resolve_dtype(dtype), device=device, progress=progress, **quant_options)
-    if quant_options:
-        raise TypeError(f"load_model got unexpected options {sorted(quant_options)}")
     config = ModelConfig.from_json(folder)
     refs, _ = index_checkpoint(folder)
     config, plan = plan_load(config, refs, folder)
@@ -381,14 +375,6 @@ def load_model(
 
 def _no_bar(progress: bool | None) -> bool | None:
     return None if progress is None else not progress
-
-
-def _is_quantized(folder: str) -> bool:
-    try:
-        _, meta = index_checkpoint(folder)
-    except CheckpointError:
-        return False
-    return "ernie45.quant" in meta
 
 
 # -------------------------------------------------------------------------------------------- saving
@@ -440,17 +426,15 @@ def save_tensors(tensors: Iterable[tuple[str, torch.Tensor]], folder: str, max_s
     return [os.path.join(folder, f) for f in names]
 
 
-def save_model(model: ErnieForCausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-    """Save as an HF checkpoint (per-expert names, config.json) that transformers and we load."""
+def save_checkpoint(model: ErnieForCausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+    """Save a full-precision model as an HF checkpoint (per-expert names, config.json) that transformers and
+    we load. ``ernie45.save_model`` (``ernie45/loading.py``) also saves quantized models."""
+    if getattr(model, "quant_config", None) is not None:
+        raise CheckpointError("save_checkpoint writes full-precision models; save a quantized one with "
+                              "ernie45.save_model")
     folder = os.fspath(path)
     os.makedirs(folder, exist_ok=True)
-    if getattr(model, "quant_config", None) is not None:
-        from ernie45.quant.load import save_quantized
-
-        save_quantized(model, folder, max_shard_size)
-        return
     dtype = model.model.embed_tokens.weight.dtype
     config = model.config.replace(torch_dtype=str(dtype).removeprefix("torch."))
     save_tensors(native_to_hf(model), folder, max_shard_size)
     config.save_json(folder)
-

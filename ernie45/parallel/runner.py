@@ -1,6 +1,6 @@
 """The engine on several ranks: rank 0 schedules and samples, every rank runs the same forward.
 
-Rank 0 runs ``LLMEngine`` with a ``DistributedModelRunner``: each step it broadcasts the step's token
+Rank 0 runs ``LLMEngine(model, runner=DistributedModelRunner)``: each step it broadcasts the step's token
 ids, positions, sampled rows and the per-sequence query/context lengths and block tables (int64
 tensors over torch.distributed; no pickling, no RPC). The other ranks sit in ``worker_loop``: they
 rebuild the same ``AttentionMetadata`` and run the same forward on their shard (their KV cache holds
@@ -62,7 +62,12 @@ def _broadcast(header: list[int] | None, payload: torch.Tensor | None, device: t
 
 
 class DistributedModelRunner(ModelRunner):
-    """``ModelRunner`` for rank 0 of a parallel model: broadcasts each step before running it."""
+    """``ModelRunner`` for rank 0 of a parallel model: broadcasts each step before running it.
+    ``LLMEngine(model, runner=DistributedModelRunner)`` on rank 0, ``worker_loop(model)`` on the others."""
+
+    @classmethod
+    def cache_config(cls, model: ErnieForCausalLM) -> ModelConfig:
+        return local_attention_config(model)
 
     def __init__(self, model: ErnieForCausalLM, kv_cache: KVCache) -> None:
         super().__init__(model, kv_cache)

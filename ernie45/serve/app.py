@@ -126,7 +126,7 @@ def build_app(engine: Any, model_name: str, *, api_key: str | None = None,
         if req.echo:
             raise APIError("echo is not supported", param="echo")
         prompts = [svc.encode_prompt(p) for p in req.prompts()]
-        params = svc.sampling_params(req, req.max_tokens, max(len(p) for p in prompts), req.logprobs)
+        params = svc.sampling_params(req, req.max_tokens, req.logprobs)
         cid, t = new_id("cmpl"), now()
         q, ids = await svc.submit(cid, prompts, params)
         if req.stream:
@@ -157,10 +157,9 @@ def build_app(engine: Any, model_name: str, *, api_key: str | None = None,
             prompt = svc.tokenizer.encode_chat(req.message_dicts(), add_generation_prompt=req.add_generation_prompt)
         except ValueError as e:
             raise APIError(f"messages: {e}", param="messages") from None
-        prompt = svc.encode_prompt(prompt)
         k = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = svc.sampling_params(req, max_tokens, len(prompt), k, svc.tokenizer.stop_token_ids)
+        params = svc.sampling_params(req, max_tokens, k, svc.tokenizer.stop_token_ids)
         cid, t = new_id("chatcmpl"), now()
         q, ids = await svc.submit(cid, [prompt], params)
         if req.stream:
@@ -195,9 +194,11 @@ def build_app(engine: Any, model_name: str, *, api_key: str | None = None,
 
 
 def build_engine(model: str = "demo", **engine_kwargs: Any) -> Any:
-    """An LLMEngine for serving; None-valued options keep the engine's defaults."""
+    """An LLMEngine for serving; None-valued options keep the engine's defaults. A request whose prompt
+    plus max_tokens exceeds the context is refused (OpenAI's rule), not cut short."""
     from ernie45.engine.llm import LLMEngine
 
+    engine_kwargs.setdefault("strict_max_tokens", True)
     return LLMEngine(model, **{k: v for k, v in engine_kwargs.items() if v is not None})
 
 

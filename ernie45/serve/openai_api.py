@@ -27,10 +27,20 @@ log = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 1.0  # how often a non-streamed request checks that its client is still there
 
 
-def is_queue_full(e: BaseException) -> bool:
-    from ernie45.engine.llm import QueueFullError
+def engine_error(e: BaseException) -> APIError | None:
+    """The HTTP error for what the engine raised when it refused a request (None: not a refusal)."""
+    from ernie45.engine.errors import QueueFullError, RequestError
 
-    return isinstance(e, QueueFullError)
+    if isinstance(e, QueueFullError):
+        return APIError(f"the server is busy: {e}; retry later", status=429, type="rate_limit_error",
+                        code="queue_full")
+    if isinstance(e, EngineDeadError):
+        return APIError(str(e), status=503, type="server_error")
+    if isinstance(e, RequestError):
+        return APIError(str(e), param=e.param, code=e.code)
+    if isinstance(e, ValueError):
+        return APIError(str(e))
+    return None
 
 
 class GenerationService:
@@ -53,43 +63,28 @@ class GenerationService:
                            "(see GET /v1/models)", status=404, param="model", code="model_not_found")
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt; the engine checks them (vocabulary, length) when the request is added."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise APIError("this model has no tokenizer: send the prompt as a list of token ids",
                                param="prompt")
             # ERNIE prompts are encoded without BOS, as the model card's own example does
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        else:
-            vocab = self.engine.config.vocab_size
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise APIError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
-            ids = list(prompt)
-        if not ids:
-            raise APIError("prompt: must contain at least one token", param="prompt")
-        if len(ids) >= self.max_model_len:
-            raise APIError(f"This model's maximum context length is {self.max_model_len} tokens, but the prompt "
-                           f"has {len(ids)} tokens; shorten the prompt", param="prompt",
-                           code="context_length_exceeded")
-        return ids
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return list(prompt)
 
     def sampling_params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
-                        prompt_len: int, logprobs: int | None, extra_stop_ids: list[int] | None = None) -> Any:
-        room = self.max_model_len - prompt_len
-        if max_tokens is not None and max_tokens > room:
-            raise APIError(f"This model's maximum context length is {self.max_model_len} tokens; you asked for "
-                           f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to generate): "
-                           f"lower max_tokens to at most {room}", param="max_tokens",
-                           code="context_length_exceeded")
+                        logprobs: int | None, extra_stop_ids: list[int] | None = None) -> Any:
+        """The request's SamplingParams (max_tokens None: until the context is full); SamplingParams
+        validates the ranges and names the field."""
         kw = req.sampling_kwargs()
-        kw["max_tokens"] = room if max_tokens is None else max_tokens
+        kw["max_tokens"] = max_tokens
         kw["logprobs"] = logprobs
         if extra_stop_ids and not req.ignore_eos:
             kw["stop_token_ids"] = sorted(set(kw.get("stop_token_ids", [])) | set(extra_stop_ids))
         try:
             return self._SamplingParams(**kw)
         except (ValueError, TypeError) as e:
-            raise APIError(f"invalid sampling parameters: {e}") from None
+            raise engine_error(e) or APIError(f"invalid sampling parameters: {e}") from None
 
     async def submit(self, base_id: str, prompts: list[list[int]], params: Any) -> tuple[asyncio.Queue, list[str]]:
         """Add one engine request per prompt; all outputs arrive on one queue. 4xx/503 on refusal."""
@@ -104,15 +99,12 @@ class GenerationService:
         except BaseException as e:
             for rid in ids:
                 self.aengine.abort(rid)
-            if is_queue_full(e):
+            err = engine_error(e)
+            if err is None:
+                raise
+            if err.status == 429:
                 self.aengine.metrics.observe_rejected(429)
-                raise APIError(f"the server is busy: {e}; retry later", status=429, type="rate_limit_error",
-                               code="queue_full") from None
-            if isinstance(e, EngineDeadError):
-                raise APIError(str(e), status=503, type="server_error") from None
-            if isinstance(e, ValueError):
-                raise APIError(str(e)) from None
-            raise
+            raise err from None
         return q, ids
 
     # ---- engine -> client -----------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 Field names, defaults and response shapes follow the OpenAI API (and vLLM's extras: top_k, min_p,
 repetition_penalty, ignore_eos, min_tokens, stop_token_ids) so the official `openai` client works
 unchanged; extras arrive through the client's `extra_body`. Unknown fields are ignored, as vLLM does.
+The schemas check types and the server's own limits (``MAX_N``); the ranges of the sampling fields are
+``SamplingParams``'s and the prompt and length rules the engine's (``LLMEngine.check_request``).
 """
 
 from __future__ import annotations
@@ -51,19 +53,19 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    temperature: float | None = Field(None, ge=0.0, le=100.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    n: int = Field(1, le=MAX_N)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -89,8 +91,8 @@ class CompletionRequest(_SamplingFields):
     """POST /v1/completions: a prompt is text, token ids, or a list of either (one choice set each)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = 16
+    logprobs: int | None = None
     echo: bool = False
 
     def prompts(self) -> list[str | list[int]]:
@@ -125,10 +127,10 @@ class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions: `max_completion_tokens` is the newer name of `max_tokens`."""
 
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # checked even without logprobs: true
     add_generation_prompt: bool = True
 
     def message_dicts(self) -> list[dict]:

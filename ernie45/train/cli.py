@@ -17,11 +17,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                          f"{args.config}` or set task: {args.task} in it")
     if args.ep > 1 or args.fsdp > 1:  # several ranks: ernie45.parallel (torchrun started here when needed)
         from ernie45.parallel.launch import relaunch_with_torchrun, under_torchrun
-        from ernie45.parallel.trainer import DistributedTrainer, check_layout
+        from ernie45.train.distributed import DistributedTrainer, check_layout
 
         nproc = check_layout(cfg, args.ep, args.fsdp)
         if not under_torchrun():
-            return relaunch_with_torchrun(nproc)
+            relaunch_with_torchrun(nproc, "ernie45.cli")  # `ernie45 train ...` again, as torchrun (exec)
 
         trainer = DistributedTrainer(cfg, ep=args.ep, fsdp=args.fsdp)
     else:

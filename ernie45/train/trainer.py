@@ -99,7 +99,7 @@ class Trainer:
         """fp32 master weights: loaded from init_from, or built from ``model`` and initialised."""
         cfg = self.cfg
         if cfg.init_from:
-            from ernie45.model.checkpoint import load_model
+            from ernie45.loading import load_model
 
             model = load_model(cfg.init_from, dtype=torch.float32, device="cpu", progress=False)
         else:
@@ -366,7 +366,8 @@ class Trainer:
     def export(self) -> str:
         """HF-format model in output_dir/final (LoRA merged; the adapter alone in output_dir/adapter),
         with the tokenizer files beside it."""
-        from ernie45.model.checkpoint import resolve_model_path, save_model
+        from ernie45.loading import save_model
+        from ernie45.model.checkpoint import resolve_model_path
 
         out = os.path.join(self.cfg.output_dir, "final")
         model = self.model

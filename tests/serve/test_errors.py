@@ -40,7 +40,7 @@ CASES = [  # (route, body (dict, or raw bytes), status, words the message must c
     ("/v1/completions", {**COMP, "temperature": "hot"}, 400, "temperature", "temperature"),
     ("/v1/completions", {**COMP, "temperature": -1}, 400, "temperature", "temperature"),
     ("/v1/completions", {**COMP, "top_p": 0}, 400, "top_p", "top_p"),
-    ("/v1/completions", {**COMP, "n": 0}, 400, "n:", "n"),
+    ("/v1/completions", {**COMP, "n": 0}, 400, "SamplingParams.n=0", "n"),
     ("/v1/completions", {**COMP, "max_tokens": "many"}, 400, "max_tokens", "max_tokens"),
     ("/v1/completions", {**COMP, "stop": 5}, 400, "stop", "stop"),
     ("/v1/completions", {**COMP, "logprobs": 99}, 400, "logprobs", "logprobs"),
