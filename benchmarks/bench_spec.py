@@ -3,7 +3,9 @@
 - ``demo``: the bundled demo model (its MTP head, ``recipes/demo_mtp.yaml``), greedy, batch 1 and 8, plain decoding
   and ``speculative_tokens`` k = 1..4, in alternating rounds (every round runs each setting once, back to back);
   each setting's speed-up is the median over rounds of its tokens/s over plain's in the same round, with the range.
-  Prompts are lines of the demo's corpus; the output is the same tokens with and without drafts (checked).
+  Prompts are lines of the demo's corpus; the share of outputs identical to plain decoding is reported (bf16: a
+  verify forward of several tokens may round differently from a one-token step, so a near-tie can flip; fp32
+  output is token-identical, tests/engine/test_speculative.py).
 - ``verify``: mid-4L (the ERNIE-4.5-21B-A3B shape, 4 layers) int4 with random weights: one forward of a plain decode
   step (1 token) against a verification step of k + 1 = 4 tokens of the same sequence, over a 256-token cache,
   alternating, median of paired ratios. Its target: <= 1.3x. The 4 tokens of a random-weight model route to ~4x
@@ -75,12 +77,14 @@ def part_demo(rounds: int, max_tokens: int) -> dict:
         rates: dict[int, list[float]] = {k: [] for k in ks}
         acc: dict[int, list] = {k: [] for k in ks}
         ref_tokens = None
+        same: dict[int, list[float]] = {k: [] for k in ks}
         for _ in range(rounds):
             for k in ks:
                 r, toks, st = run_demo(engines[k], prompts, max_tokens)
                 if ref_tokens is None:
                     ref_tokens = toks
-                assert toks == ref_tokens, f"k={k}: output differs from plain decoding"
+                # bf16: a verify forward may round differently from a one-token step, so near-ties can flip
+                same[k].append(sum(a == b for a, b in zip(toks, ref_tokens)) / len(toks))
                 rates[k].append(r)
                 acc[k].append(st)
         for k in ks:
@@ -88,15 +92,17 @@ def part_demo(rounds: int, max_tokens: int) -> dict:
             out[f"b{batch}_k{k}"] = {
                 "tok_s": statistics.median(rates[k]), "tok_s_all": [round(x, 1) for x in rates[k]],
                 "speedup_median": statistics.median(ratios), "speedup_range": [min(ratios), max(ratios)],
-                "acceptance": acc[k][-1]["acceptance"], "mean_accepted_length": acc[k][-1]["mean_accepted_length"]}
+                "acceptance": acc[k][-1]["acceptance"], "mean_accepted_length": acc[k][-1]["mean_accepted_length"],
+                "identical_outputs": min(same[k])}
             print(f"batch {batch} k={k}: {out[f'b{batch}_k{k}']}", flush=True)
     return out
 
 
 def mid4l_int4() -> torch.nn.Module:
+    from common import fill_random
+
     from ernie45.quant.load import build_quantized
     from ernie45.quant.scheme import QuantConfig
-    from common import fill_random
 
     cfg = ModelConfig.from_name("ernie-4.5-21b-a3b").replace(num_nextn_predict_layers=0, num_hidden_layers=4,
                                                              moe_layer_end_index=3)
@@ -163,12 +169,13 @@ def main() -> None:
         res["verify"] = part_verify(args.pairs)
         print(res["verify"], flush=True)
     lines = ["| setting | tok/s (median) | speed-up vs plain, median of paired rounds [range] | acceptance | "
-             "mean tokens a verification |", "|---|---|---|---|---|"]
+             "mean tokens a verification | outputs identical to plain |", "|---|---|---|---|---|---|"]
     for key, r in res.get("demo", {}).items():
         acc = "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%"
         mal = "-" if r["mean_accepted_length"] is None else f"{r['mean_accepted_length']:.2f}"
         lines.append(f"| demo {key} | {r['tok_s']:.1f} | {r['speedup_median']:.2f}x "
-                     f"[{r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}] | {acc} | {mal} |")
+                     f"[{r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}] | {acc} | {mal} | "
+                     f"{100 * r['identical_outputs']:.0f}% |")
     if "verify" in res:
         v = res["verify"]
         lines += ["", f"mid-4L int4, batch 1, 256-token context: plain decode step {v['plain_ms']:.1f} ms, verify "

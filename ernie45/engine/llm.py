@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ernie45.accel import accelerate, backend_of
 from ernie45.config import ModelConfig
 from ernie45.engine.block_manager import BlockManager
 from ernie45.engine.errors import QueueFullError, RequestError
@@ -26,6 +27,7 @@ from ernie45.engine.sampling_params import SamplingParams
 from ernie45.engine.scheduler import Scheduler
 from ernie45.engine.sequence import Sequence, SequenceStatus
 from ernie45.engine.speculative import Draft, draft_tokens, verify
+from ernie45.engine.structured import build_processors
 from ernie45.model.model import ErnieForCausalLM
 from ernie45.utils import resolve_dtype
 
@@ -67,7 +69,7 @@ class LLMEngine:
                  kv_cache_memory: int | str | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, max_waiting: int | None = None,
                  runner: type[ModelRunner] = ModelRunner, max_logprobs: int = 20, strict_max_tokens: bool = False,
-                 speculative_tokens: int = 0, **load_options) -> None:
+                 speculative_tokens: int = 0, backend: str = "auto", **load_options) -> None:
         """speculative_tokens: draft this many tokens a step with the model's MTP block and verify them in one
         forward (``engine/speculative.py``; 0 = off, the output is the same either way).
         max_logprobs: the most top logprobs a request may ask for (OpenAI's and vLLM's 20).
@@ -75,7 +77,10 @@ class LLMEngine:
         OpenAI server's rule) instead of ending it there with finish_reason "length".
         runner: the class that runs each step's forward; ``ModelRunner`` on one process,
         ``ernie45.parallel.runner.DistributedModelRunner`` on rank 0 of a model split by ``ernie45.parallel``
-        (its KV cache is sized with ``runner.cache_config(model)``: that rank's heads only)."""
+        (its KV cache is sized with ``runner.cache_config(model)``: that rank's heads only).
+        backend: the acceleration backend ("auto", "cpu", "torch"; ``ernie45.accel.accelerate``), applied to the
+        model in place after it is built, quantized, loaded and sharded; "auto" keeps one already applied to a given
+        model, else takes the native CPU kernels where they run. The name is ``self.backend``."""
         if isinstance(model, ErnieForCausalLM):
             if load_options:
                 raise TypeError(f"load options {sorted(load_options)} need a checkpoint path, not a built model")
@@ -89,6 +94,9 @@ class LLMEngine:
             if tokenizer is None:
                 tokenizer = _load_tokenizer(folder)
         self.model.eval()
+        accelerate(self.model, backend)  # the last pass: build -> quantize swap -> load -> shard -> accelerate
+        accel = backend_of(self.model)
+        self.backend: str = accel.name
         self.tokenizer = tokenizer
         self.config: ModelConfig = self.model.config
         if block_size < 1:
@@ -126,8 +134,8 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(self.kv_cache.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = runner(self.model, self.kv_cache)
-        self.sampler = Sampler()
+        self.runner = runner(self.model, self.kv_cache, accel.attention(self.kv_cache))
+        self.sampler = Sampler(argmax=accel.argmax)
         self.max_waiting = max_waiting
         self.max_logprobs = max_logprobs
         self.strict_max_tokens = strict_max_tokens
@@ -174,7 +182,9 @@ class LLMEngine:
         for i in range(params.n):
             seq = Sequence(request_id, ids, params, index=i, arrival=seqs[0].arrival if seqs else None)
             out = self.output.new_seq(ids, params)
-            seq.state = _SeqState(SeqSampling(make_generator(params.seed, i, self.runner.device), out.stop_ids), out)
+            procs = build_processors(params, self.tokenizer, self.config.vocab_size, out.stop_ids)
+            seq.state = _SeqState(SeqSampling(make_generator(params.seed, i, self.runner.device), out.stop_ids, procs),
+                                  out)
             seqs.append(seq)
         for child in seqs[1:]:
             child.status = SequenceStatus.FORK_PENDING
@@ -185,9 +195,10 @@ class LLMEngine:
         self.scheduler.add(seqs[0])
         self.prompt_tokens_total += len(ids)
 
-    def check_request(self, ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, ids: list[int], params: SamplingParams | None, score_only: bool = False) -> None:
         """Raise ``RequestError`` (naming the field at fault) for a request this engine cannot run: the one
-        place requests are validated; ``SamplingParams`` has checked its own ranges already."""
+        place requests are validated; ``SamplingParams`` has checked its own ranges already. ``params`` None with
+        ``score_only``: a prompt only scored (the server's echo / prompt_logprobs), which may fill the context."""
         vocab = self.config.vocab_size
         bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
@@ -196,11 +207,13 @@ class LLMEngine:
         if not ids:
             raise RequestError("the prompt is empty: it must contain at least one token", param="prompt")
         limit = self.max_model_len
-        if len(ids) >= limit:
+        if len(ids) > limit or (len(ids) == limit and not score_only):
             raise RequestError(f"This model's maximum context length is {limit} tokens, but the prompt has {len(ids)} "
                                f"tokens, which leaves no room to generate: shorten the prompt (or give a larger "
                                f"kv_cache_memory / max_model_len; the KV cache holds {self.kv_cache.capacity_tokens} "
                                f"tokens)", param="prompt", code="context_length_exceeded")
+        if params is None:
+            return
         room = limit - len(ids)
         if self.strict_max_tokens and params.max_tokens is not None and params.max_tokens > room:
             raise RequestError(f"This model's maximum context length is {limit} tokens; the request asks for "
@@ -236,7 +249,7 @@ class LLMEngine:
             "kv_blocks_used": self.block_manager.num_used_blocks, "kv_blocks_total": self.block_manager.num_blocks,
             "prompt_tokens_total": self.prompt_tokens_total, "generation_tokens_total": self.generation_tokens_total,
             "prefix_cache_hit_tokens": s.prefix_cache_hit_tokens, "num_preemptions": s.num_preemptions,
-            "prompt_tokens_computed": s.prompt_tokens_computed,
+            "prompt_tokens_computed": s.prompt_tokens_computed, "backend": self.backend,
             "spec_draft_tokens": self.spec_draft_tokens, "spec_accepted_tokens": self.spec_accepted_tokens,
             "spec_verify_steps": self.spec_verify_steps,
             "spec_acceptance_rate": self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens
@@ -401,6 +414,11 @@ class LLM:
     @property
     def tokenizer(self):  # noqa: ANN201
         return self.engine.tokenizer
+
+    @property
+    def backend(self) -> str:
+        """The acceleration backend the engine runs ("cpu", "torch")."""
+        return self.engine.backend
 
     def generate(self, prompts: str | list[int] | list[str | list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,

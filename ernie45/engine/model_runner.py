@@ -2,7 +2,8 @@
 
 Every scheduled token of every sequence goes into one row ``input_ids [1, T]`` with explicit positions;
 logits are computed only for the last token of the sequences that sample this step (``logits_indices``),
-since the LM head over a 103k vocabulary is the largest matmul of a decode step.
+since the LM head over a 103k vocabulary is the largest matmul of a decode step. The model receives the
+attention backend's context for the step (``attention.step(meta)``) as its ``cache``.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ernie45.accel import AttentionMetadata, PagedAttention, backend_of
 from ernie45.config import ModelConfig
-from ernie45.engine.kv_cache import AttentionMetadata, KVCache
+from ernie45.engine.kv_cache import KVCache
 from ernie45.engine.scheduler import ScheduledSeq
 from ernie45.engine.sequence import Sequence
 from ernie45.model.model import ErnieForCausalLM
@@ -53,17 +55,23 @@ class ModelRunner:
         """The config this process's KV cache is sized with (a sharded model holds only its own heads)."""
         return model.config
 
-    def __init__(self, model: ErnieForCausalLM, kv_cache: KVCache) -> None:
+    def __init__(self, model: ErnieForCausalLM, kv_cache: KVCache, attention: PagedAttention | None = None) -> None:
+        """attention: the paged attention over ``kv_cache`` (default: that of the model's backend)."""
         self.model = model
         self.kv = kv_cache
+        self.attention = attention if attention is not None else backend_of(model).attention(kv_cache)
         self.device = next(model.parameters()).device
         self.last: StepLayout | None = None
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
                                                               list[int], list[Sequence]]:
-        """Decodes (one new token) first, then chunks; returns (input_ids [1, T], positions [T],
-        metadata, logits rows, the sequences those rows belong to)."""
-        order = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)  # stable: keeps scheduler order
+        """Decodes (one new token, or the last token and the drafts of a speculative verification: decode rows of
+        the attention backend) first, then chunks; returns (input_ids [1, T], positions [T], metadata, logits
+        rows, the sequences those rows belong to)."""
+        def is_decode(s: ScheduledSeq) -> bool:
+            return s.num_new_tokens == 1 or s.num_new_tokens - s.num_spec == 1
+
+        order = sorted(scheduled, key=lambda s: not is_decode(s))  # stable: keeps scheduler order
         ids: list[int] = []
         positions: list[int] = []
         rows: list[int] = []
@@ -85,7 +93,8 @@ class ModelRunner:
         self.last = layout
         meta = AttentionMetadata.build(
             [s.seq.block_table for s in order], [s.num_new_tokens for s in order],
-            [s.seq.num_computed_tokens + s.num_new_tokens for s in order], self.kv.block_size, self.device)
+            [s.seq.num_computed_tokens + s.num_new_tokens for s in order], self.kv.block_size, self.device,
+            num_decodes=sum(map(is_decode, order)))
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return input_ids, pos, meta, rows, sample_seqs
@@ -95,13 +104,9 @@ class ModelRunner:
         """Run one step. Returns the sequences that sample and their logits ``[R, V]`` (the model's dtype: the
         sampler takes them to fp32 where it needs to; a greedy batch takes the argmax as they are)."""
         input_ids, pos, meta, rows, sample_seqs = self.prepare(scheduled)
-        self.kv.meta = meta
-        try:
-            out = self.model(input_ids, position_ids=pos[None], cache=self.kv,
-                             logits_indices=torch.tensor(rows, dtype=torch.long, device=self.device),
-                             compute_logits=bool(rows))
-        finally:
-            self.kv.meta = None
+        out = self.model(input_ids, position_ids=pos[None], cache=self.attention.step(meta),
+                         logits_indices=torch.tensor(rows, dtype=torch.long, device=self.device),
+                         compute_logits=bool(rows))
         self.last.hidden_TH = out.hidden_states[0]
         return sample_seqs, (out.logits if rows else None)
 
@@ -121,12 +126,8 @@ class ModelRunner:
         meta = AttentionMetadata.build(
             [items[i].seq.block_table for i in order], [len(items[i].next_ids) for i in order],
             [items[i].start + len(items[i].next_ids) for i in order], self.kv.block_size, self.device)
-        self.kv.meta = meta
-        try:
-            h = self.model.mtp_hidden(torch.cat(hidden)[None], torch.tensor([ids], device=self.device),
-                                      torch.tensor([pos], device=self.device), cache=self.kv)[0]
-        finally:
-            self.kv.meta = None
+        h = self.model.mtp_hidden(torch.cat(hidden)[None], torch.tensor([ids], device=self.device),
+                                  torch.tensor([pos], device=self.device), cache=self.attention.step(meta))[0]
         out_IH = h[torch.tensor(last, device=self.device)]
         want = [i for i, it in enumerate(items) if it.want_logits]
         logits = self.model.lm_head(out_IH[torch.tensor(want, device=self.device)]) if want else None

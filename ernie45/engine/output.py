@@ -89,7 +89,10 @@ class OutputProcessor:
         out = SeqOutput(stop_ids, logprobs=[] if params.logprobs is not None else None)
         if self.tokenizer is not None:
             d = getattr(self.tokenizer, "detokenizer", None)
-            out.detok = d(prompt_ids) if d is not None else _Detok(self.tokenizer)
+            if d is None:
+                out.detok = _Detok(self.tokenizer)
+            else:  # special tokens kept only when asked (the chat parsers see <tool_call>, </think>, ...)
+                out.detok = d(prompt_ids) if params.skip_special_tokens else d(prompt_ids, False)
         return out
 
     def append(self, seq: Sequence, out: SeqOutput, tok: int, lp: dict[int, float] | None) -> Finish | None:

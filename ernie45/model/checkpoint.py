@@ -227,18 +227,13 @@ def native_to_hf(model: ErnieForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
 
 # ------------------------------------------------------------------------------------------- loading
 def resolve_model_path(path: str | os.PathLike) -> str:
-    """A checkpoint folder, or the name ``demo`` for the model bundled with the package."""
-    p = os.fspath(path)
-    if p == "demo" and not os.path.exists(p):
-        from ernie45 import assets
+    """The checkpoint folder of a model name: a folder, a file in one, or ``demo`` (``ernie45.resolve``)."""
+    from ernie45 import resolve
 
-        return assets.demo_path()
-    if not os.path.exists(p):
-        raise CheckpointError(f"{p}: no such file or folder (give a checkpoint folder with config.json and "
-                              f"*.safetensors, or 'demo')")
-    if os.path.isfile(p):
-        p = os.path.dirname(os.path.abspath(p))
-    return p
+    try:
+        return resolve.checkpoint_folder(path)
+    except resolve.ModelNameError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def build_empty(config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> ErnieForCausalLM:
@@ -370,6 +365,7 @@ def load_checkpoint(
                     _fill(params[tgt.name], ref, tgt, f)
     model.tie_weights()
     model.eval()
+    model.checkpoint_folder = folder  # save_model copies its tokenizer and generation files along
     return model.to(device) if torch.device(device).type != "cpu" else model
 
 

@@ -107,6 +107,10 @@ class ServerMetrics:
         metric("ernie45:spec_decode_num_verifications_total", "counter",
                "Verification steps (one sequence, one step); accepted / verifications + 1 = mean accepted length.",
                stats.get("spec_verify_steps", 0))
+        if "backend" in stats:  # which kernels run the model (ernie45.accel): an info metric, the name as a label
+            lines += ["# HELP ernie45:backend_info The acceleration backend the engine runs.",
+                      "# TYPE ernie45:backend_info gauge",
+                      f'ernie45:backend_info{{{lb},backend="{_escape(stats["backend"])}"}} 1']
         with self._lock:
             lines += ["# HELP ernie45:request_success_total Finished requests by finish reason.",
                       "# TYPE ernie45:request_success_total counter"]
