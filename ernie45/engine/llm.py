@@ -358,7 +358,8 @@ class LLMEngine:
             if not valid:
                 continue
             k = 0
-            if seq.seq_id in layout.logits_rows:
+            # no drafts under logits processors (grammar masks advance with each accepted token, not per draft)
+            if seq.seq_id in layout.logits_rows and not seq.state.sampling.processors:
                 p = seq.params
                 k = min(self.speculative_tokens, self.max_model_len - seq.num_tokens - 1)
                 if p.max_tokens is not None:
