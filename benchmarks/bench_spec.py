@@ -123,11 +123,13 @@ def mid4l_int4() -> torch.nn.Module:
 
 
 def part_verify(pairs: int, context: int = 256, k: int = 3) -> dict:
-    from ernie45.engine.kv_cache import AttentionMetadata, KVCache
+    from ernie45.accel import AttentionMetadata, accelerate, backend_of
+    from ernie45.engine.kv_cache import KVCache
 
-    model = mid4l_int4()
+    model = accelerate(mid4l_int4(), "auto")  # what the engine runs: the native CPU backend where it loads
     cfg = model.config
     kv = KVCache(cfg, num_blocks=(context + 64) // 16, block_size=16, dtype=torch.bfloat16)
+    attention = backend_of(model).attention(kv)
     table = list(range(kv.num_blocks))
     g = torch.Generator().manual_seed(1)
 
@@ -135,12 +137,10 @@ def part_verify(pairs: int, context: int = 256, k: int = 3) -> dict:
     def step(n: int) -> float:
         ids = torch.randint(0, cfg.vocab_size, (1, n), generator=g)
         pos = torch.arange(context, context + n)[None]
-        kv.meta = AttentionMetadata.build([table], [n], [context + n], 16)
+        meta = AttentionMetadata.build([table], [n], [context + n], 16, num_decodes=1)  # verify rows = decode rows
         t0 = time.perf_counter()
-        model(ids, position_ids=pos, cache=kv, logits_indices=torch.arange(n))
-        dt = time.perf_counter() - t0
-        kv.meta = None
-        return dt
+        model(ids, position_ids=pos, cache=attention.step(meta), logits_indices=torch.arange(n))
+        return time.perf_counter() - t0
 
     for _ in range(3):
         step(1), step(k + 1)
@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=20)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    res = {}
+    res = {"backend": None}
     if "demo" in args.parts:
         res["demo"] = part_demo(args.rounds, args.max_tokens)
     if "verify" in args.parts:
