@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           quant=args.quant, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
           kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
           block_size=args.block_size, enable_prefix_caching=False if args.no_prefix_caching else None,
-          **_placement_kwargs(args))
+          speculative_tokens=args.speculative_tokens or None, **_placement_kwargs(args))
     return 0
 
 
@@ -69,6 +69,9 @@ def add_serve_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparse
     s.add_argument("--max-waiting", type=int, default=256, help="waiting requests at most; more get HTTP 429")
     s.add_argument("--block-size", type=int, default=None, help="tokens per paged-KV block")
     s.add_argument("--no-prefix-caching", action="store_true", help="turn off prefix-cache block reuse")
+    s.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="draft K tokens a step with the checkpoint's MTP block and verify them in one forward "
+                        "(0 = off; output unchanged)")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit (HTTP 413)")
     s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (torchrun; started for you if needed)")
     s.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (MoE models)")
@@ -112,6 +115,8 @@ def _add_generation_flags(s: argparse.ArgumentParser) -> None:
     e.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     e.add_argument("--quant", help="quantize on load (passed to load_model)")
     e.add_argument("--device", default="cpu", help="where the weights and KV cache live: cpu, cuda, cuda:1, ...")
+    e.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="draft K tokens a step with the checkpoint's MTP block (0 = off; output unchanged)")
     _add_placement_flags(e)
 
 
@@ -138,11 +143,22 @@ def _make_engine(args: argparse.Namespace, verb: str):
     kwargs = {"quant": args.quant} if args.quant else {}
     if device.type != "cpu":
         kwargs["device"] = device
+    if args.speculative_tokens:
+        kwargs["speculative_tokens"] = args.speculative_tokens
     kwargs.update({k: v for k, v in _placement_kwargs(args).items() if k != "device"})
     if ("experts_on" in kwargs or "gpu_experts" in kwargs) and "device" not in kwargs:
         kwargs["device"] = device
     return LLMEngine(args.model, dtype=args.dtype, max_num_seqs=1, max_model_len=args.max_model_len,
                      kv_cache_memory=int(kv) if kv and kv.isdigit() else kv, **kwargs)
+
+
+def _spec_summary(engine) -> str:  # noqa: ANN001
+    """'; speculative: 62% of 120 drafts accepted, 2.9 tokens a step' when drafting ran, else ''."""
+    st = engine.stats()
+    if not st.get("spec_draft_tokens"):
+        return ""
+    return (f"; speculative: {100 * st['spec_acceptance_rate']:.0f}% of {st['spec_draft_tokens']} drafts accepted, "
+            f"{st['spec_mean_accepted_length']:.2f} tokens a step")
 
 
 def _sampling_params(args: argparse.Namespace, stop_token_ids: list[int] | None = None):
@@ -202,8 +218,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         start, first, end = m.get("arrival_time"), m.get("first_token_time"), m.get("finished_time")
         ttft = f"first token after {first - start:.2f} s" if first and start else "no token"
         rate = f", then {(n - 1) / (end - first):.1f} tok/s" if n > 1 and first and end and end > first else ""
-        print(f"[{len(last.prompt_token_ids)} prompt + {n} generated tokens; {ttft}{rate}; finish={finish}; "
-              f"backend={engine.backend}]", file=sys.stderr)
+        print(f"[{len(last.prompt_token_ids)} prompt + {n} generated tokens; {ttft}{rate}{_spec_summary(engine)}; "
+              f"finish={finish}; backend={engine.backend}]", file=sys.stderr)
     return 130 if finish == "abort" else 0
 
 

@@ -152,6 +152,22 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Release ``seq``'s tail blocks beyond those ``num_tokens`` positions need: the lookahead of a
+        speculative verification whose drafts were rejected. Their keys/values were never committed (only
+        computed tokens are hashed), so the blocks go back to the free list."""
+        keep = self.blocks_for(num_tokens)
+        assert keep >= len(seq.block_hashes), "trim() below the committed prefix"
+        while len(seq.block_table) > keep:
+            bid = seq.block_table.pop()
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.hash is not None:
+                    self.evictable[bid] = None
+                else:
+                    self.free_ids.append(bid)
+
     def fork(self, parent: Sequence, child: Sequence, num_blocks: int) -> None:
         """Let ``child`` share the first ``num_blocks`` blocks of ``parent`` (reference counted)."""
         assert not child.block_table and num_blocks <= len(parent.block_table)

@@ -69,9 +69,10 @@ class KVCache:
     @classmethod
     def from_budget(cls, config: ModelConfig, dtype: torch.dtype, block_size: int,
                     kv_cache_memory: int | str | None = None, device: torch.device | str = "cpu",
-                    max_tokens: int | None = None) -> KVCache:
+                    max_tokens: int | None = None, extra_layers: int = 0) -> KVCache:
         """Size the cache from ``kv_cache_memory`` (bytes or "2GB"), or by default from a fraction of
-        free memory, capped at ``max_tokens`` (what the engine can ever use at once)."""
+        free memory, capped at ``max_tokens`` (what the engine can ever use at once). ``extra_layers`` slots
+        beyond the decoder's (the MTP block's, for speculative decoding) share the budget."""
         device = torch.device(device)
         if kv_cache_memory is None:
             budget = int(available_memory(device) * DEFAULT_RAM_FRACTION)
@@ -80,8 +81,9 @@ class KVCache:
                              * (max_tokens + block_size))
         else:
             budget = parse_budget(kv_cache_memory)
-        num_blocks = plan_num_blocks(config, dtype, block_size, budget)
-        return cls(config, num_blocks, block_size, dtype, device)
+        layers = config.num_hidden_layers
+        num_blocks = plan_num_blocks(config, dtype, block_size, budget * layers // (layers + extra_layers))
+        return cls(config, num_blocks, block_size, dtype, device, num_layers=layers + extra_layers)
 
     @property
     def capacity_tokens(self) -> int:

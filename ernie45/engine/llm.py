@@ -20,12 +20,13 @@ from ernie45.config import ModelConfig
 from ernie45.engine.block_manager import BlockManager
 from ernie45.engine.errors import QueueFullError, RequestError
 from ernie45.engine.kv_cache import KVCache
-from ernie45.engine.model_runner import ModelRunner
+from ernie45.engine.model_runner import ModelRunner, MTPItem
 from ernie45.engine.output import OutputProcessor, RequestOutput, SeqOutput
-from ernie45.engine.sampler import Sampler, SeqSampling, make_generator
+from ernie45.engine.sampler import Sampler, SeqSampling, make_generator, raw_logprobs
 from ernie45.engine.sampling_params import SamplingParams
 from ernie45.engine.scheduler import Scheduler
 from ernie45.engine.sequence import Sequence, SequenceStatus
+from ernie45.engine.speculative import Draft, draft_tokens, verify
 from ernie45.engine.structured import build_processors
 from ernie45.model.model import ErnieForCausalLM
 from ernie45.utils import resolve_dtype
@@ -68,8 +69,10 @@ class LLMEngine:
                  kv_cache_memory: int | str | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, max_waiting: int | None = None,
                  runner: type[ModelRunner] = ModelRunner, max_logprobs: int = 20, strict_max_tokens: bool = False,
-                 backend: str = "auto", **load_options) -> None:
-        """max_logprobs: the most top logprobs a request may ask for (OpenAI's and vLLM's 20).
+                 speculative_tokens: int = 0, backend: str = "auto", **load_options) -> None:
+        """speculative_tokens: draft this many tokens a step with the model's MTP block and verify them in one
+        forward (``engine/speculative.py``; 0 = off, the output is the same either way).
+        max_logprobs: the most top logprobs a request may ask for (OpenAI's and vLLM's 20).
         strict_max_tokens: refuse a request whose prompt plus ``max_tokens`` exceeds ``max_model_len`` (the
         OpenAI server's rule) instead of ending it there with finish_reason "length".
         runner: the class that runs each step's forward; ``ModelRunner`` on one process,
@@ -111,8 +114,19 @@ class LLMEngine:
                              "runner=ernie45.parallel.runner.DistributedModelRunner and worker_loop(model) on the "
                              "other ranks")
         kv_config = runner.cache_config(self.model)
+        if (not isinstance(speculative_tokens, int) or isinstance(speculative_tokens, bool)
+                or not 0 <= speculative_tokens <= 16):
+            raise ValueError(f"speculative_tokens={speculative_tokens!r} must be an integer in [0, 16] (0 = off)")
+        if speculative_tokens and not self.model.has_mtp:
+            raise ValueError("speculative_tokens needs the checkpoint's MTP block (model.mtp_* tensors, "
+                             "num_nextn_predict_layers >= 1); this model has none: use speculative_tokens=0")
+        if speculative_tokens and runner is not ModelRunner:
+            raise ValueError("speculative decoding runs on the single-process runner only for now; "
+                             "use speculative_tokens=0 with --tp/--ep")
+        self.speculative_tokens = speculative_tokens
         self.kv_cache = KVCache.from_budget(kv_config, cache_dtype, block_size, kv_cache_memory, param.device,
-                                            max_tokens=max_num_seqs * max_model_len)
+                                            max_tokens=max_num_seqs * max_model_len,
+                                            extra_layers=1 if speculative_tokens else 0)
         if max_model_len > self.kv_cache.capacity_tokens:
             log.warning("max_model_len %d exceeds the KV cache (%d tokens); capping it", max_model_len,
                         self.kv_cache.capacity_tokens)
@@ -129,6 +143,9 @@ class LLMEngine:
         self._pending: dict[str, _Request] = {}  # aborted: final output due at the next step()
         self.generation_tokens_total = 0
         self.prompt_tokens_total = 0
+        self.spec_draft_tokens = 0       # drafts verified
+        self.spec_accepted_tokens = 0    # drafts accepted
+        self.spec_verify_steps = 0       # verifications (one sequence, one step)
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         self.output = OutputProcessor(tokenizer, eos if eos is not None else self.config.eos_token_id, max_model_len)
 
@@ -233,6 +250,12 @@ class LLMEngine:
             "prompt_tokens_total": self.prompt_tokens_total, "generation_tokens_total": self.generation_tokens_total,
             "prefix_cache_hit_tokens": s.prefix_cache_hit_tokens, "num_preemptions": s.num_preemptions,
             "prompt_tokens_computed": s.prompt_tokens_computed, "backend": self.backend,
+            "spec_draft_tokens": self.spec_draft_tokens, "spec_accepted_tokens": self.spec_accepted_tokens,
+            "spec_verify_steps": self.spec_verify_steps,
+            "spec_acceptance_rate": self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens
+            else None,
+            "spec_mean_accepted_length": ((self.spec_accepted_tokens + self.spec_verify_steps) / self.spec_verify_steps
+                                          if self.spec_verify_steps else None),
         }
 
     # ------------------------------------------------------------------ the step
@@ -250,16 +273,23 @@ class LLMEngine:
         if not out.is_empty:
             seqs, logits = self.runner.execute(out.scheduled)
             self.scheduler.update(out)
+            accepted: dict[int, int] = {}
             if seqs:
                 with torch.inference_mode():
-                    tokens, logprobs = self.sampler(logits, seqs)
+                    if self.speculative_tokens:
+                        accepted = self._sample_speculative(seqs, logits, out)
+                    else:
+                        tokens, logprobs = self.sampler(logits, seqs)
+                        for seq, tok, lp in zip(seqs, tokens, logprobs):
+                            self._append(seq, tok, lp)
                 now = time.monotonic()
-                for seq, tok, lp in zip(seqs, tokens, logprobs):
+                for seq in seqs:
                     req = self.requests[seq.request_id]
                     if req.metrics["first_token_time"] is None:
                         req.metrics["first_token_time"] = now
-                    self._append(seq, tok, lp)
                     changed[req.request_id] = req
+            if self.speculative_tokens:
+                self._propose(accepted)
         outputs = []
         for req in changed.values():
             finished = all(s.is_finished for s in req.seqs)
@@ -268,6 +298,99 @@ class LLMEngine:
                 req.metrics["finished_time"] = time.monotonic()
             outputs.append(self._output(req, finished))
         return outputs
+
+    # ------------------------------------------------------------------ speculative decoding
+    def _sample_speculative(self, seqs: list[Sequence], logits: torch.Tensor, out) -> dict[int, int]:  # noqa: ANN001
+        """Plain sampling for the sequences without drafts; verification (``engine.speculative.verify``) for the
+        others, appending the accepted drafts and the token after them. Returns seq_id -> drafts kept."""
+        rows = self.runner.last.logits_rows
+        nspec = {sch.seq.seq_id: sch.num_spec for sch in out.scheduled}
+        plain = [s for s in seqs if not nspec[s.seq_id]]
+        if plain:
+            idx = torch.tensor([rows[s.seq_id] for s in plain], device=logits.device)
+            tokens, logprobs = self.sampler(logits[idx], plain)
+            for seq, tok, lp in zip(plain, tokens, logprobs):
+                seq.draft = None
+                self._append(seq, tok, lp)
+        kept: dict[int, int] = {}
+        for seq in seqs:
+            k = nspec[seq.seq_id]
+            if not k:
+                continue
+            r = rows[seq.seq_id]
+            full = seq.draft
+            seq.draft = None
+            draft = Draft(full.tokens[:k], full.probs[:k] if full.probs is not None else None)
+            a, toks = verify(logits[r:r + k + 1], seq, draft)
+            self.spec_draft_tokens += k
+            self.spec_accepted_tokens += a
+            self.spec_verify_steps += 1
+            want = seq.params.logprobs
+            raw = logits[r:r + k + 1].float().log_softmax(-1) if want is not None else None
+            kept[seq.seq_id] = 0
+            for j, tok in enumerate(toks):
+                lp = raw_logprobs(raw[j:j + 1], [tok], [want])[0] if raw is not None else None
+                self._append(seq, tok, lp)
+                if seq.is_finished:
+                    break
+                if j < a:  # an accepted draft: its keys/values were computed by the verification
+                    seq.num_computed_tokens += 1
+                    kept[seq.seq_id] += 1
+            if not seq.is_finished:
+                self.block_manager.trim(seq, seq.num_tokens)  # the rejected drafts' cache slots
+                self.block_manager.commit(seq)
+        return kept
+
+    def _propose(self, kept: dict[int, int]) -> None:
+        """Run the MTP block over the positions this step made valid (filling its cache slot), and draft up to
+        ``speculative_tokens`` tokens for each sequence that sampled, to verify at its next step."""
+        layout = self.runner.last
+        if layout is None or layout.hidden_TH is None:
+            return
+        items, budgets = [], []
+        for sch, off, start in zip(layout.scheduled, layout.offsets, layout.starts):
+            seq = sch.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            valid = sch.num_new_tokens - sch.num_spec + kept.get(seq.seq_id, 0)
+            next_ids = seq.token_ids[start + 1:start + valid + 1]
+            valid = len(next_ids)
+            if not valid:
+                continue
+            k = 0
+            # no drafts under logits processors (grammar masks advance with each accepted token, not per draft)
+            if seq.seq_id in layout.logits_rows and not seq.state.sampling.processors:
+                p = seq.params
+                k = min(self.speculative_tokens, self.max_model_len - seq.num_tokens - 1)
+                if p.max_tokens is not None:
+                    k = min(k, p.max_tokens - seq.num_output_tokens - 1)
+                while k > 0 and not self.block_manager.can_allocate(seq, seq.num_tokens + k):
+                    k -= 1
+                if k > 0:
+                    self.block_manager.allocate(seq, seq.num_tokens + k)
+            items.append(MTPItem(seq, start, layout.hidden_TH[off:off + valid], next_ids, k > 0))
+            budgets.append(k)
+        if not items:
+            return
+        with torch.inference_mode():
+            hidden_IH, logits = self.runner.mtp(items)
+            drafting = [(it, k, hidden_IH[i:i + 1]) for i, (it, k) in enumerate(zip(items, budgets)) if k > 0]
+            if not drafting:
+                return
+            toks, qs = draft_tokens(logits, [it.seq for it, _, _ in drafting])
+            drafts = [([t], [q]) for t, q in zip(toks, qs)]
+            for j in range(2, max(k for _, k, _ in drafting) + 1):
+                live = [i for i, (_, k, _) in enumerate(drafting) if k >= j]
+                step = [MTPItem(drafting[i][0].seq, drafting[i][0].seq.num_tokens + j - 3, drafting[i][2],
+                                [drafts[i][0][-1]], True) for i in live]
+                hidden_IH, logits = self.runner.mtp(step)
+                toks, qs = draft_tokens(logits, [it.seq for it in step])
+                for n, i in enumerate(live):
+                    drafting[i] = (drafting[i][0], drafting[i][1], hidden_IH[n:n + 1])
+                    drafts[i][0].append(toks[n])
+                    drafts[i][1].append(qs[n])
+        for (it, _, _), (tokens, q_list) in zip(drafting, drafts):
+            it.seq.draft = Draft(tokens, None if q_list[0] is None else torch.stack(q_list))
 
     def _append(self, seq: Sequence, tok: int, lp: dict | None) -> None:
         seq.append_token(tok)

@@ -96,6 +96,70 @@ def _plain_greedy(q: Sequence) -> bool:
             and not (q.num_output_tokens < p.min_tokens and q.state is not None and q.state.sampling.stop_ids))
 
 
+def prepare_logits(logits_SV: torch.Tensor, seqs: list) -> torch.Tensor:
+    """fp32 logits after the processors: penalties, the stop ids masked below min_tokens, then the request's
+    logits processors (logit_bias, grammar masks). ``seqs`` are sequences (or views with the same fields:
+    params, token_ids, num_prompt_tokens, output_token_ids, num_output_tokens, state)."""
+    logits_SV = logits_SV.float()
+    if any(q.params.repetition_penalty != 1 or q.params.presence_penalty or q.params.frequency_penalty for q in seqs):
+        logits_SV = apply_penalties(logits_SV, seqs)
+    for i, q in enumerate(seqs):
+        if q.num_output_tokens < q.params.min_tokens and q.state is not None and q.state.sampling.stop_ids:
+            logits_SV[i, q.state.sampling.stop_ids] = float("-inf")
+    # Logits processors (logit_bias, grammar masks, ...): one place, after penalties, before any pick.
+    if any(q.state is not None and q.state.sampling.processors for q in seqs):
+        apply_processors(logits_SV, seqs)
+    return logits_SV
+
+
+def random_probs(logits_SV: torch.Tensor, params: list) -> torch.Tensor:
+    """The distribution a non-greedy row draws from: temperature -> top_k -> top_p -> min_p -> softmax (fp32)."""
+    dev = logits_SV.device
+    temp = torch.tensor([p.temperature for p in params], device=dev)
+    sub_SV = truncate(
+        logits_SV / temp[:, None],
+        torch.tensor([max(p.top_k, 0) for p in params], device=dev),
+        torch.tensor([p.top_p for p in params], device=dev),
+        torch.tensor([p.min_p for p in params], device=dev))
+    return sub_SV.softmax(-1)
+
+
+def target_probs(logits_SV: torch.Tensor, seqs: list) -> torch.Tensor:
+    """The distribution each row's next token is drawn from, all processors applied: one-hot at the argmax for
+    greedy rows. [S, V] fp32 (speculative verification compares drafts against it)."""
+    logits_SV = prepare_logits(logits_SV, seqs)
+    probs_SV = torch.zeros_like(logits_SV)
+    greedy = [i for i, q in enumerate(seqs) if q.params.greedy]
+    if greedy:
+        rows = torch.tensor(greedy, device=logits_SV.device)
+        probs_SV[rows, logits_SV[rows].argmax(-1)] = 1.0
+    rand = [i for i, q in enumerate(seqs) if not q.params.greedy]
+    if rand:
+        rows = torch.tensor(rand, device=logits_SV.device)
+        probs_SV[rows] = random_probs(logits_SV[rows], [seqs[i].params for i in rand])
+    return probs_SV
+
+
+def raw_logprobs(raw_SV: torch.Tensor, tokens: list[int], want: list[int | None]) -> list[dict | None]:
+    """Per row: {chosen token: logprob, then the top-``want`` tokens} from raw log-probabilities, or None."""
+    out: list[dict | None] = [None] * len(tokens)
+    lp_rows = [i for i, k in enumerate(want) if k is not None]
+    if not lp_rows:
+        return out
+    kmax = max(want[i] for i in lp_rows)
+    rows = torch.tensor(lp_rows, device=raw_SV.device)
+    chosen = raw_SV[rows, torch.tensor([tokens[i] for i in lp_rows], device=raw_SV.device)].tolist()
+    top_v, top_i = (raw_SV[rows].topk(kmax, dim=-1) if kmax else (None, None))
+    top_v = top_v.tolist() if kmax else None
+    top_i = top_i.tolist() if kmax else None
+    for j, i in enumerate(lp_rows):
+        d = {tokens[i]: chosen[j]}
+        for t, lp in zip((top_i[j][:want[i]] if kmax else []), (top_v[j][:want[i]] if kmax else [])):
+            d.setdefault(t, lp)
+        out[i] = d
+    return out
+
+
 class Sampler:
     """``sampler(logits [S, V], seqs) -> (token ids, per-row logprob dicts or None)``.
 
@@ -111,48 +175,20 @@ class Sampler:
             tokens = self.argmax(logits_SV)
             if tokens is not None:
                 return tokens.tolist(), [None] * len(seqs)
-        logits_SV = logits_SV.float()
         dev = logits_SV.device
         want_lp = [p.logprobs for p in params]
-        raw_SV = logits_SV.log_softmax(-1) if any(k is not None for k in want_lp) else None
-        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
-            logits_SV = apply_penalties(logits_SV, seqs)
-        for i, q in enumerate(seqs):
-            if q.num_output_tokens < q.params.min_tokens and q.state is not None and q.state.sampling.stop_ids:
-                logits_SV[i, q.state.sampling.stop_ids] = float("-inf")
-        # Logits processors (logit_bias, grammar masks, ...): one place, after penalties, before any pick.
-        if any(q.state is not None and q.state.sampling.processors for q in seqs):
-            apply_processors(logits_SV, seqs)
+        raw_SV = logits_SV.float().log_softmax(-1) if any(k is not None for k in want_lp) else None
+        logits_SV = prepare_logits(logits_SV, seqs)
         tokens_S = logits_SV.argmax(-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             rows = torch.tensor(random_rows, device=dev)
-            temp = torch.tensor([params[i].temperature for i in random_rows], device=dev)
-            sub_SV = logits_SV[rows] / temp[:, None]
-            sub_SV = truncate(
-                sub_SV,
-                torch.tensor([max(params[i].top_k, 0) for i in random_rows], device=dev),
-                torch.tensor([params[i].top_p for i in random_rows], device=dev),
-                torch.tensor([params[i].min_p for i in random_rows], device=dev))
-            probs_SV = sub_SV.softmax(-1)
+            probs_SV = random_probs(logits_SV[rows], [params[i] for i in random_rows])
             q_SV = torch.empty_like(probs_SV)
             for j, i in enumerate(random_rows):
                 gen = seqs[i].state.sampling.generator if seqs[i].state is not None else None
                 q_SV[j].exponential_(generator=gen)
             tokens_S[rows] = (probs_SV / q_SV).argmax(-1)
         tokens = tokens_S.tolist()
-        logprobs: list[dict | None] = [None] * len(seqs)
-        if raw_SV is not None:
-            lp_rows = [i for i, k in enumerate(want_lp) if k is not None]
-            kmax = max(want_lp[i] for i in lp_rows)
-            rows = torch.tensor(lp_rows, device=dev)
-            top_v, top_i = raw_SV[rows].topk(kmax, dim=-1) if kmax else (None, None)
-            chosen = raw_SV[rows, tokens_S[rows]].tolist()
-            top_v = top_v.tolist() if kmax else None
-            top_i = top_i.tolist() if kmax else None
-            for j, i in enumerate(lp_rows):
-                d = {tokens[i]: chosen[j]}
-                for t, lp in zip((top_i[j][:want_lp[i]] if kmax else []), (top_v[j][:want_lp[i]] if kmax else [])):
-                    d.setdefault(t, lp)
-                logprobs[i] = d
+        logprobs = raw_logprobs(raw_SV, tokens, want_lp) if raw_SV is not None else [None] * len(seqs)
         return tokens, logprobs

@@ -24,12 +24,14 @@ log = logging.getLogger(__name__)
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
-    """Tokens computed for this sequence this step: token_ids[num_computed : num_computed + this]."""
+    """Tokens computed for this sequence this step: token_ids[num_computed : num_computed + this], then the
+    first ``num_spec`` draft tokens (``seq.draft``) of a speculative verification."""
+    num_spec: int = 0
 
     @property
     def samples(self) -> bool:
         """Whether this step reaches the end of the known tokens, so the next token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens - self.num_spec == self.seq.num_tokens
 
 
 @dataclass
@@ -97,7 +99,8 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            spec = len(seq.draft.tokens) if seq.draft is not None and not seq.is_prefill else 0
+            num_new = min(seq.num_uncomputed_tokens + spec, budget)
             while not self.bm.can_allocate(seq, seq.num_computed_tokens + num_new):
                 victim = max((s for s in self.running), key=lambda s: s.arrival)
                 budget += self._preempt(victim, out, scheduled_ids)
@@ -106,7 +109,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             self.bm.allocate(seq, seq.num_computed_tokens + num_new)
-            sch = ScheduledSeq(seq, num_new)
+            sch = ScheduledSeq(seq, num_new, max(0, num_new - seq.num_uncomputed_tokens))
             out.scheduled.append(sch)
             scheduled_ids[seq.seq_id] = sch
             budget -= num_new
@@ -138,6 +141,7 @@ class Scheduler:
         self.bm.free(victim)
         victim.status = SequenceStatus.WAITING
         victim.num_computed_tokens = 0
+        victim.draft = None  # its drafts' MTP context is gone with the blocks
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
@@ -158,7 +162,7 @@ class Scheduler:
             samples = sch.samples
             if seq.num_output_tokens == 0 or seq.num_computed_tokens < seq.num_tokens - 1:
                 self.prompt_tokens_computed += sch.num_new_tokens
-            seq.num_computed_tokens += sch.num_new_tokens
+            seq.num_computed_tokens += sch.num_new_tokens - sch.num_spec  # accepted drafts: the engine adds them
             self.bm.commit(seq)
             if samples:
                 sampled.append(seq)

@@ -57,6 +57,8 @@ class Sequence:
         self.num_preemptions = 0
         self.state: Any = None
         """Engine-side per-sequence state (detokenizer, logprobs, generator); opaque here."""
+        self.draft: Any = None
+        """Speculative draft tokens to verify at the next decode step (``engine.speculative.Draft``), or None."""
 
     # ------------------------------------------------------------------ tokens
     @property

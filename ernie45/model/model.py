@@ -130,16 +130,18 @@ class ErnieForCausalLM(nn.Module):
             logits = self.lm_head(rows)
         return ModelOutput(logits=logits, hidden_states=h, router=router or [])
 
-    def mtp_logits(
+    def mtp_hidden(
         self,
         hidden_BTH: torch.Tensor,
         next_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         cache: AttentionCache | None = None,
     ) -> torch.Tensor:
-        """Draft logits for token t+2 from the main model's final hidden state at t (after its last
-        norm, as vLLM feeds it) and the token at t+1 (spec §3.4, FastDeploy's order):
-        u = proj(cat[norm_e(E[x_{t+1}]), norm_h(h_t)]) -> MTP decoder layer -> final norm -> head.
+        """The MTP block's output after the main model's final norm, [B, T, H]: what the head reads for the draft
+        of token t+2, and what a recursive draft feeds back as the next hidden state. Inputs: the main model's
+        final hidden state at t (after its last norm, as vLLM feeds it) and the token at t+1 (spec §3.4,
+        FastDeploy's order): u = proj(cat[norm_e(E[x_{t+1}]), norm_h(h_t)]) -> MTP decoder layer -> final norm.
+        With a cache, the block attends over its own layer slot (index ``num_hidden_layers``).
         """
         if not self.has_mtp:
             raise RuntimeError("this model has no MTP block (num_nextn_predict_layers=0 or no mtp tensors)")
@@ -148,7 +150,18 @@ class ErnieForCausalLM(nn.Module):
         u = m.mtp_linear_proj[0](torch.cat([e, m.mtp_hidden_norm[0](hidden_BTH)], dim=-1))
         cos, sin = m.rotary(self._positions(next_ids, position_ids))
         u = m.mtp_block[0](u, cos, sin, None, cache, None)
-        return self.lm_head(m.norm(u))
+        return m.norm(u)
+
+    def mtp_logits(
+        self,
+        hidden_BTH: torch.Tensor,
+        next_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cache: AttentionCache | None = None,
+    ) -> torch.Tensor:
+        """Draft logits for token t+2 from the main model's final hidden state at t and the token at t+1
+        (:meth:`mtp_hidden`, then the shared head)."""
+        return self.lm_head(self.mtp_hidden(hidden_BTH, next_ids, position_ids, cache))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

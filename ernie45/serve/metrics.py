@@ -100,6 +100,13 @@ class ServerMetrics:
                stats.get("prefix_cache_hit_tokens", 0))
         metric("ernie45:num_preemptions_total", "counter", "Requests preempted for KV space.",
                stats.get("num_preemptions", 0))
+        metric("ernie45:spec_decode_num_draft_tokens_total", "counter", "Speculative draft tokens verified.",
+               stats.get("spec_draft_tokens", 0))
+        metric("ernie45:spec_decode_num_accepted_tokens_total", "counter", "Speculative draft tokens accepted.",
+               stats.get("spec_accepted_tokens", 0))
+        metric("ernie45:spec_decode_num_verifications_total", "counter",
+               "Verification steps (one sequence, one step); accepted / verifications + 1 = mean accepted length.",
+               stats.get("spec_verify_steps", 0))
         if "backend" in stats:  # which kernels run the model (ernie45.accel): an info metric, the name as a label
             lines += ["# HELP ernie45:backend_info The acceleration backend the engine runs.",
                       "# TYPE ernie45:backend_info gauge",

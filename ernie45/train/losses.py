@@ -28,6 +28,16 @@ def masked_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
     return loss / (labels_BT != IGNORE).sum().clamp(min=1)
 
 
+def soft_cross_entropy(logits_BTV: torch.Tensor, target_logits_BTV: torch.Tensor, labels_BT: torch.Tensor
+                       ) -> torch.Tensor:
+    """Sum over positions whose label is not IGNORE of the cross-entropy against the soft targets
+    ``softmax(target_logits)`` (distillation), in fp32."""
+    keep = (labels_BT != IGNORE).reshape(-1)
+    logp = logits_BTV.float().reshape(-1, logits_BTV.shape[-1])[keep].log_softmax(-1)
+    target = target_logits_BTV.float().reshape(-1, target_logits_BTV.shape[-1])[keep].softmax(-1)
+    return -(target * logp).sum()
+
+
 def sequence_logprobs(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over each row of log p(label) at labelled positions, and the number of those positions.
 

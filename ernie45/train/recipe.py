@@ -64,6 +64,19 @@ class TrainConfig:
     """Weight of the MoE load-balancing auxiliary loss (0 = off)."""
     aux_free_rate: float = 0.0
     """Per-step update of the routers' e_score_correction_bias (aux-loss-free balancing; 0 = off)."""
+    mtp_loss_coef: float = 0.0
+    """Weight of ERNIE's multi-token-prediction loss: the MTP block predicts token t+2 from the final hidden state
+    at t and token t+1 (cross-entropy over the same trained positions, shifted by one). Keeps a checkpoint's MTP
+    block useful for speculative decoding through fine-tuning. 0 = off."""
+    mtp_distill: bool = False
+    """Score the MTP block against the model's own next-position distribution (soft targets from the same forward,
+    detached) instead of the data's tokens: what speculative decoding accepts is agreement with the model, so a
+    head trained this way drafts more acceptable tokens. Needs mtp_loss_coef > 0."""
+    add_mtp: bool = False
+    """Give a model without an MTP block a freshly initialised one (num_nextn_predict_layers = 1)."""
+    train_only: list[str] | None = None
+    """Train only the parameters whose names start with one of these prefixes (e.g. ["model.mtp_"] trains the
+    MTP block on a frozen model); None trains everything."""
     freeze_correction_bias: bool = False
     """Keep the loaded correction bias as it is (fine-tuning a released model)."""
     dpo_loss: str = "sigmoid"

@@ -55,6 +55,17 @@ def load_tokenizer(folder: str):
     return Tokenizer.from_pretrained(path)
 
 
+def _with_new_mtp(model: nn.Module, std: float, seed: int) -> nn.Module:
+    """``model`` rebuilt with one MTP block (num_nextn_predict_layers = 1), its own weights kept and the block's
+    initialised as ``init_weights`` does (normal matrices, unit norms)."""
+    new = ErnieForCausalLM(model.config.replace(num_nextn_predict_layers=1))
+    init_weights(new, std=std, seed=seed)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(".mtp_" in n for n in missing), (missing, unexpected)
+    new.tie_weights()
+    return new
+
+
 class Trainer:
     """Runs a TrainConfig. ``tokenizer`` may be passed in (tests); else it is loaded from the recipe."""
 
@@ -109,6 +120,20 @@ class Trainer:
                              f"{model.config.vocab_size}; set model.vocab_size >= {vocab}")
         if cfg.freeze_correction_bias and cfg.aux_free_rate:
             raise ValueError("freeze_correction_bias and aux_free_rate > 0 contradict each other; pick one")
+        if cfg.add_mtp and not model.has_mtp:
+            model = _with_new_mtp(model, cfg.init_std, cfg.seed)
+        if cfg.mtp_distill and not cfg.mtp_loss_coef:
+            raise ValueError("mtp_distill changes the MTP loss's targets; it needs mtp_loss_coef > 0")
+        if cfg.mtp_loss_coef and not model.has_mtp:
+            raise ValueError("mtp_loss_coef > 0 needs a model with an MTP block (num_nextn_predict_layers >= 1 and "
+                             "its model.mtp_* tensors); set add_mtp: true to start one")
+        if cfg.train_only is not None:
+            names = [n for n, _ in model.named_parameters()]
+            for prefix in cfg.train_only:
+                if not any(n.startswith(prefix) for n in names):
+                    raise ValueError(f"train_only: no parameter name starts with {prefix!r} (e.g. {names[0]!r})")
+            for n, p in model.named_parameters():
+                p.requires_grad_(any(n.startswith(prefix) for prefix in cfg.train_only))
         return model.to(self.device).train()
 
     def needs_reference(self) -> bool:
@@ -157,8 +182,18 @@ class Trainer:
             out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
                              return_router=self.num_experts > 0)
             loss_sum = losses.masked_cross_entropy(out.logits, batch["labels"], reduction="sum")
+            mtp_sum = None
+            if self.cfg.mtp_loss_coef:  # pairs (h_t, x_{t+1}) predict x_{t+2} = labels[t + 1]
+                mtp_logits = self.model.mtp_logits(out.hidden_states[:, :-1], batch["input_ids"][:, 1:])
+                if self.cfg.mtp_distill:  # the model's own distribution at t + 1 is the target of pair t
+                    mtp_sum = losses.soft_cross_entropy(mtp_logits, out.logits[:, 1:].detach(), batch["labels"][:, 1:])
+                else:
+                    mtp_sum = losses.masked_cross_entropy(mtp_logits, batch["labels"][:, 1:], reduction="sum")
         loss = loss_sum * token_scale
         rec = {"loss_sum": float(loss_sum.detach()), "tokens": int((batch["labels"] != -100).sum())}
+        if mtp_sum is not None:
+            loss = loss + self.cfg.mtp_loss_coef * mtp_sum * token_scale
+            rec["mtp_loss_sum"] = float(mtp_sum.detach())
         rec.update(self._router_terms(out.router, batch["attention_mask"]))
         if "aux" in rec:
             loss = loss + self.cfg.aux_loss_coef * rec.pop("aux_t") / self.cfg.grad_accum
@@ -237,6 +272,8 @@ class Trainer:
         tokens = sum(r["tokens"] for r in recs)
         row: dict[str, Any] = {"step": self.step, "loss": sum(r["loss_sum"] for r in recs) / max(1, tokens),
                                "lr": lr, "grad_norm": norm}
+        if "mtp_loss_sum" in recs[0]:
+            row["mtp_loss"] = sum(r["mtp_loss_sum"] for r in recs) / max(1, tokens)
         if self.cfg.task == "dpo":
             row["reward_margin"] = sum(r["margin_sum"] for r in recs) / tokens
             row["reward_accuracy"] = sum(r["acc_sum"] for r in recs) / tokens

@@ -1,0 +1,189 @@
+"""Speculative decoding with the MTP block: speed-up and acceptance on the demo, and the cost of a verify step.
+
+- ``demo``: the bundled demo model (its MTP head, ``recipes/demo_mtp.yaml``), greedy, batch 1 and 8, plain decoding
+  and ``speculative_tokens`` k = 1..4, in alternating rounds (every round runs each setting once, back to back);
+  each setting's speed-up is the median over rounds of its tokens/s over plain's in the same round, with the range.
+  Prompts are lines of the demo's corpus; the share of outputs identical to plain decoding is reported (bf16: a
+  verify forward of several tokens may round differently from a one-token step, so a near-tie can flip; fp32
+  output is token-identical, tests/engine/test_speculative.py).
+- ``verify``: mid-4L (the ERNIE-4.5-21B-A3B shape, 4 layers) int4 with random weights: one forward of a plain decode
+  step (1 token) against a verification step of k + 1 = 4 tokens of the same sequence, over a 256-token cache,
+  alternating, median of paired ratios. Its target: <= 1.3x. The 4 tokens of a random-weight model route to ~4x
+  the experts of one token (up to 32 of 64 per layer), which decode streams from memory, so this bound depends on
+  how often consecutive tokens share experts in a real model.
+
+    flock /tmp/ernie45-heavy.lock python benchmarks/bench_spec.py [--parts demo verify] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import write_result  # noqa: E402
+
+from ernie45 import ModelConfig  # noqa: E402
+from ernie45.engine.llm import LLMEngine  # noqa: E402
+from ernie45.engine.sampling_params import SamplingParams  # noqa: E402
+
+
+def demo_prompts(n: int) -> list[str]:
+    lines = []
+    with open("data/corpus/en_fortunes.jsonl", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i % 97 == 5:  # spread over the file
+                lines.append(json.loads(line)["text"].split("\n")[0][:60])
+            if len(lines) == n:
+                break
+    return lines
+
+
+def run_demo(engine: LLMEngine, prompts: list[str], max_tokens: int) -> tuple[float, list[list[int]], dict]:
+    before = engine.stats()
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{time.monotonic_ns()}-{i}", p, params)
+    outs = {}
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = o.outputs[0].token_ids
+    dt = time.perf_counter() - t0
+    after = engine.stats()
+    drafted = after["spec_draft_tokens"] - before["spec_draft_tokens"]
+    acc = after["spec_accepted_tokens"] - before["spec_accepted_tokens"]
+    steps = after["spec_verify_steps"] - before["spec_verify_steps"]
+    toks = sum(len(v) for v in outs.values())
+    return toks / dt, [outs[k] for k in sorted(outs)], {
+        "acceptance": acc / drafted if drafted else None,
+        "mean_accepted_length": (acc + steps) / steps if steps else None}
+
+
+def part_demo(rounds: int, max_tokens: int) -> dict:
+    out: dict = {}
+    ks = [0, 1, 2, 3, 4]
+    engines = {k: LLMEngine("demo", kv_cache_memory="256MB", speculative_tokens=k) for k in ks}
+    for batch in (1, 8):
+        prompts = demo_prompts(batch)
+        for k in ks:  # warm-up
+            run_demo(engines[k], prompts, 8)
+        rates: dict[int, list[float]] = {k: [] for k in ks}
+        acc: dict[int, list] = {k: [] for k in ks}
+        ref_tokens = None
+        same: dict[int, list[float]] = {k: [] for k in ks}
+        for _ in range(rounds):
+            for k in ks:
+                r, toks, st = run_demo(engines[k], prompts, max_tokens)
+                if ref_tokens is None:
+                    ref_tokens = toks
+                # bf16: a verify forward may round differently from a one-token step, so near-ties can flip
+                same[k].append(sum(a == b for a, b in zip(toks, ref_tokens)) / len(toks))
+                rates[k].append(r)
+                acc[k].append(st)
+        for k in ks:
+            ratios = [a / b for a, b in zip(rates[k], rates[0])]
+            out[f"b{batch}_k{k}"] = {
+                "tok_s": statistics.median(rates[k]), "tok_s_all": [round(x, 1) for x in rates[k]],
+                "speedup_median": statistics.median(ratios), "speedup_range": [min(ratios), max(ratios)],
+                "acceptance": acc[k][-1]["acceptance"], "mean_accepted_length": acc[k][-1]["mean_accepted_length"],
+                "identical_outputs": min(same[k])}
+            print(f"batch {batch} k={k}: {out[f'b{batch}_k{k}']}", flush=True)
+    return out
+
+
+def mid4l_int4() -> torch.nn.Module:
+    from common import fill_random
+
+    from ernie45.quant.load import build_quantized
+    from ernie45.quant.scheme import QuantConfig
+
+    cfg = ModelConfig.from_name("ernie-4.5-21b-a3b").replace(num_nextn_predict_layers=0, num_hidden_layers=4,
+                                                             moe_layer_end_index=3)
+    model = fill_random(build_quantized(cfg, QuantConfig.from_name("int4"), torch.bfloat16))
+    with torch.no_grad():  # random codes; scales giving weights ~ U(-0.02, 0.02)
+        g = torch.Generator().manual_seed(0)
+        for name, b in model.named_buffers():
+            if b.dtype in (torch.uint8, torch.int8):
+                b.view(torch.uint8).copy_(torch.randint(0, 256, b.shape, dtype=torch.uint8, generator=g))
+            elif name.endswith("scale_zeros"):
+                b[..., 0].fill_(0.02 / 8)
+                b[..., 1].zero_()
+            elif name.endswith("scales"):
+                b.fill_(0.02 / 127)
+            elif name.endswith("zeros"):
+                b.fill_(1e-3)
+    return model.eval()
+
+
+def part_verify(pairs: int, context: int = 256, k: int = 3) -> dict:
+    from ernie45.accel import AttentionMetadata, accelerate, backend_of
+    from ernie45.engine.kv_cache import KVCache
+
+    model = accelerate(mid4l_int4(), "auto")  # what the engine runs: the native CPU backend where it loads
+    cfg = model.config
+    kv = KVCache(cfg, num_blocks=(context + 64) // 16, block_size=16, dtype=torch.bfloat16)
+    attention = backend_of(model).attention(kv)
+    table = list(range(kv.num_blocks))
+    g = torch.Generator().manual_seed(1)
+
+    @torch.inference_mode()
+    def step(n: int) -> float:
+        ids = torch.randint(0, cfg.vocab_size, (1, n), generator=g)
+        pos = torch.arange(context, context + n)[None]
+        meta = AttentionMetadata.build([table], [n], [context + n], 16, num_decodes=1)  # verify rows = decode rows
+        t0 = time.perf_counter()
+        model(ids, position_ids=pos, cache=attention.step(meta), logits_indices=torch.arange(n))
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        step(1), step(k + 1)
+    plain, verify = [], []
+    for _ in range(pairs):
+        plain.append(step(1))
+        verify.append(step(k + 1))
+    ratios = [v / p for v, p in zip(verify, plain)]
+    return {"plain_ms": 1e3 * statistics.median(plain), "verify_ms": 1e3 * statistics.median(verify),
+            "tokens_verified": k + 1, "ratio_median": statistics.median(ratios),
+            "ratio_range": [min(ratios), max(ratios)]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", nargs="+", default=["demo", "verify"], choices=["demo", "verify"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--pairs", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    res = {"backend": None}
+    if "demo" in args.parts:
+        res["demo"] = part_demo(args.rounds, args.max_tokens)
+    if "verify" in args.parts:
+        res["verify"] = part_verify(args.pairs)
+        print(res["verify"], flush=True)
+    lines = ["| setting | tok/s (median) | speed-up vs plain, median of paired rounds [range] | acceptance | "
+             "mean tokens a verification | outputs identical to plain |", "|---|---|---|---|---|---|"]
+    for key, r in res.get("demo", {}).items():
+        acc = "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%"
+        mal = "-" if r["mean_accepted_length"] is None else f"{r['mean_accepted_length']:.2f}"
+        lines.append(f"| demo {key} | {r['tok_s']:.1f} | {r['speedup_median']:.2f}x "
+                     f"[{r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}] | {acc} | {mal} | "
+                     f"{100 * r['identical_outputs']:.0f}% |")
+    if "verify" in res:
+        v = res["verify"]
+        lines += ["", f"mid-4L int4, batch 1, 256-token context: plain decode step {v['plain_ms']:.1f} ms, verify "
+                      f"step of {v['tokens_verified']} tokens {v['verify_ms']:.1f} ms: {v['ratio_median']:.2f}x "
+                      f"(paired median; range {v['ratio_range'][0]:.2f}-{v['ratio_range'][1]:.2f})"]
+    text = "\n".join(lines) + "\n\nraw:\n```json\n" + json.dumps(res, indent=1) + "\n```"
+    print(write_result("spec", text))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Speculative decoding with the checkpoint's own MTP block (spec §3.4): drafting and exact verification.
+
+Drafting. The MTP block maps (the main model's final hidden state ``h_t``, the token ``x_{t+1}``) to draft logits
+for ``x_{t+2}``. It is a decoder layer with its own KV cache (the engine's layer slot ``L``), filled at position
+``t`` for every pair whose ``h_t`` the main model has computed: after each step the engine runs the block over the
+pairs of the positions that step made valid (a prefill chunk, a decode token, the accepted part of a
+verification). The last pair gives draft 1; draft ``j + 1`` applies the block again to its own normalised output
+and draft ``j`` (the recursion the MTP head was not trained for beyond one step, so later drafts are accepted less
+often; the output stays exact whatever the drafts are).
+
+Verification (standard speculative sampling, Leviathan et al. 2023 / Chen et al. 2023). The target model scores
+the last token and the k drafts in one forward (k + 1 query positions of the sequence over its paged cache). Draft
+``d_j``, drawn from ``q_j``, is accepted with probability ``min(1, p_j(d_j) / q_j(d_j))``, where ``p_j`` is the
+distribution the sampler would draw from at that position with every processor applied (temperature, top-k/p,
+min-p, penalties and min_tokens over the history including the accepted drafts: :func:`sampler.target_probs`).
+At the first rejection the token is drawn from ``normalise(max(0, p_j - q_j))`` and the step ends; if all k are
+accepted a bonus token is drawn from ``p_{k+1}``. Each emitted token is then distributed exactly as without
+speculation. Greedy rows have one-hot ``p`` and ``q``: a draft is accepted iff it is the argmax, so greedy output
+is token-identical to plain decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ernie45.engine.sampler import random_probs, target_probs
+
+
+@dataclass
+class Draft:
+    """A sequence's proposals for the next verification: tokens and the distributions they were drawn from
+    (None rows for greedy requests: one-hot at the token)."""
+
+    tokens: list[int]
+    probs: torch.Tensor | None   # [k, V] fp32, or None when greedy
+
+
+class HistoryView:
+    """A sequence as the sampler sees it after ``extra`` tokens were appended (the accepted drafts before a
+    position): what penalties and min_tokens read."""
+
+    __slots__ = ("extra", "seq")
+
+    def __init__(self, seq, extra: list[int]) -> None:  # noqa: ANN001 - a Sequence
+        self.seq, self.extra = seq, extra
+
+    @property
+    def params(self):  # noqa: ANN201
+        return self.seq.params
+
+    @property
+    def state(self):  # noqa: ANN201
+        return self.seq.state
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids + self.extra
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.seq.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.seq.output_token_ids + self.extra
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.seq.num_output_tokens + len(self.extra)
+
+
+def residual(p_V: torch.Tensor, q_V: torch.Tensor) -> torch.Tensor:
+    """Where a rejected position draws from: normalise(max(0, p - q)); p itself if p <= q everywhere."""
+    r = (p_V - q_V).clamp(min=0)
+    total = float(r.sum())
+    return r / total if total > 0 else p_V
+
+
+def _draw(probs_V: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs_V, 1, generator=generator))
+
+
+def verify(logits_JV: torch.Tensor, seq, draft: Draft) -> tuple[int, list[int]]:  # noqa: ANN001
+    """Accept a prefix of ``draft`` against the target logits of the k + 1 verified positions.
+
+    Returns (number of drafts accepted, the tokens to append: the accepted drafts then one more token).
+    """
+    k = len(draft.tokens)
+    if logits_JV.shape[0] != k + 1:
+        raise ValueError(f"verification needs {k + 1} rows of logits for {k} drafts; got {logits_JV.shape[0]}")
+    views = [HistoryView(seq, draft.tokens[:j]) for j in range(k + 1)]
+    p_JV = target_probs(logits_JV, views)
+    gen = seq.state.sampling.generator if seq.state is not None else None
+    greedy = seq.params.greedy
+    for j, d in enumerate(draft.tokens):
+        if greedy:
+            best = int(p_JV[j].argmax())
+            if best != d:
+                return j, draft.tokens[:j] + [best]
+            continue
+        p_d = float(p_JV[j, d])
+        q_d = float(draft.probs[j, d]) if draft.probs is not None else 1.0
+        u = float(torch.rand((), generator=gen))
+        if q_d > 0 and u * q_d < p_d:  # u < min(1, p/q) without dividing
+            continue
+        q_V = draft.probs[j] if draft.probs is not None else torch.nn.functional.one_hot(
+            torch.tensor(d), p_JV.shape[1]).float()
+        return j, draft.tokens[:j] + [_draw(residual(p_JV[j], q_V), gen)]
+    last = int(p_JV[k].argmax()) if greedy else _draw(p_JV[k], gen)
+    return k, draft.tokens + [last]
+
+
+def draft_tokens(logits_SV: torch.Tensor, seqs: list) -> tuple[list[int], list[torch.Tensor | None]]:
+    """One draft token per sequence from MTP logits: the argmax for greedy requests, else a draw from the request's
+    own temperature/top-k/top-p/min-p distribution (its generator). Returns (tokens, the q rows or None)."""
+    tokens, qs = [], []
+    logits_SV = logits_SV.float()
+    for i, seq in enumerate(seqs):
+        if seq.params.greedy:
+            tokens.append(int(logits_SV[i].argmax()))
+            qs.append(None)
+            continue
+        q_V = random_probs(logits_SV[i:i + 1], [seq.params])[0]
+        gen = seq.state.sampling.generator if seq.state is not None else None
+        tokens.append(_draw(q_V, gen))
+        qs.append(q_V)
+    return tokens, qs

@@ -1,0 +1,227 @@
+"""Speculative decoding with the MTP block: exact verification (greedy token-identical, sampled
+distribution-identical), drafting, acceptance metrics, and the engine features around it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ernie45 import ModelConfig
+from ernie45.engine import speculative
+from ernie45.engine.llm import LLMEngine
+from ernie45.engine.sampler import SeqSampling, make_generator
+from ernie45.engine.sampling_params import SamplingParams
+from ernie45.engine.sequence import Sequence
+from ernie45.model.model import ErnieForCausalLM, init_weights
+from tests.engine.conftest import prompts
+
+CFG = ModelConfig.from_name("tiny-moe").replace(tie_word_embeddings=False, num_nextn_predict_layers=1)
+
+
+def mtp_model(seed: int = 0, std: float = 0.08) -> ErnieForCausalLM:
+    torch.manual_seed(seed)
+    return init_weights(ErnieForCausalLM(CFG), std=std, seed=seed).eval()
+
+
+def run(model, token_prompts, params, k, **kw) -> tuple[list[list[int]], LLMEngine]:  # noqa: ANN001
+    eng = LLMEngine(model, kv_cache_memory=kw.pop("kv", "4MB"), speculative_tokens=k, **kw)
+    for i, p in enumerate(token_prompts):
+        eng.add_request(str(i), p, params)
+    final = {}
+    steps = 0
+    while eng.has_unfinished_requests():
+        steps += 1
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out
+    eng.steps = steps
+    return [final[str(i)].outputs[0].token_ids for i in range(len(token_prompts))], eng
+
+
+# ------------------------------------------------------------------------------------------ verification math
+class _FakeSeq:
+    def __init__(self, params: SamplingParams, seed: int) -> None:
+        self.params = params
+        self.token_ids = [5, 6]
+        self.num_prompt_tokens = 2
+        self.output_token_ids: list[int] = []
+        self.num_output_tokens = 0
+        self.state = type("S", (), {})()
+        self.state.sampling = SeqSampling(make_generator(seed, 0), [])
+
+
+def _first_token_frequencies(p_logits, q_probs, draft_token_fn, n, residual=None):  # noqa: ANN001
+    v = p_logits.shape[-1]
+    counts = torch.zeros(v)
+    params = SamplingParams(temperature=1.0, max_tokens=4)
+    for i in range(n):
+        seq = _FakeSeq(params, seed=i)
+        d = int(torch.multinomial(q_probs, 1, generator=seq.state.sampling.generator))
+        draft = speculative.Draft([d, draft_token_fn(d)], torch.stack([q_probs, q_probs]))
+        _, toks = speculative.verify(p_logits, seq, draft)
+        counts[toks[0]] += 1
+    return counts / n
+
+
+@pytest.mark.slow
+def test_sampled_output_distribution_equals_the_target(monkeypatch):
+    """The first emitted token is distributed as the target's p whatever the draft distribution q; the test's
+    total-variation bound fails a verifier that resamples from p instead of the residual max(0, p - q)."""
+    p_logits = torch.tensor([[2.0, 0.5, -1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0, 2.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    q = torch.tensor([0.05, 0.6, 0.05, 0.1, 0.2])  # very unlike p[0]
+    p0 = p_logits[0].softmax(-1)
+    n = 2000
+    freq = _first_token_frequencies(p_logits, q, lambda d: (d + 1) % 5, n)
+    tv = 0.5 * (freq - p0).abs().sum().item()
+    assert tv < 0.07, (freq, p0)  # expected ~0.026 at 2000 draws; the wrong residual below gives 0.164
+
+    monkeypatch.setattr(speculative, "residual", lambda p, q: p)  # the classic bug: resample from p
+    bad = _first_token_frequencies(p_logits, q, lambda d: (d + 1) % 5, n)
+    assert 0.5 * (bad - p0).abs().sum().item() > 0.11
+
+
+def test_greedy_verification_accepts_exactly_the_argmax_prefix():
+    seq = _FakeSeq(SamplingParams(temperature=0.0), seed=0)
+    logits = torch.full((4, 8), -1.0)
+    for j, best in enumerate([3, 5, 1, 7]):
+        logits[j, best] = 2.0
+    assert speculative.verify(logits, seq, speculative.Draft([3, 5, 1], None)) == (3, [3, 5, 1, 7])
+    assert speculative.verify(logits, seq, speculative.Draft([3, 4, 1], None)) == (1, [3, 5])
+    assert speculative.verify(logits, seq, speculative.Draft([0, 5, 1], None)) == (0, [3])
+    with pytest.raises(ValueError, match="4 rows"):
+        speculative.verify(logits[:3], seq, speculative.Draft([3, 5, 1], None))
+
+
+def test_penalties_see_the_accepted_drafts():
+    """A repetition penalty at position j counts drafts d_<j as output: the target there is what plain decoding
+    would have computed after emitting them."""
+    params = SamplingParams(temperature=0.0, frequency_penalty=2.0)
+    seq = _FakeSeq(params, seed=0)
+    logits = torch.zeros(2, 6)
+    logits[:, 4] = 3.0  # token 4 is best at both positions ...
+    logits[:, 2] = 2.0
+    # ... but after emitting 4 once the penalty (2.0) makes 2 the argmax at position 1
+    assert speculative.verify(logits, seq, speculative.Draft([4], None)) == (1, [4, 2])
+
+
+# ------------------------------------------------------------------------------------------ the engine
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_output_is_token_identical(k):
+    model = mtp_model(seed=1)
+    ps = prompts(CFG.vocab_size, [5, 17, 9, 33], seed=2)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    plain, _ = run(model, ps, params, 0)
+    spec, eng = run(model, ps, params, k)
+    assert spec == plain
+    st = eng.stats()
+    assert st["spec_verify_steps"] > 0 and st["spec_draft_tokens"] > 0
+    assert 0 <= st["spec_acceptance_rate"] <= 1
+
+
+def test_chunked_prefill_prefix_cache_and_preemption_keep_it_exact():
+    """Small token budget (prompts split into chunks), a shared prefix served from the cache, and a KV cache so
+    small that sequences are preempted and recomputed mid-generation."""
+    model = mtp_model(seed=3)
+    base = prompts(CFG.vocab_size, [40], seed=4)[0]
+    ps = [base + [7, 8, 9], base + [10, 11], prompts(CFG.vocab_size, [23], seed=5)[0], base]
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    plain, _ = run(model, ps, params, 0, kv="4MB", max_num_batched_tokens=16, block_size=4, max_model_len=80)
+    tiny_kv = 96 * CFG.kv_bytes_per_token(4) * 4 // 3  # 24 blocks of 4 tokens (3 layers + the MTP slot)
+    spec, eng = run(model, ps, params, 3, kv=tiny_kv, max_num_batched_tokens=16, block_size=4, max_model_len=80)
+    assert eng.kv_cache.num_blocks == 24
+    assert spec == plain
+    st = eng.stats()
+    assert st["num_preemptions"] > 0 and st["prefix_cache_hit_tokens"] > 0 and st["spec_verify_steps"] > 0
+
+
+def _forced(agree: bool) -> ErnieForCausalLM:
+    """Decoder layers and the MTP block add nothing (zero output projections), so the target's next token is a
+    function of the current token only; the MTP projection passes the next token's embedding (agree) or its
+    negation (disagree) through, so its draft is the target's own prediction or never it."""
+    model = mtp_model(seed=6, std=0.3)
+    m = model.model
+    with torch.no_grad():
+        for layer in list(m.layers) + list(m.mtp_block):
+            layer.self_attn.o_proj.weight.zero_()
+            if layer.is_moe:
+                layer.mlp.experts.down_proj.zero_()
+                if layer.mlp.shared_experts is not None:
+                    layer.mlp.shared_experts.down_proj.weight.zero_()
+            else:
+                layer.mlp.down_proj.weight.zero_()
+        h = CFG.hidden_size
+        proj = torch.zeros(h, 2 * h)
+        proj[:, :h] = torch.eye(h) * (1.0 if agree else -1.0)
+        m.mtp_linear_proj[0].weight.copy_(proj)
+    return model
+
+
+@pytest.mark.parametrize("agree", [True, False])
+def test_forced_agreement_and_disagreement(agree):
+    model = _forced(agree)
+    ps = prompts(CFG.vocab_size, [6, 11], seed=7)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    plain, e0 = run(model, ps, params, 0)
+    spec, e3 = run(model, ps, params, 3)
+    assert spec == plain
+    st = e3.stats()
+    if agree:
+        assert st["spec_acceptance_rate"] > 0.95
+        assert e3.steps < e0.steps / 2  # ~4 tokens a step
+    else:
+        assert st["spec_acceptance_rate"] == 0
+        assert e3.steps <= e0.steps  # one token a step, as without drafts: the cost stays bounded
+
+
+def test_sampling_fields_keep_their_meaning():
+    """Seeds reproduce, n > 1 gives independent streams, stop strings/ids and max_tokens end where they should,
+    logprobs come for every emitted token (raw model distribution, equal to the plain path's)."""
+    model = mtp_model(seed=8)
+    ps = prompts(CFG.vocab_size, [9], seed=9)
+    p = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=16, seed=123, ignore_eos=True, n=2)
+    a, _ = run(model, ps, p, 2)
+    b, _ = run(model, ps, p, 2)
+    assert a == b
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    eng0 = LLMEngine(model, kv_cache_memory="4MB")
+    eng2 = LLMEngine(model, kv_cache_memory="4MB", speculative_tokens=2)
+    outs = []
+    for eng in (eng0, eng2):
+        eng.add_request("r", ps[0], greedy)
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.finished:
+                    outs.append(o.outputs[0])
+    assert outs[0].token_ids == outs[1].token_ids and len(outs[1].logprobs) == 12
+    for lp0, lp1 in zip(outs[0].logprobs, outs[1].logprobs):
+        assert lp0.keys() == lp1.keys()
+        assert all(abs(lp0[t] - lp1[t]) < 1e-4 for t in lp0)
+
+    stop_tok = outs[0].token_ids[5]
+    first = outs[0].token_ids.index(stop_tok)
+    s_params = dataclasses.replace(greedy, logprobs=None, stop_token_ids=[stop_tok])
+    got, _ = run(model, ps, s_params, 3)
+    assert got[0] == outs[0].token_ids[:first + 1]
+
+
+def test_bad_settings_are_clear_errors():
+    plain = init_weights(ErnieForCausalLM(CFG.replace(num_nextn_predict_layers=0)), seed=0)
+    with pytest.raises(ValueError, match="MTP block"):
+        LLMEngine(plain, kv_cache_memory="1MB", speculative_tokens=2)
+    with pytest.raises(ValueError, match=r"\[0, 16\]"):
+        LLMEngine(mtp_model(), kv_cache_memory="1MB", speculative_tokens=-1)
+
+
+def test_block_manager_trim_releases_only_uncommitted_tail():
+    from ernie45.engine.block_manager import BlockManager
+    bm = BlockManager(8, 4)
+    seq = Sequence("r", list(range(9)))
+    bm.allocate(seq, 9 + 4)  # 9 tokens + 4 lookahead positions: 4 blocks
+    seq.num_computed_tokens = 8
+    bm.commit(seq)  # two full blocks hashed
+    assert len(seq.block_table) == 4 and bm.num_free_blocks == 4
+    bm.trim(seq, 10)
+    assert len(seq.block_table) == 3 and bm.num_free_blocks == 5
