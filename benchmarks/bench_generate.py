@@ -4,7 +4,10 @@ ERNIE-4.5-21B-A3B shape with 4 layers, random weights, bf16), batch 1 and batch 
 runs alternate per batch size).
 
 Figures: TTFT (time to the first token), prefill tok/s (prompt tokens / TTFT), decode tok/s (tokens
-after the first / time after the first token), and the end-to-end throughput; ratios ours / transformers.
+after the first / time after the first token), and the end-to-end throughput. Ours and transformers alternate
+``--rounds`` times per batch size, the DRAM bandwidth measured around every round; each figure is the median round's
+with the range over rounds, each ratio the median of the per-round ratios of the two runs made back to back
+(``benchmarks/common.py``), and the batch-1 decode is held against the bandwidth ceiling of its own round.
 
     flock /tmp/ernie45-heavy.lock python benchmarks/bench_generate.py [--batch-sizes 1 16]
 """
@@ -26,7 +29,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from benchmarks.common import dram_bandwidth, fill_random  # noqa: E402
+from benchmarks.common import dram_bandwidth, fill_random, median, median_range, paired_ratios  # noqa: E402
 from ernie45 import ModelConfig, save_model  # noqa: E402
 from ernie45.engine import LLMEngine, SamplingParams  # noqa: E402
 from ernie45.model.checkpoint import build_empty  # noqa: E402
@@ -132,16 +135,15 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--skip-hf", action="store_true", help="only our engine (no ratios)")
-    ap.add_argument("--rounds", type=int, default=2,
-                    help="ours and transformers alternate this many times per batch size; the best of each is kept "
-                         "(the machine's memory bandwidth drifts over minutes)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="ours and transformers alternate this many times per batch size (odd: the median is a "
+                         "round); ratios are per round, back to back (the memory bandwidth drifts over minutes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = mid_4l()
     t = time.perf_counter()
     model = build_model(cfg)
     print(f"built mid-4L ({cfg.num_params() / 1e9:.2f}B params, bf16) in {time.perf_counter() - t:.1f}s", flush=True)
-    results: dict[str, dict[int, dict]] = {"ours": {}, "transformers": {}}
     hf = None
     if not args.skip_hf:
         import transformers
@@ -157,49 +159,72 @@ def main() -> int:
                 for t in list(hf.parameters()) + list(hf.buffers()):
                     t.data = t.data.clone()
         model = share_weights(hf, cfg)
-    bandwidth = [dram_bandwidth()]
+    # rounds[name][batch]: one dict of figures per round; bandwidth[batch]: measured before each round and after
+    rounds: dict[str, dict[int, list[dict]]] = {"ours": {}, "transformers": {}}
+    bandwidth: dict[int, list[float]] = {}
     for b in args.batch_sizes:  # alternate ours / theirs per batch size and round: bandwidth drifts over minutes
+        bandwidth[b] = [dram_bandwidth()]
         for _ in range(args.rounds):
             runs = [("ours", bench_ours, model)] + ([("transformers", bench_hf, hf)] if hf is not None else [])
             for name, fn, m in runs:
                 r = fn(m, cfg, b, args.prompt_len, args.new_tokens)
                 print(name, b, r, flush=True)
-                best = results[name].setdefault(b, r)
-                for key, v in r.items():  # best of the rounds: the fastest throughput, the shortest TTFT
-                    best[key] = min(best[key], v) if key == "ttft_s" else max(best[key], v)
-    bandwidth.append(dram_bandwidth())
-    results["bandwidth"] = bandwidth
+                rounds[name].setdefault(b, []).append(r)
+            bandwidth[b].append(dram_bandwidth())
+    results = {"rounds": rounds, "bandwidth": bandwidth}
     report(args, results)
     return 0
+
+
+METRICS = (("decode_tok_s", "decode tok/s", True), ("prefill_tok_s", "prefill tok/s", True),
+           ("total_tok_s", "end-to-end tok/s", True), ("ttft_s", "TTFT s", False))
 
 
 def report(args: argparse.Namespace, results: dict) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    step_bytes = batch1_bytes(mid_4l())
+    rounds, bandwidth = results["rounds"], results["bandwidth"]
     lines = [f"# bench_generate: ernie45 engine vs transformers generate ({datetime.date.today()})", "",
              f"- machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
              f"- command: `flock /tmp/ernie45-heavy.lock python benchmarks/bench_generate.py "
-             f"--batch-sizes {' '.join(map(str, args.batch_sizes))}`",
+             f"--batch-sizes {' '.join(map(str, args.batch_sizes))} --rounds {args.rounds}`",
              f"- commit: {commit}; model mid-4L (21B-A3B shape, 4 layers, random weights, bf16); "
-             f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy", "",
-             "| batch | metric | ours | transformers | ratio (>1: ours better) |", "|---|---|---|---|---|"]
-    bw = results.get("bandwidth")
-    step_bytes = batch1_bytes(mid_4l())
-    if bw:
-        lines[3:3] = [f"- best of {args.rounds} alternating rounds per batch size; DRAM read bandwidth "
-                      f"{bw[0] / 1e9:.1f} GB/s before, {bw[1] / 1e9:.1f} after: a batch-1 step reads "
-                      f"{step_bytes / 1e9:.2f} GB of bf16 weights, so the ceiling is {max(bw) / step_bytes:.1f} tok/s"]
-    for b, ours in results["ours"].items():
-        hf = results["transformers"].get(b, {})
-        for key, label in (("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s"),
-                           ("total_tok_s", "end-to-end tok/s"), ("ttft_s", "TTFT s")):
-            theirs = hf.get(key)
-            # ratio > 1 means ours is better: throughput ours/theirs, TTFT theirs/ours
-            ratio = "" if theirs is None else (f"{ours[key] / theirs:.2f}x" if key != "ttft_s"
-                                               else f"{theirs / ours[key]:.2f}x")
-            lines.append(f"| {b} | {label} | {ours[key]:.2f} | {'' if theirs is None else f'{theirs:.2f}'} "
+             f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy",
+             f"- method: per batch size, {args.rounds} rounds of ours then transformers, back to back. Each figure is "
+             "the median round's, the range over rounds in brackets; each ratio is the median of the per-round "
+             "ratios (> 1: ours better; TTFT theirs / ours), range in brackets.", "",
+             "| batch | metric | ours | transformers | ratio, median of paired rounds |", "|---|---|---|---|---|"]
+    for b, ours in rounds["ours"].items():
+        hf = rounds["transformers"].get(b)
+        for key, label, higher in METRICS:
+            mine = [r[key] for r in ours]
+            theirs = [r[key] for r in hf] if hf else None
+            ratio = "" if theirs is None else median_range(paired_ratios(mine, theirs, higher), unit="x")
+            lines.append(f"| {b} | {label} | {median_range(mine)} | {'' if theirs is None else median_range(theirs)} "
                          f"| {ratio} |")
+    lines += ["", "Rounds (decode tok/s, ours / transformers, and the DRAM read bandwidth around the round):", ""]
+    for b, ours in rounds["ours"].items():
+        hf = rounds["transformers"].get(b) or [None] * len(ours)
+        bw = bandwidth[b]
+        for i, (o, t) in enumerate(zip(ours, hf)):
+            peer = "" if t is None else f" / {t['decode_tok_s']:.2f}"
+            lines.append(f"- batch {b}, round {i + 1}: {o['decode_tok_s']:.2f}{peer}; {bw[i] / 1e9:.1f} -> "
+                         f"{bw[i + 1] / 1e9:.1f} GB/s")
+    if 1 in rounds["ours"]:
+        # each batch-1 round against the ceiling of its own round: the higher bandwidth measured around it
+        fr = [(o["decode_tok_s"] * step_bytes / max(bw0, bw1), max(bw0, bw1)) for o, bw0, bw1 in
+              zip(rounds["ours"][1], bandwidth[1], bandwidth[1][1:])]
+        frac, bw = median(fr)
+        lines += ["", f"Batch-1 bandwidth ceiling: a decode step reads {step_bytes / 1e9:.2f} GB of bf16 weights; each "
+                  f"round's decode speed times that, over the higher bandwidth measured around the round: "
+                  f"{median_range([f for f, _ in fr], fmt='{:.0%}')} of the ceiling (median round: {bw / 1e9:.1f} "
+                  f"GB/s, a {bw / step_bytes:.1f} tok/s ceiling)."]
     text = "\n".join(lines) + "\n"
     print(text)
     path = os.path.join(ROOT, "benchmarks", "results", f"{datetime.date.today()}-bench_generate.md")

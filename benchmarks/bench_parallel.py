@@ -93,8 +93,11 @@ def rss_peak_mb() -> float:
 def run_engine(model, batch_sizes: list[int], prompt_len: int, new_tokens: int, counts: dict[str, int]  # noqa: ANN001
                ) -> dict:
     from ernie45.engine import LLMEngine, SamplingParams
+    from ernie45.engine.model_runner import ModelRunner
+    from ernie45.parallel.runner import DistributedModelRunner
 
-    engine = LLMEngine(model, kv_cache_memory="512MB", max_num_seqs=max(batch_sizes))
+    runner = DistributedModelRunner if getattr(model, "parallel_mesh", None) is not None else ModelRunner
+    engine = LLMEngine(model, kv_cache_memory="512MB", max_num_seqs=max(batch_sizes), runner=runner)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
     out = {}

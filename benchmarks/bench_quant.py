@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from benchmarks.common import dram_bandwidth, fill_random  # noqa: E402
+from benchmarks.common import dram_bandwidth, fill_random, median, median_range, paired_ratios  # noqa: E402
 from ernie45 import ModelConfig, load_model, save_model  # noqa: E402
 from ernie45.model.checkpoint import build_empty  # noqa: E402
 from ernie45.model.moe import Router  # noqa: E402
@@ -143,21 +143,11 @@ def head_to_head(model, gguf: str | None, prompt_len: int, tokens: int) -> dict:
             "bandwidth_rounds": [max(a, b) for a, b in zip(bws, bws[1:])]}
 
 
-def _median(xs: list) -> object:
-    return sorted(xs)[len(xs) // 2]
-
-
 def roofline(h: dict, bytes_per_token: int) -> tuple[float, float, float]:
     """(fraction of the roofline, roofline tok/s, bandwidth) of the median round: each round of ours against the
     bandwidth measured around it (one round alone can read over 100%: the bandwidth swings within seconds)."""
-    return _median([(t * bytes_per_token / bw, bw / bytes_per_token, bw)
+    return median([(t * bytes_per_token / bw, bw / bytes_per_token, bw)
                     for t, bw in zip(h["ours_rounds"], h["bandwidth_rounds"])])
-
-
-def paired_ratio(h: dict) -> float:
-    """The median over rounds of ours / llama.cpp in the segments run back to back: robust to a bandwidth swing
-    that favours one side's best segment."""
-    return _median([a / b for a, b in zip(h["ours_rounds"], h["peer_rounds"])])
 
 
 # --------------------------------------------------------------------------------------------- GGUF
@@ -387,29 +377,31 @@ def main() -> None:
 
 def report(r: dict, args: argparse.Namespace) -> str:
     lines = [f"Batch-1 greedy decode, {args.prompt}-token prompt, 2 threads; ours and llama.cpp in alternating "
-             f"segments of {args.tokens} steps after {WARMUP} untimed ones, {ROUNDS} each, the best of each kept. "
-             "Roofline = DRAM read bandwidth (the higher of the two measures around a round) / weight bytes ours reads "
-             "per token; the fraction is the median round's. ours / peer: the median over rounds of the ratio of the "
-             "two back-to-back segments (in brackets: best / best).", ""]
+             f"segments of {args.tokens} steps after {WARMUP} untimed ones, {ROUNDS} each. tok/s: the median round's, "
+             "the range over rounds in brackets. Roofline = DRAM read bandwidth (the higher of the two measures "
+             "around a round) / weight bytes ours reads per token; the fraction is the median round's. ours / peer: "
+             "the median over rounds of the ratio of the two back-to-back segments, the range in brackets.", ""]
     if "check" in r:
         lines.append(f"GGUF check (tiny model): llama.cpp logits vs ours, max relative difference "
                      f"{r['check']['max_rel_logit_diff']:.2e}.\n")
-    lines += ["| model | ours | best tok/s | roofline tok/s | of roofline | peer | best tok/s | ours / peer (bests) |",
+    lines += ["| model | ours | tok/s | roofline tok/s | of roofline | peer | tok/s | ours / peer, paired rounds |",
               "|---|---|---|---|---|---|---|---|"]
     if "mid4l" in r:
         m = r["mid4l"]
         for quant, _, peer in PAIRS:
             h = m[f"{quant}|{peer}"]
             frac, roof, bw = roofline(h, m[f"{quant}_bytes_per_token"])
-            lines.append(f"| mid-4L | {quant} ({m[f'{quant}_bytes'] / 2**30:.2f} GiB) | {h['ours']:.1f} | {roof:.1f} "
+            lines.append(f"| mid-4L | {quant} ({m[f'{quant}_bytes'] / 2**30:.2f} GiB) | "
+                         f"{median_range(h['ours_rounds'], '{:.1f}')} | {roof:.1f} "
                          f"({bw / 1e9:.1f} GB/s) | {frac:.0%} | llama.cpp {peer} "
-                         f"({m[f'llama_{peer}_bytes'] / 2**30:.2f} GiB) | {h['peer']:.1f} | "
-                         f"{paired_ratio(h):.2f} ({h['ours'] / h['peer']:.2f}) |")
+                         f"({m[f'llama_{peer}_bytes'] / 2**30:.2f} GiB) | {median_range(h['peer_rounds'], '{:.1f}')} | "
+                         f"{median_range(paired_ratios(h['ours_rounds'], h['peer_rounds']), unit='x')} |")
     if "full" in r:
         f = r["full"]
         h = f["int4"]
         frac, roof, bw = roofline(h, f["int4_bytes_per_token"])
-        lines.append(f"| 21B-A3B, 28 layers | int4 ({f['int4_bytes'] / 2**30:.2f} GiB) | {h['ours']:.1f} | "
+        lines.append(f"| 21B-A3B, 28 layers | int4 ({f['int4_bytes'] / 2**30:.2f} GiB) | "
+                     f"{median_range(h['ours_rounds'], '{:.1f}')} | "
                      f"{roof:.1f} ({bw / 1e9:.1f} GB/s) | {frac:.0%} | - | - | - |")
     lines.append("")
     for part, vals in r.items():

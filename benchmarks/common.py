@@ -61,6 +61,27 @@ def timeit(fn: Callable[[], object], warmup: int = 1, repeat: int = 3) -> float:
     return statistics.median(times)
 
 
+def median(xs: list) -> object:
+    """The middle element of the sorted values (the upper middle for an even count): always a measured value, so a
+    median round's figures (or a tuple of them) stay together. Run an odd number of rounds."""
+    return sorted(xs)[len(xs) // 2]
+
+
+def paired_ratios(ours: list[float], peer: list[float], higher_is_better: bool = True) -> list[float]:
+    """Per round, ours against the peer's segment run back to back with it (> 1: ours better). The machine's memory
+    bandwidth drifts over minutes, so only these same-round ratios compare; the best round of each side would
+    favour the side that follows the bandwidth more."""
+    if len(ours) != len(peer):
+        raise ValueError(f"{len(ours)} rounds of ours against {len(peer)} of the peer: pair them round by round")
+    return [a / b if higher_is_better else b / a for a, b in zip(ours, peer)]
+
+
+def median_range(xs: list[float], fmt: str = "{:.2f}", unit: str = "") -> str:
+    """``median (min-max)`` of a list of figures, e.g. ``1.84x (1.67-2.01)``; just the value for one round."""
+    m = fmt.format(median(xs)) + unit
+    return m if len(xs) == 1 else f"{m} ({fmt.format(min(xs))}-{fmt.format(max(xs))})"
+
+
 @torch.no_grad()
 def fill_random(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
     """Fill every weight with slices of one random pool: speed does not depend on the values, and a real

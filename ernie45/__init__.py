@@ -1,7 +1,8 @@
 """ernie45: ERNIE 4.5 text models in plain PyTorch."""
 
 from ernie45.config import ConfigError, ModelConfig
-from ernie45.model.checkpoint import CheckpointError, load_model, save_model
+from ernie45.loading import load_model, save_model
+from ernie45.model.checkpoint import CheckpointError
 from ernie45.model.model import ErnieForCausalLM, init_weights
 
 __version__ = "0.1.0"

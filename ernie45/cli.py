@@ -9,11 +9,9 @@ import sys
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import os
+    from ernie45.resolve import model_config
 
-    from ernie45.config import ModelConfig
-
-    cfg = ModelConfig.from_json(args.model) if os.path.exists(args.model) else ModelConfig.from_name(args.model)
+    cfg = model_config(args.model)
     layers = cfg.moe_layers
     info = {
         "model_type": cfg.model_type,
@@ -41,15 +39,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ernie45.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.tp * args.ep > 1:  # several ranks under torchrun (started here when needed): ernie45.parallel
-        from ernie45.parallel.launch import serve_cli
+    if args.tp * args.ep > 1:  # several ranks under torchrun (started here when needed)
+        from ernie45.serve.launch import serve_cli
 
         return serve_cli(args)
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("ERNIE45_API_KEY"),
           served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, dtype=args.dtype,
           quant=args.quant, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
           kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
-          block_size=args.block_size, enable_prefix_caching=False if args.no_prefix_caching else None)
+          block_size=args.block_size, enable_prefix_caching=False if args.no_prefix_caching else None,
+          **_placement_kwargs(args))
     return 0
 
 
@@ -73,7 +72,26 @@ def add_serve_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparse
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit (HTTP 413)")
     s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (torchrun; started for you if needed)")
     s.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (MoE models)")
+    s.add_argument("--device", default=None, help="where the weights and KV cache live: cpu (default), cuda, cuda:N")
+    _add_placement_flags(s)
     s.set_defaults(func=cmd_serve)
+
+
+def _add_placement_flags(s: argparse.ArgumentParser) -> None:
+    """Hybrid placement (ernie45.offload): routed experts in host RAM, the rest on --device."""
+    s.add_argument("--experts-on", choices=("gpu", "cpu", "auto"), default=None,
+                   help="where the routed experts live: cpu = host RAM, computed by the CPU kernels (the rest on "
+                   "--device); auto = as many MoE layers' experts on the device as fit its free memory")
+    s.add_argument("--gpu-experts", type=int, default=None, metavar="N",
+                   help="keep the first N MoE layers' routed experts on --device, the rest in host RAM")
+
+
+def _placement_kwargs(args: argparse.Namespace) -> dict:
+    out = {k: getattr(args, k) for k in ("experts_on", "gpu_experts", "device") if getattr(args, k, None) is not None}
+    if ("experts_on" in out or "gpu_experts" in out) and "device" not in out:
+        raise ValueError("--experts-on / --gpu-experts place the routed experts apart from --device: give --device "
+                         "cuda (or cuda:N) too")
+    return out
 
 
 # ----------------------------------------------------------------------------- generate / chat
@@ -94,6 +112,7 @@ def _add_generation_flags(s: argparse.ArgumentParser) -> None:
     e.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     e.add_argument("--quant", help="quantize on load (passed to load_model)")
     e.add_argument("--device", default="cpu", help="where the weights and KV cache live: cpu, cuda, cuda:1, ...")
+    _add_placement_flags(e)
 
 
 def _make_engine(args: argparse.Namespace, verb: str):
@@ -117,6 +136,9 @@ def _make_engine(args: argparse.Namespace, verb: str):
     kv = args.kv_cache_memory
     kwargs = {"quant": args.quant} if args.quant else {}
     if device.type != "cpu":
+        kwargs["device"] = device
+    kwargs.update({k: v for k, v in _placement_kwargs(args).items() if k != "device"})
+    if ("experts_on" in kwargs or "gpu_experts" in kwargs) and "device" not in kwargs:
         kwargs["device"] = device
     return LLMEngine(args.model, dtype=args.dtype, max_num_seqs=1, max_model_len=args.max_model_len,
                      kv_cache_memory=int(kv) if kv and kv.isdigit() else kv, **kwargs)
@@ -179,8 +201,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         start, first, end = m.get("arrival_time"), m.get("first_token_time"), m.get("finished_time")
         ttft = f"first token after {first - start:.2f} s" if first and start else "no token"
         rate = f", then {(n - 1) / (end - first):.1f} tok/s" if n > 1 and first and end and end > first else ""
-        print(f"[{len(last.prompt_token_ids)} prompt + {n} generated tokens; {ttft}{rate}; finish={finish}]",
-              file=sys.stderr)
+        print(f"[{len(last.prompt_token_ids)} prompt + {n} generated tokens; {ttft}{rate}; finish={finish}; "
+              f"backend={engine.backend}]", file=sys.stderr)
     return 130 if finish == "abort" else 0
 
 
@@ -212,9 +234,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     turn = 0
     while True:
         line = _read_line(interactive)
-        if line is None:  # end of input
-            return 0
-        if line.strip() == "/exit":
+        if line is None or line.strip() == "/exit":  # end of input
+            print(f"[{turn} replies; backend={engine.backend}]", file=sys.stderr)
             return 0
         if line.strip() == "/reset":
             messages = list(system)
@@ -254,8 +275,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from ernie45.model.checkpoint import resolve_model_path, save_model
-    from ernie45.quant.load import copy_side_files, load_quantized
+    from ernie45 import resolve
+    from ernie45.loading import load_model, save_model
+    from ernie45.model.checkpoint import resolve_model_path
     from ernie45.quant.quantize import quantized_nbytes
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -266,10 +288,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         opts["dense_bits"] = args.dense_bits
     if args.head_bits is not None:
         opts["head_bits"] = args.head_bits or None
-    model = load_quantized(src, dtype=args.dtype, quant=f"int{args.bits}", method=args.method, progress=True,
-                           **opts)
-    save_model(model, args.out, max_shard_size=args.max_shard_size)
-    copy_side_files(src, args.out)
+    model = load_model(src, dtype=args.dtype, quant=f"int{args.bits}", method=args.method, progress=True, **opts)
+    save_model(model, args.out, max_shard_size=args.max_shard_size)  # the tokenizer and generation files travel along
+    resolve.copy_files(src, args.out, resolve.DOC_FILES)  # same weights in another format: card and license too
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out) if f.endswith(".safetensors"))
     print(f"{model.quant_config.describe()}\n{quantized_nbytes(model) / 2**30:.2f} GiB in memory, "
           f"{size / 2**30:.2f} GiB on disk -> {args.out}")
@@ -297,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie45", description="ERNIE 4.5 text models in plain PyTorch")
     sub = p.add_subparsers(dest="verb", required=True)
     s = sub.add_parser("info", help="architecture and parameter counts of a preset or checkpoint folder")
-    s.add_argument("model", help="preset name (ernie-4.5-21b-a3b, ...) or checkpoint folder")
+    s.add_argument("model", help="checkpoint folder, 'demo' or preset name (ernie-4.5-21b-a3b, ...)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_info)
     add_serve_parser(sub)

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 TOKENIZER_MODEL = "tokenizer.model"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # later files override earlier ones
 ADDED_TOKENS = "added_tokens.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' newer home of the template; wins over the config's
 SPACE = "\u2581"  # SentencePiece's whitespace marker '▁'
 # The named special tokens of ERNIE's tokenizer_config.json, in the order HF lists them.
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token",
@@ -141,13 +142,14 @@ class Tokenizer:
     # ----------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> Tokenizer:
-        """Load `tokenizer.model` and the JSON files beside it from a checkpoint folder."""
-        folder = os.fspath(folder)
-        if os.path.isfile(folder):
-            folder = os.path.dirname(os.path.abspath(folder))
-        if not os.path.isdir(folder):
-            raise TokenizerError(f"{folder}: no such folder (give the checkpoint folder holding "
-                                 f"{TOKENIZER_MODEL})")
+        """Load `tokenizer.model` and the JSON files beside it from a checkpoint folder (any model name
+        ``load_model`` takes: a folder, a file in one, or ``demo``; ``ernie45.resolve``)."""
+        from ernie45 import resolve
+
+        try:
+            folder = resolve.checkpoint_folder(folder)
+        except resolve.ModelNameError as e:
+            raise TokenizerError(f"{e} (the tokenizer is the folder's {TOKENIZER_MODEL})") from None
         model_file = os.path.join(folder, TOKENIZER_MODEL)
         if not os.path.isfile(model_file):
             raise TokenizerError(f"{folder}: no {TOKENIZER_MODEL} here; copy the SentencePiece model and "
@@ -163,6 +165,13 @@ class Tokenizer:
             path = os.path.join(folder, name)
             if os.path.isfile(path):
                 config.update({k: v for k, v in _read_json(path).items() if v is not None})
+        path = os.path.join(folder, CHAT_TEMPLATE_FILE)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    config["chat_template"] = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{path}: cannot read the chat template ({e})") from None
         added: dict[str, int] = {}
         path = os.path.join(folder, ADDED_TOKENS)
         if os.path.isfile(path):
@@ -270,14 +279,35 @@ class Tokenizer:
         return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens)
 
     # ---------------------------------------------------------------------------------- chat template
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render messages with ERNIE's chat template (spec §4, `tokenizer_config.json`).
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, documents: list[dict] | None = None,
+                            **template_kwargs) -> str:
+        """Render messages with the checkpoint's own `chat_template` (tokenizer_config.json or
+        chat_template.jinja), sandboxed as transformers renders it (`ernie45.chat_template`); `tools`,
+        `documents` and `template_kwargs` (e.g. `enable_thinking`) are template variables.
 
-        `cls` + per message: system `content\\n`, user `User: content\\n`, assistant
-        `Assistant: content<sep>`; then `Assistant: ` when `add_generation_prompt`.
+        Without a template in the checkpoint, ERNIE's base template (spec §4) is built in: `cls` + per
+        message: system `content\\n`, user `User: content\\n`, assistant `Assistant: content<sep>`; then
+        `Assistant: ` when `add_generation_prompt`. It renders no tools, so they are refused there.
         """
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        if self.chat_template is not None:
+            from ernie45.chat_template import render_chat_template
+
+            msgs = []
+            for i, msg in enumerate(messages):
+                if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+                    raise ValueError(f"messages[{i}] must be a dict with a string 'role', got {msg!r:.80}")
+                if isinstance(msg.get("content"), list):  # a text model: text parts become one string
+                    msg = {**msg, "content": self._check_message(i, {**msg, "role": "user"})[1]}
+                msgs.append(msg)
+            return render_chat_template(self.chat_template, msgs, tools=tools, documents=documents,
+                                        add_generation_prompt=add_generation_prompt,
+                                        special_tokens=self.template_special_tokens(), **template_kwargs)
+        if tools:
+            raise ValueError("this checkpoint has no chat_template, and the built-in ERNIE base template renders "
+                             "no tools; add a chat_template that renders `tools` to tokenizer_config.json")
         cls_token = self.cls_token or DEFAULT_CLS
         sep_token = self.sep_token or DEFAULT_SEP
         parts = [cls_token]
@@ -292,6 +322,14 @@ class Tokenizer:
         if add_generation_prompt:
             parts.append("Assistant: ")
         return "".join(parts)
+
+    def template_special_tokens(self) -> dict:
+        """The special tokens a template sees, as transformers' `special_tokens_map` (plus ERNIE's named ones)."""
+        out: dict = dict(self.special_tokens)
+        extra = [t for t in map(_token_content, self.config.get("additional_special_tokens") or []) if t]
+        if extra:
+            out["additional_special_tokens"] = extra
+        return out
 
     @staticmethod
     def _check_message(i: int, msg) -> tuple[str, str]:
@@ -313,9 +351,10 @@ class Tokenizer:
             raise ValueError(f"messages[{i}] ({role}) has no text 'content' (got {content!r})")
         return role, content
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
         """Token ids of the rendered conversation (encoded without adding BOS, spec §4)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **template_kwargs),
+                           add_special_tokens=False)
 
 
 class IncrementalDetokenizer:

@@ -14,6 +14,7 @@ import torch
 
 from ernie45 import ModelConfig, init_weights, save_model
 from ernie45.cli import main
+from ernie45.engine.llm import LLM
 from ernie45.model.model import ErnieForCausalLM
 from tests.test_tokenizer import write_test_tokenizer
 
@@ -22,9 +23,6 @@ SP_VOCAB = 700
 # Small engine settings for every run: a 16 MB KV cache instead of a share of the machine's RAM.
 ENGINE_FLAGS = ["--dtype", "float32", "--kv-cache-memory", "16MB"]
 GREEDY = ["--temperature", "0", "--max-tokens", "10"]
-
-llm_module = pytest.importorskip("ernie45.engine.llm", reason="the engine (ernie45/engine/llm.py) is not there yet")
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -52,7 +50,7 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    return llm_module.LLM(model_dir, dtype="float32", kv_cache_memory="16MB")
+    return LLM(model_dir, dtype="float32", kv_cache_memory="16MB")
 
 
 def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -96,6 +94,9 @@ def test_generate_subprocess(model_dir, llm):
     assert r.stdout == expected + "\n"
     assert "generated tokens; first token after" in r.stderr and "tok/s" in r.stderr
     assert "finish=length" in r.stderr
+    from ernie45 import kernels
+
+    assert f"backend={'cpu' if kernels.available() else 'torch'}]" in r.stderr  # the path that ran
 
 
 def test_generate_stop_strings(model_dir, llm, capsys):
@@ -211,18 +212,8 @@ def test_chat_reports_a_too_long_turn_and_goes_on(model_dir, llm, capsys, monkey
     assert out.out == llm.chat([{"role": "user", "content": "Hi"}], _greedy())[0].outputs[0].text + "\n"
 
 
-def _demo_or_skip() -> str:
-    from ernie45 import assets
-
-    try:
-        return assets.demo_path()
-    except FileNotFoundError:
-        pytest.skip("the bundled demo model is not built yet (scripts/build_demo.sh)")
-
-
 def test_demo_is_the_default_model(capsys, monkeypatch):
-    _demo_or_skip()
-    llm = llm_module.LLM("demo", dtype="float32", kv_cache_memory="64MB")
+    llm = LLM("demo", dtype="float32", kv_cache_memory="64MB")
     flags = ["--temperature", "0", "--max-tokens", "12", "--dtype", "float32", "--kv-cache-memory", "64MB"]
     assert main(["generate", "床前明月光，", *flags]) == 0
     assert capsys.readouterr().out == llm.generate("床前明月光，", _greedy(12))[0].outputs[0].text + "\n"

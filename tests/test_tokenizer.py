@@ -7,6 +7,7 @@ BPE SentencePiece model trained at test time on generated English and Chinese te
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -157,8 +158,8 @@ def test_rare_characters_use_byte_fallback(tok):
 
 
 def test_numpy_and_torch_ids(tok):
-    torch = pytest.importorskip("torch")
-    np = pytest.importorskip("numpy")
+    import numpy as np
+    import torch
     ids = tok.encode("你好<|end_of_sentence|>")
     assert tok.decode(torch.tensor(ids)) == tok.decode(np.array(ids)) == tok.decode(ids) == "你好"
     det = tok.detokenizer(torch.tensor(ids[:2]))
@@ -258,7 +259,7 @@ CONVERSATIONS = [
 
 def _official_render(messages: list[dict], add_generation_prompt: bool, specials: dict) -> str:
     """Render with the official template the way transformers does (sandboxed jinja2, trim/lstrip blocks)."""
-    jinja2_sandbox = pytest.importorskip("jinja2.sandbox")
+    import jinja2.sandbox as jinja2_sandbox
     with open(os.path.join(OFFICIAL, "tokenizer_config.json"), encoding="utf-8") as f:
         template = json.load(f)["chat_template"]
     env = jinja2_sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -296,13 +297,27 @@ def test_chat_template_spec_example(tok):
     (["hello"], r"messages\[0\] must be a dict"),
 ])
 def test_chat_template_errors(tok, messages, match):
+    builtin = copy.copy(tok)
+    builtin.chat_template = None  # the built-in base template checks roles and contents itself
+    with pytest.raises(ValueError, match=match):
+        builtin.apply_chat_template(messages)
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([{"role": "user", "content": "a"}, {"content": "b"}], r"messages\[1\] must be a dict with a string 'role'"),
+    (["hello"], r"messages\[0\] must be a dict"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "only .*text"),
+    ([{"role": "user"}], "the chat template failed"),  # the official template reads message["content"]
+])
+def test_checkpoint_template_errors(tok, messages, match):
+    assert tok.chat_template is not None, "the official tokenizer_config.json carries its template"
     with pytest.raises(ValueError, match=match):
         tok.apply_chat_template(messages)
 
 
 # ------------------------------------------------------------------------------------------- errors
 def test_clear_errors_for_bad_folders(tmp_path, tok_dir):
-    with pytest.raises(TokenizerError, match="no such folder"):
+    with pytest.raises(TokenizerError, match="no such file or folder"):
         Tokenizer.from_pretrained(tmp_path / "missing")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -337,7 +352,7 @@ def test_folder_with_only_tokenizer_model(tmp_path, tok_dir):
 
 # ------------------------------------------------------------------------------- transformers parity
 def test_matches_transformers_llama_tokenizer(tok_dir, tok):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     # how transformers serves ERNIE's tokenizer (spec §4)
     hf = transformers.LlamaTokenizer.from_pretrained(tok_dir, legacy=True, add_bos_token=False,
                                                      add_prefix_space=False)

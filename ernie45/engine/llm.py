@@ -1,10 +1,9 @@
 """``LLMEngine`` (add_request / step / abort) and the offline ``LLM`` facade.
 
-One step = schedule -> one forward over every scheduled token -> sample the sequences that reached
-their last token -> detokenize, check stop conditions, free finished sequences -> outputs of the
-requests that changed. Stop strings are matched on the detokenized text and cut out; while a request
-streams, the last ``len(longest stop) - 1`` characters are held back so a stop string that spans a token
-boundary is never leaked.
+One step = schedule -> one forward over every scheduled token (the runner the engine was given) -> sample
+the sequences that reached their last token -> detokenize and check stop conditions (``engine/output.py``),
+free finished sequences -> outputs of the requests that changed. ``add_request`` is where every request is
+validated (prompt, token ids, lengths; ``SamplingParams`` checks its own ranges).
 """
 
 from __future__ import annotations
@@ -12,76 +11,34 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
+from ernie45.accel import accelerate, backend_of
 from ernie45.config import ModelConfig
 from ernie45.engine.block_manager import BlockManager
+from ernie45.engine.errors import QueueFullError, RequestError
 from ernie45.engine.kv_cache import KVCache
 from ernie45.engine.model_runner import ModelRunner
+from ernie45.engine.output import OutputProcessor, RequestOutput, SeqOutput
 from ernie45.engine.sampler import Sampler, SeqSampling, make_generator
 from ernie45.engine.sampling_params import SamplingParams
 from ernie45.engine.scheduler import Scheduler
 from ernie45.engine.sequence import Sequence, SequenceStatus
+from ernie45.engine.structured import build_processors
 from ernie45.model.model import ErnieForCausalLM
 from ernie45.utils import resolve_dtype
 
 log = logging.getLogger(__name__)
 
 
-class QueueFullError(RuntimeError):
-    """``max_waiting`` requests are already queued; retry later (HTTP 503/429)."""
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    logprobs: list[dict[int, float]] | None
-    delta_text: str = ""
-    delta_token_ids: list[int] = field(default_factory=list)
-    stop_reason: str | int | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    num_cached_tokens: int = 0
-    metrics: dict = field(default_factory=dict)
-
-
-class _Detok:
-    """Fallback incremental detokenizer for a tokenizer without ``detokenizer()``: re-decodes the
-    output and holds back a trailing replacement character (half of a multi-byte character)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer, self.ids, self.text = tokenizer, [], ""
-
-    def step(self, new_ids: list[int]) -> str:
-        self.ids.extend(new_ids)
-        full = self.tokenizer.decode(self.ids)
-        if full.endswith("\ufffd"):
-            return ""
-        new, self.text = full[len(self.text):], full
-        return new
-
-
 @dataclass
 class _SeqState:
+    """What the engine keeps per sequence: the sampler's state (``seq.state.sampling``) and the output's."""
+
     sampling: SeqSampling
-    detok: Any = None
-    text: str = ""
-    emitted_chars: int = 0
-    emitted_tokens: int = 0
-    logprobs: list[dict[int, float]] | None = None
+    output: SeqOutput
 
 
 @dataclass
@@ -109,19 +66,34 @@ class LLMEngine:
     def __init__(self, model: str | ErnieForCausalLM = "demo", *, tokenizer=None, dtype="bfloat16",  # noqa: ANN001
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, block_size: int = 16,
                  kv_cache_memory: int | str | None = None, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, max_waiting: int | None = None, **load_options) -> None:
+                 enable_prefix_caching: bool = True, max_waiting: int | None = None,
+                 runner: type[ModelRunner] = ModelRunner, max_logprobs: int = 20, strict_max_tokens: bool = False,
+                 backend: str = "auto", **load_options) -> None:
+        """max_logprobs: the most top logprobs a request may ask for (OpenAI's and vLLM's 20).
+        strict_max_tokens: refuse a request whose prompt plus ``max_tokens`` exceeds ``max_model_len`` (the
+        OpenAI server's rule) instead of ending it there with finish_reason "length".
+        runner: the class that runs each step's forward; ``ModelRunner`` on one process,
+        ``ernie45.parallel.runner.DistributedModelRunner`` on rank 0 of a model split by ``ernie45.parallel``
+        (its KV cache is sized with ``runner.cache_config(model)``: that rank's heads only).
+        backend: the acceleration backend ("auto", "cpu", "torch"; ``ernie45.accel.accelerate``), applied to the
+        model in place after it is built, quantized, loaded and sharded; "auto" keeps one already applied to a given
+        model, else takes the native CPU kernels where they run. The name is ``self.backend``."""
         if isinstance(model, ErnieForCausalLM):
             if load_options:
                 raise TypeError(f"load options {sorted(load_options)} need a checkpoint path, not a built model")
             self.model = model
         else:
-            from ernie45.model.checkpoint import load_model, resolve_model_path
+            from ernie45.loading import load_model
+            from ernie45.model.checkpoint import resolve_model_path
 
             folder = resolve_model_path(model)
             self.model = load_model(folder, dtype=resolve_dtype(dtype), **load_options)
             if tokenizer is None:
                 tokenizer = _load_tokenizer(folder)
         self.model.eval()
+        accelerate(self.model, backend)  # the last pass: build -> quantize swap -> load -> shard -> accelerate
+        accel = backend_of(self.model)
+        self.backend: str = accel.name
         self.tokenizer = tokenizer
         self.config: ModelConfig = self.model.config
         if block_size < 1:
@@ -134,14 +106,11 @@ class LLMEngine:
         max_model_len = max_model_len or limit
         param = next(self.model.parameters())
         cache_dtype = self.model.model.embed_tokens.weight.dtype
-        # A model split by ernie45.parallel: this is rank 0; its cache holds only its own kv heads and
-        # each step is broadcast to the other ranks (ernie45.parallel.runner.worker_loop).
-        parallel = getattr(self.model, "parallel_mesh", None) is not None
-        kv_config = self.config
-        if parallel:
-            from ernie45.parallel.runner import DistributedModelRunner, local_attention_config
-
-            kv_config = local_attention_config(self.model)
+        if runner is ModelRunner and getattr(self.model, "parallel_mesh", None) is not None:
+            raise ValueError("this model is split over ranks by ernie45.parallel: run the engine on rank 0 with "
+                             "runner=ernie45.parallel.runner.DistributedModelRunner and worker_loop(model) on the "
+                             "other ranks")
+        kv_config = runner.cache_config(self.model)
         self.kv_cache = KVCache.from_budget(kv_config, cache_dtype, block_size, kv_cache_memory, param.device,
                                             max_tokens=max_num_seqs * max_model_len)
         if max_model_len > self.kv_cache.capacity_tokens:
@@ -151,15 +120,25 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(self.kv_cache.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = (DistributedModelRunner if parallel else ModelRunner)(self.model, self.kv_cache)
-        self.sampler = Sampler()
+        self.runner = runner(self.model, self.kv_cache, accel.attention(self.kv_cache))
+        self.sampler = Sampler(argmax=accel.argmax)
         self.max_waiting = max_waiting
+        self.max_logprobs = max_logprobs
+        self.strict_max_tokens = strict_max_tokens
         self.requests: dict[str, _Request] = {}
         self._pending: dict[str, _Request] = {}  # aborted: final output due at the next step()
         self.generation_tokens_total = 0
         self.prompt_tokens_total = 0
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-        self.eos_token_id = eos if eos is not None else self.config.eos_token_id
+        self.output = OutputProcessor(tokenizer, eos if eos is not None else self.config.eos_token_id, max_model_len)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.output.eos_token_id
+
+    @eos_token_id.setter
+    def eos_token_id(self, value: int | None) -> None:
+        self.output.eos_token_id = value
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
@@ -176,34 +155,19 @@ class LLMEngine:
         text = None
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer (this checkpoint has no tokenizer.model); "
-                                 "pass token ids instead")
+                raise RequestError("a text prompt needs a tokenizer (this checkpoint has no tokenizer.model); "
+                                   "pass token ids instead", param="prompt")
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
-            vocab = self.config.vocab_size
-            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if not ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len={self.max_model_len} leaves no room "
-                             f"to generate (the KV cache holds {self.kv_cache.capacity_tokens} tokens): shorten "
-                             f"the prompt or give a larger kv_cache_memory / max_model_len")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer to detokenize the output; use stop_token_ids")
-        stop_ids = list(params.stop_token_ids or [])
-        if not params.ignore_eos and self.eos_token_id is not None:
-            stop_ids.append(self.eos_token_id)
+        self.check_request(ids, params)
         seqs = []
         for i in range(params.n):
             seq = Sequence(request_id, ids, params, index=i, arrival=seqs[0].arrival if seqs else None)
-            seq.state = _SeqState(SeqSampling(make_generator(params.seed, i, self.runner.device), stop_ids))
-            if self.tokenizer is not None:
-                d = getattr(self.tokenizer, "detokenizer", None)
-                seq.state.detok = d(ids) if d is not None else _Detok(self.tokenizer)
-            if params.logprobs is not None:
-                seq.state.logprobs = []
+            out = self.output.new_seq(ids, params)
+            procs = build_processors(params, self.tokenizer, self.config.vocab_size, out.stop_ids)
+            seq.state = _SeqState(SeqSampling(make_generator(params.seed, i, self.runner.device), out.stop_ids, procs),
+                                  out)
             seqs.append(seq)
         for child in seqs[1:]:
             child.status = SequenceStatus.FORK_PENDING
@@ -213,6 +177,38 @@ class LLMEngine:
                                               "finished_time": None})
         self.scheduler.add(seqs[0])
         self.prompt_tokens_total += len(ids)
+
+    def check_request(self, ids: list[int], params: SamplingParams | None, score_only: bool = False) -> None:
+        """Raise ``RequestError`` (naming the field at fault) for a request this engine cannot run: the one
+        place requests are validated; ``SamplingParams`` has checked its own ranges already. ``params`` None with
+        ``score_only``: a prompt only scored (the server's echo / prompt_logprobs), which may fill the context."""
+        vocab = self.config.vocab_size
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab}): token id {bad!r} is outside the "
+                               f"vocabulary", param="prompt")
+        if not ids:
+            raise RequestError("the prompt is empty: it must contain at least one token", param="prompt")
+        limit = self.max_model_len
+        if len(ids) > limit or (len(ids) == limit and not score_only):
+            raise RequestError(f"This model's maximum context length is {limit} tokens, but the prompt has {len(ids)} "
+                               f"tokens, which leaves no room to generate: shorten the prompt (or give a larger "
+                               f"kv_cache_memory / max_model_len; the KV cache holds {self.kv_cache.capacity_tokens} "
+                               f"tokens)", param="prompt", code="context_length_exceeded")
+        if params is None:
+            return
+        room = limit - len(ids)
+        if self.strict_max_tokens and params.max_tokens is not None and params.max_tokens > room:
+            raise RequestError(f"This model's maximum context length is {limit} tokens; the request asks for "
+                               f"{len(ids) + params.max_tokens} ({len(ids)} in the prompt, {params.max_tokens} to "
+                               f"generate): lower max_tokens to at most {room}", param="max_tokens",
+                               code="context_length_exceeded")
+        if params.logprobs is not None and params.logprobs > self.max_logprobs:
+            raise RequestError(f"logprobs={params.logprobs} exceeds this engine's max_logprobs={self.max_logprobs}",
+                               param="logprobs")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer to detokenize the output; use stop_token_ids",
+                               param="stop")
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; its final output (finish_reason "abort") comes from
@@ -236,7 +232,7 @@ class LLMEngine:
             "kv_blocks_used": self.block_manager.num_used_blocks, "kv_blocks_total": self.block_manager.num_blocks,
             "prompt_tokens_total": self.prompt_tokens_total, "generation_tokens_total": self.generation_tokens_total,
             "prefix_cache_hit_tokens": s.prefix_cache_hit_tokens, "num_preemptions": s.num_preemptions,
-            "prompt_tokens_computed": s.prompt_tokens_computed,
+            "prompt_tokens_computed": s.prompt_tokens_computed, "backend": self.backend,
         }
 
     # ------------------------------------------------------------------ the step
@@ -274,57 +270,14 @@ class LLMEngine:
         return outputs
 
     def _append(self, seq: Sequence, tok: int, lp: dict | None) -> None:
-        """Add the sampled token and apply the stop rules in vLLM's order: stop token, stop string,
-        then length."""
-        st: _SeqState = seq.state
-        p = seq.params
         seq.append_token(tok)
         self.generation_tokens_total += 1
-        if st.logprobs is not None:
-            st.logprobs.append(lp)
-        n_out = seq.num_output_tokens
-        if tok in st.sampling.stop_ids and n_out >= p.min_tokens:
-            reason = None if tok == self.eos_token_id and tok not in (p.stop_token_ids or []) else tok
-            self._finish(seq, "stop", reason)
-            return
-        if st.detok is not None:
-            before = len(st.text)
-            st.text += st.detok.step([tok])
-            if p.stop and n_out >= p.min_tokens:
-                longest = max(len(s) for s in p.stop)
-                window_start = max(0, before - longest + 1)
-                hits = [(st.text.find(s, window_start), s) for s in p.stop]
-                hits = [(i, s) for i, s in hits if i >= 0]
-                if hits:
-                    i, s = min(hits)
-                    st.text = st.text[:i]
-                    self.scheduler.finish(seq, "stop", s)
-                    return
-        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
-            self._finish(seq, "length")
-
-    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
-        """Finish without a stop string: flush a character the detokenizer still holds."""
-        st: _SeqState = seq.state
-        flush = getattr(st.detok, "finish", None)
-        if flush is not None:
-            st.text += flush()
-        self.scheduler.finish(seq, reason, stop_reason)
+        finish = self.output.append(seq, seq.state.output, tok, lp)
+        if finish is not None:
+            self.scheduler.finish(seq, *finish)
 
     def _output(self, req: _Request, finished: bool) -> RequestOutput:
-        outs = []
-        for seq in req.seqs:
-            st: _SeqState = seq.state
-            visible = len(st.text)
-            if not seq.is_finished and seq.params.stop:  # hold back what could start a stop string
-                visible = max(st.emitted_chars, visible - max(len(s) for s in seq.params.stop) + 1)
-            out_ids = seq.output_token_ids
-            outs.append(CompletionOutput(
-                index=seq.index, text=st.text[:visible], token_ids=out_ids, finish_reason=seq.finish_reason,
-                logprobs=list(st.logprobs) if st.logprobs is not None else None,
-                delta_text=st.text[st.emitted_chars:visible], delta_token_ids=out_ids[st.emitted_tokens:],
-                stop_reason=seq.stop_reason))
-            st.emitted_chars, st.emitted_tokens = visible, len(out_ids)
+        outs = [self.output.completion(seq, seq.state.output) for seq in req.seqs]
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished,
                              req.seqs[0].num_cached_tokens, dict(req.metrics))
 
@@ -339,6 +292,11 @@ class LLM:
     @property
     def tokenizer(self):  # noqa: ANN201
         return self.engine.tokenizer
+
+    @property
+    def backend(self) -> str:
+        """The acceleration backend the engine runs ("cpu", "torch")."""
+        return self.engine.backend
 
     def generate(self, prompts: str | list[int] | list[str | list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,

@@ -14,12 +14,13 @@ Shape suffixes: S sequences sampling this step, V vocabulary, L padded token-lis
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ernie45 import kernels
 from ernie45.engine.sequence import Sequence
+from ernie45.engine.structured import apply_processors
 
 
 @dataclass
@@ -29,6 +30,8 @@ class SeqSampling:
     generator: torch.Generator | None = None
     stop_ids: list[int] = field(default_factory=list)
     """Token ids masked until min_tokens is reached (EOS unless ignore_eos, plus stop_token_ids)."""
+    processors: list = field(default_factory=list)
+    """logit_bias, allowed ids, thinking budget, grammar mask (ernie45.engine.structured), in this order."""
 
 
 def make_generator(seed: int | None, index: int, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -89,19 +92,25 @@ def _plain_greedy(q: Sequence) -> bool:
     """Greedy, no logprobs, no penalties, no stop ids masked for min_tokens: the token is the argmax."""
     p = q.params
     return (p.greedy and p.logprobs is None and p.repetition_penalty == 1 and not p.presence_penalty
-            and not p.frequency_penalty
+            and not p.frequency_penalty and not (q.state is not None and q.state.sampling.processors)
             and not (q.num_output_tokens < p.min_tokens and q.state is not None and q.state.sampling.stop_ids))
 
 
 class Sampler:
-    """``sampler(logits [S, V], seqs) -> (token ids, per-row logprob dicts or None)``."""
+    """``sampler(logits [S, V], seqs) -> (token ids, per-row logprob dicts or None)``.
+
+    argmax: the backend's greedy argmax (``ernie45.accel``: logits [S, V] -> int64 [S], or None where it does not
+    take them), run on the raw logits when every row is plain greedy: the same token as the path below."""
+
+    def __init__(self, argmax: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> None:
+        self.argmax = argmax
 
     def __call__(self, logits_SV: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
         params = [q.params for q in seqs]
-        if (logits_SV.device.type == "cpu" and logits_SV.dtype in (torch.bfloat16, torch.float32)
-                and all(_plain_greedy(q) for q in seqs) and kernels.available()):
-            # Argmax of the raw logits: the same token as below (bf16 -> fp32 is exact, first index on ties).
-            return kernels.argmax(logits_SV).tolist(), [None] * len(seqs)
+        if self.argmax is not None and all(_plain_greedy(q) for q in seqs):
+            tokens = self.argmax(logits_SV)
+            if tokens is not None:
+                return tokens.tolist(), [None] * len(seqs)
         logits_SV = logits_SV.float()
         dev = logits_SV.device
         want_lp = [p.logprobs for p in params]
@@ -111,6 +120,9 @@ class Sampler:
         for i, q in enumerate(seqs):
             if q.num_output_tokens < q.params.min_tokens and q.state is not None and q.state.sampling.stop_ids:
                 logits_SV[i, q.state.sampling.stop_ids] = float("-inf")
+        # Logits processors (logit_bias, grammar masks, ...): one place, after penalties, before any pick.
+        if any(q.state is not None and q.state.sampling.processors for q in seqs):
+            apply_processors(logits_SV, seqs)
         tokens_S = logits_SV.argmax(-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:

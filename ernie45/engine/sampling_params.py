@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+from ernie45.engine.errors import RequestError
 
 
 @dataclass
@@ -40,10 +43,23 @@ class SamplingParams:
     """Keep generating past the EOS token."""
     logprobs: int | None = None
     """Return top-k logprobs per generated token (0 = only the chosen token's); raw model distribution."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the text (vLLM's default); False keeps them, e.g. for tool-call parsers."""
+    logit_bias: dict[int, float] | None = None
+    """OpenAI: added to the logit of each token id before sampling (-100 bans, +100 forces in practice)."""
+    allowed_token_ids: list[int] | None = None
+    """vLLM: sample only among these ids."""
+    structured: dict[str, Any] | None = None
+    """Output constraint, one of {"json": schema} {"json_object": True} {"regex": r} {"choice": [...]}
+    {"grammar": lark or GBNF} {"lark": lark}; a token mask per step (ernie45.engine.structured)."""
+    reasoning_end: str | None = None
+    """Text that closes a thinking section ("</think>"): the constraint starts after it, the budget forces it."""
+    max_reasoning_tokens: int | None = None
+    """Thinking budget: after this many tokens without `reasoning_end`, its tokens are forced."""
 
     def __post_init__(self) -> None:
-        def bad(field: str, rule: str) -> ValueError:
-            return ValueError(f"SamplingParams.{field}={getattr(self, field)!r}: {rule}")
+        def bad(field: str, rule: str) -> RequestError:
+            return RequestError(f"SamplingParams.{field}={getattr(self, field)!r}: {rule}", param=field)
 
         def finite(field: str) -> float:
             v = getattr(self, field)
@@ -97,6 +113,27 @@ class SamplingParams:
             raise bad("ignore_eos", "must be True or False")
         if self.logprobs is not None and integer("logprobs") < 0:
             raise bad("logprobs", "must be >= 0 (0 = only the chosen token) or None")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise bad("skip_special_tokens", "must be True or False")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                    isinstance(k, int) and not isinstance(k, bool) and k >= 0 and isinstance(v, (int, float))
+                    and math.isfinite(v) for k, v in self.logit_bias.items()):
+                raise bad("logit_bias", "must map token ids (int >= 0) to finite numbers")
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise bad("allowed_token_ids", "must be a non-empty list of token ids")
+        kinds = ("json", "json_object", "regex", "choice", "grammar", "lark")
+        if self.structured is not None and (not isinstance(self.structured, dict) or len(self.structured) != 1
+                                            or next(iter(self.structured)) not in kinds):
+            raise bad("structured", f"must be one {{kind: value}} with kind in {kinds}")
+        if self.max_reasoning_tokens is not None:
+            if integer("max_reasoning_tokens") < 1:
+                raise bad("max_reasoning_tokens", "must be >= 1")
+            if not self.reasoning_end:
+                raise bad("max_reasoning_tokens", "needs reasoning_end, the text that closes the thinking section")
 
     @property
     def greedy(self) -> bool:

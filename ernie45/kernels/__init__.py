@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
+HEADER = Path(__file__).with_name("ernie45_kernels.h")
+"""Every exported C function and struct; the ctypes declarations below mirror it (structs checked at load)."""
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
 """/proc/cpuinfo flags the kernels are written for."""
 BF16_MAX_ROWS = 16
@@ -88,7 +90,8 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError(f"no C compiler ({cc!r} not found; install gcc or set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     args = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11", "-lm"]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), *version, model, " ".join(sorted(flags)), *args]).encode())
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), HEADER.read_text(), *version, model, " ".join(sorted(flags)),
+                                    *args]).encode())
     so = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not so.exists():
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
@@ -130,6 +133,14 @@ def _build() -> ctypes.CDLL:
     lib.ernie45_decode_layer.restype = i32
     lib.ernie45_qgemm_xblock.argtypes = [i64, i64]
     lib.ernie45_qgemm_xblock.restype = i32
+    lib.ernie45_sizeof.argtypes = [ctypes.c_char_p]
+    lib.ernie45_sizeof.restype = i64
+    for struct in (QSet, LayerPlan):  # the ctypes mirrors of ernie45_kernels.h's structs must match them byte for byte
+        size = lib.ernie45_sizeof(struct.__name__.encode())
+        if size != ctypes.sizeof(struct):
+            raise RuntimeError(f"{HEADER.name}: struct {struct.__name__} is {size} bytes in C but "
+                               f"{ctypes.sizeof(struct)} in its ctypes mirror (ernie45/kernels/__init__.py); "
+                               f"update the two together")
     return lib
 
 

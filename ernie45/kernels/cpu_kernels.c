@@ -28,6 +28,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ernie45_kernels.h"  // the exported functions and structs
+
 #define MT 4  // rows of x handled together per weight row (the weight row is unpacked once per tile)
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -773,21 +775,13 @@ int ernie45_argmax(const void* x, int x_bf16, int64_t S, int64_t V, int64_t* out
 // mlp: dense SwiGLU, or bf16(routed experts) + shared SwiGLU (spec §2.7). T tokens, each its own sequence
 // (a decode-only step of the paged cache): token t attends to the lens[t] cached positions of block table t.
 
-typedef struct {  // quantized weights (span layout, one scheme) that read one input: ernie45_qgemm_multi's arguments
-    int64_t nw, bits, group, s_bf16;
-    int64_t args[16];  // rows[nw], codes[nw], scales[nw], zeros[nw] (addresses; 0 = no zeros), nw <= 4
-} QSet;
+// QSet and LayerPlan: ernie45_kernels.h.
 
-typedef struct {
-    int64_t H, NQ, NKV, D;          // hidden size; query and kv heads; head dim
-    int64_t E, K, I, W;             // experts (0: a dense layer), top-k, expert width; SwiGLU width (0: none)
-    float eps, scale, norm_min, unused;
-    const uint16_t *in_norm, *post_norm;  // bf16 [H]
-    const float *router_w, *router_b;     // fp32 [E, H], [E]
-    QSet qkv, o, gate_up, down;     // gate_up / down: the dense MLP, or the shared experts of a MoE layer
-    int64_t ebits, es_bf16;         // routed experts: bits, scales in bf16
-    int64_t egu[4], edn[4];         // codes, scales, zeros (0: none), group of the gate_up and down stacks
-} LayerPlan;
+int64_t ernie45_sizeof(const char* name) {
+    if (!strcmp(name, "QSet")) return (int64_t)sizeof(QSet);
+    if (!strcmp(name, "LayerPlan")) return (int64_t)sizeof(LayerPlan);
+    return -1;
+}
 
 static int qset_apply(const QSet* s, const uint16_t* x, int64_t M, int64_t K, uint16_t* out, int nthreads) {
     return ernie45_qgemm_multi(x, 1, M, K, s->nw, s->args, (int)s->bits, (int)s->s_bf16, s->group, out, 1, nthreads);

@@ -3,8 +3,8 @@
 - Dense causal path (``cache is None``): SDPA over [B, T] with an optional padding mask. Used for
   parity tests and training.
 - Cache path: the caller passes an object with ``attend(layer_idx, q, k, v) -> out`` that writes the
-  new keys/values into its cache and attends over it (the engine's paged KV cache,
-  ``ernie45.engine.kv_cache``). The model never imports the engine; the metadata travels explicitly.
+  new keys/values into its cache and attends over it (the engine passes its attention backend's context
+  for the step, ``ernie45.accel.attention``). The model imports neither; the metadata travels with the step.
 
 Shape suffixes: B batch, T tokens, N query heads, K kv heads, D head_dim, H hidden.
 """
@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ernie45 import kernels
 from ernie45.config import ModelConfig
 from ernie45.model.layers import Linear, apply_rope
 
@@ -25,8 +24,8 @@ from ernie45.model.layers import Linear, apply_rope
 class AttentionCache(Protocol):
     """What the cache path needs: store k/v for the current tokens, return attention over the cache.
 
-    A cache may also offer ``decode_step(num_tokens) -> kernels.DecodeStep | None`` (the engine's ``KVCache`` does):
-    then a decode-only step of a quantized CPU model runs each layer as one native call (``model.native``)."""
+    The engine passes one such object per step (its attention backend's step context, ``ernie45.accel.attention``):
+    the step's metadata travels with it, never parked on the cache."""
 
     def attend(self, layer_idx: int, q_TND: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor
                ) -> torch.Tensor:  # -> [T, N, D]
@@ -65,16 +64,18 @@ class Attention(nn.Module):
         cache: AttentionCache | None = None,
     ) -> torch.Tensor:
         b, t, _ = x_BTH.shape
-        qkv = kernels.fused_linears((self.q_proj, self.k_proj, self.v_proj), x_BTH)  # quantized decode: one call
-        q, k, v = qkv if qkv is not None else (self.q_proj(x_BTH), self.k_proj(x_BTH), self.v_proj(x_BTH))
-        q = q.view(b, t, -1, self.head_dim)  # [B, T, N, D]
-        k = k.view(b, t, -1, self.head_dim)  # [B, T, K, D]
-        v = v.view(b, t, -1, self.head_dim)
-        if b == 1 and cos.dtype == torch.float32 and kernels.small_ok(x_BTH, q, k):  # decode: in place, the same bits
-            kernels.rope_(q[0], cos[0], sin[0])
-            kernels.rope_(k[0], cos[0], sin[0])
-        else:  # cos/sin: [B, T, D/2] -> broadcast over heads
-            q, k = apply_rope(q, cos[:, :, None], sin[:, :, None]), apply_rope(k, cos[:, :, None], sin[:, :, None])
+        q = self.q_proj(x_BTH).view(b, t, -1, self.head_dim)  # [B, T, N, D]
+        k = self.k_proj(x_BTH).view(b, t, -1, self.head_dim)  # [B, T, K, D]
+        v = self.v_proj(x_BTH).view(b, t, -1, self.head_dim)
+        # cos/sin: [B, T, D/2] -> broadcast over heads
+        q, k = apply_rope(q, cos[:, :, None], sin[:, :, None]), apply_rope(k, cos[:, :, None], sin[:, :, None])
+        return self.o_proj(self.attend(q, k, v, mask, cache).reshape(b, t, -1))
+
+    def attend(self, q_BTND: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, mask: torch.Tensor | None,
+               cache: AttentionCache | None) -> torch.Tensor:
+        """Attention of the rotated q over k/v (and the cache's context when given) -> [B, T, N, D]."""
+        b = q_BTND.shape[0]
+        q, k, v = q_BTND, k_BTKD, v_BTKD
         if cache is not None:
             if b != 1:
                 raise ValueError("the cache path takes the batch flattened into one row: [1, T]")
@@ -85,4 +86,4 @@ class Attention(nn.Module):
                 attn_mask=mask, is_causal=mask is None, scale=self.head_dim**-0.5,
                 enable_gqa=self.num_heads != self.num_kv_heads,
             ).transpose(1, 2)  # [B, T, N, D]
-        return self.o_proj(out.reshape(b, t, -1))
+        return out

@@ -227,18 +227,13 @@ def native_to_hf(model: ErnieForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
 
 # ------------------------------------------------------------------------------------------- loading
 def resolve_model_path(path: str | os.PathLike) -> str:
-    """A checkpoint folder, or the name ``demo`` for the model bundled with the package."""
-    p = os.fspath(path)
-    if p == "demo" and not os.path.exists(p):
-        from ernie45 import assets
+    """The checkpoint folder of a model name: a folder, a file in one, or ``demo`` (``ernie45.resolve``)."""
+    from ernie45 import resolve
 
-        return assets.demo_path()
-    if not os.path.exists(p):
-        raise CheckpointError(f"{p}: no such file or folder (give a checkpoint folder with config.json and "
-                              f"*.safetensors, or 'demo')")
-    if os.path.isfile(p):
-        p = os.path.dirname(os.path.abspath(p))
-    return p
+    try:
+        return resolve.checkpoint_folder(path)
+    except resolve.ModelNameError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def build_empty(config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> ErnieForCausalLM:
@@ -335,26 +330,20 @@ def _fill(param: torch.Tensor, ref: TensorRef, tgt: Target, f) -> None:  # noqa:
         dest.copy_(read_tensor(ref, f))
 
 
-def load_model(
+def load_checkpoint(
     path: str | os.PathLike = "demo",
     dtype: str | torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
-    **quant_options,
 ) -> ErnieForCausalLM:
-    """Load an HF-format ERNIE 4.5 checkpoint (a folder, or ``"demo"``) into ``ErnieForCausalLM``.
+    """Load a full-precision HF-format ERNIE 4.5 checkpoint (a folder, or ``"demo"``) into ``ErnieForCausalLM``.
 
     dtype: compute dtype of every weight except the router and its bias, which stay fp32.
     progress: show a bar over shards (None: only on a terminal).
-    quant_options: ``quant="int4"`` etc. quantize while loading (see ``ernie45.quant``).
+    ``ernie45.load_model`` (``ernie45/loading.py``) is the entry point: it calls this for a full-precision
+    checkpoint and the quantized loader (``ernie45.quant.load``) otherwise.
     """
     folder = resolve_model_path(path)
-    if quant_options.get("quant") or _is_quantized(folder):
-        from ernie45.quant.load import load_quantized  # quantize-on-load streams differently
-
-        return load_quantized(folder, dtype=resolve_dtype(dtype), device=device, progress=progress, **quant_options)
-    if quant_options:
-        raise TypeError(f"load_model got unexpected options {sorted(quant_options)}")
     config = ModelConfig.from_json(folder)
     refs, _ = index_checkpoint(folder)
     config, plan = plan_load(config, refs, folder)
@@ -376,19 +365,12 @@ def load_model(
                     _fill(params[tgt.name], ref, tgt, f)
     model.tie_weights()
     model.eval()
+    model.checkpoint_folder = folder  # save_model copies its tokenizer and generation files along
     return model.to(device) if torch.device(device).type != "cpu" else model
 
 
 def _no_bar(progress: bool | None) -> bool | None:
     return None if progress is None else not progress
-
-
-def _is_quantized(folder: str) -> bool:
-    try:
-        _, meta = index_checkpoint(folder)
-    except CheckpointError:
-        return False
-    return "ernie45.quant" in meta
 
 
 # -------------------------------------------------------------------------------------------- saving
@@ -440,17 +422,15 @@ def save_tensors(tensors: Iterable[tuple[str, torch.Tensor]], folder: str, max_s
     return [os.path.join(folder, f) for f in names]
 
 
-def save_model(model: ErnieForCausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-    """Save as an HF checkpoint (per-expert names, config.json) that transformers and we load."""
+def save_checkpoint(model: ErnieForCausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+    """Save a full-precision model as an HF checkpoint (per-expert names, config.json) that transformers and
+    we load. ``ernie45.save_model`` (``ernie45/loading.py``) also saves quantized models."""
+    if getattr(model, "quant_config", None) is not None:
+        raise CheckpointError("save_checkpoint writes full-precision models; save a quantized one with "
+                              "ernie45.save_model")
     folder = os.fspath(path)
     os.makedirs(folder, exist_ok=True)
-    if getattr(model, "quant_config", None) is not None:
-        from ernie45.quant.load import save_quantized
-
-        save_quantized(model, folder, max_shard_size)
-        return
     dtype = model.model.embed_tokens.weight.dtype
     config = model.config.replace(torch_dtype=str(dtype).removeprefix("torch."))
     save_tensors(native_to_hf(model), folder, max_shard_size)
     config.save_json(folder)
-

@@ -9,8 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ernie45 import kernels
-
 
 class RMSNorm(nn.Module):
     """y = w * (x / rms(x)); the variance is taken in fp32 and the result cast back to the input
@@ -22,8 +20,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and kernels.small_ok(x, self.weight):
-            return kernels.rms_norm(x, self.weight, self.eps)  # decode sizes: one native call, the same roundings
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -66,12 +62,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose few-row bf16 inference on CPU runs the native decode kernel (``ernie45.kernels``):
-    the same products with fp32 accumulation, streamed at memory speed. Training and other dtypes and
-    devices take ``F.linear``. Checkpoint names and parameters are nn.Linear's."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+    """``nn.Linear`` under a name of its own: the model's projections, which passes applied from outside find by
+    exact type (``quant`` swaps them for quantized ones, ``accel`` for native-backed ones). Checkpoint names and
+    parameters are nn.Linear's."""
 
 
 class SwiGLU(nn.Module):
@@ -84,6 +77,4 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(width, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = kernels.fused_linears((self.gate_proj, self.up_proj), x)  # quantized decode: one call for both
-        gate, up = gu if gu is not None else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -12,9 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ernie45 import kernels
 from ernie45.config import ModelConfig
-from ernie45.model import native
 from ernie45.model.attention import Attention, AttentionCache, causal_padding_mask
 from ernie45.model.layers import Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from ernie45.model.moe import MoE
@@ -120,14 +118,8 @@ class ErnieForCausalLM(nn.Module):
         if attention_mask is not None and cache is None and not bool(attention_mask.all()):
             mask = causal_padding_mask(attention_mask, h.dtype)
         router: list | None = [] if return_router else None
-        step = None  # a decode step of a quantized model on CPU: layers with a native plan run as one call each
-        if cache is not None and not return_router and native.step_ok(h) and hasattr(cache, "decode_step"):
-            step = cache.decode_step(h.shape[1])
-        plans = native.layer_plans(m.layers) if step is not None else None
-        for i, layer in enumerate(m.layers):
-            if plans is not None and plans[i] is not None:
-                kernels.decode_layer(plans[i], h[0], cos[0], sin[0], step, layer.self_attn.layer_idx)  # h in place
-            elif m.gradient_checkpointing and self.training:
+        for layer in m.layers:
+            if m.gradient_checkpointing and self.training:
                 h = checkpoint(layer, h, cos, sin, mask, cache, router, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, cache, router)

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ernie45 import kernels
 from ernie45.config import ModelConfig
 from ernie45.model.layers import SwiGLU
 
@@ -37,8 +36,6 @@ class Router(nn.Module):
 
     def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (probs_TE fp32, weights_TK in x.dtype, idx_TK)."""
-        if x_TH.shape[-1] % 16 == 0 and kernels.small_ok(x_TH, self.weight):  # decode sizes: one native call
-            return kernels.router(x_TH, self.weight, self.e_score_correction_bias, self.top_k, self.norm_min)
         with torch.autocast(device_type=x_TH.device.type, enabled=False):
             logits_TE = F.linear(x_TH.float(), self.weight.float())
             probs_TE = logits_TE.softmax(dim=-1)  # over all E experts, fp32
@@ -64,19 +61,12 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))
 
     def expert_forward(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
-        gate, up = kernels.linear(x_TH, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return kernels.linear(F.silu(gate) * up, self.down_proj[e])
+        gate, up = F.linear(x_TH, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
 
     def forward(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         """Sort token-expert pairs by expert, run each selected expert once on its contiguous slice,
-        scatter back weighted. Never loops over tokens; unselected experts' weights are not read.
-        Decode-size bf16 inference on CPU runs all of it in one native call (``kernels.bmoe``, same roundings)."""
-        gu, dn = self.gate_up_proj, self.down_proj
-        if (type(self).expert_forward is Experts.expert_forward and x_TH.device.type == "cpu"
-                and 0 < x_TH.shape[0] <= kernels.MOE_MAX_TOKENS and x_TH.dtype == gu.dtype == dn.dtype == torch.bfloat16
-                and gu.shape[-1] % 32 == 0 and dn.shape[-1] % 32 == 0 and not kernels.needs_grad(x_TH, gu, dn)
-                and kernels.available()):
-            return kernels.bmoe(x_TH, idx_TK, w_TK, gu, dn)
+        scatter back weighted. Never loops over tokens; unselected experts' weights are not read."""
         k = idx_TK.shape[1]
         flat_S = idx_TK.reshape(-1)
         order_S = flat_S.argsort(stable=True)

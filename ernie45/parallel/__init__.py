@@ -35,5 +35,5 @@ def parallelize(model: ErnieForCausalLM, mesh: ParallelMesh, tokens: TokenLayout
     if model.config.is_moe:
         apply_ep(model, mesh.local_rank("ep"), mesh.ep, mesh.group("ep"), tp_rank, mesh.tp, mesh.group("tp"),
                  tokens=tokens)
-    model.parallel_mesh = mesh  # the engine and the trainer read the layout from here
+    model.parallel_mesh = mesh  # the multi-rank runner and trainer read the layout from here
     return model

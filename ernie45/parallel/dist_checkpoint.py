@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ernie45.config import ModelConfig
-from ernie45.model.checkpoint import build_empty, save_model
+from ernie45.model.checkpoint import build_empty, save_checkpoint
 from ernie45.model.model import ErnieForCausalLM
 from ernie45.parallel.expert_parallel import is_expert_param
 from ernie45.parallel.mesh import ParallelMesh
@@ -115,5 +115,5 @@ def load_full_model(folder: str) -> ErnieForCausalLM:
 def export_hf(folder: str, out: str, dtype: torch.dtype = torch.bfloat16) -> None:
     """Gather the full weights of a DCP checkpoint and write an HF folder (``load_model`` and
     transformers read it)."""
-    save_model(load_full_model(folder).to(dtype), out)
+    save_checkpoint(load_full_model(folder).to(dtype), out)
     log.info("exported %s to %s (%s)", folder, out, dtype)

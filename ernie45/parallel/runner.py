@@ -1,6 +1,6 @@
 """The engine on several ranks: rank 0 schedules and samples, every rank runs the same forward.
 
-Rank 0 runs ``LLMEngine`` with a ``DistributedModelRunner``: each step it broadcasts the step's token
+Rank 0 runs ``LLMEngine(model, runner=DistributedModelRunner)``: each step it broadcasts the step's token
 ids, positions, sampled rows and the per-sequence query/context lengths and block tables (int64
 tensors over torch.distributed; no pickling, no RPC). The other ranks sit in ``worker_loop``: they
 rebuild the same ``AttentionMetadata`` and run the same forward on their shard (their KV cache holds
@@ -19,8 +19,9 @@ import logging
 import torch
 import torch.distributed as dist
 
+from ernie45.accel import AttentionMetadata, PagedAttention, accelerate, backend_of
 from ernie45.config import ModelConfig
-from ernie45.engine.kv_cache import AttentionMetadata, KVCache
+from ernie45.engine.kv_cache import KVCache
 from ernie45.engine.model_runner import ModelRunner
 from ernie45.engine.scheduler import ScheduledSeq
 from ernie45.engine.sequence import Sequence
@@ -62,10 +63,15 @@ def _broadcast(header: list[int] | None, payload: torch.Tensor | None, device: t
 
 
 class DistributedModelRunner(ModelRunner):
-    """``ModelRunner`` for rank 0 of a parallel model: broadcasts each step before running it."""
+    """``ModelRunner`` for rank 0 of a parallel model: broadcasts each step before running it.
+    ``LLMEngine(model, runner=DistributedModelRunner)`` on rank 0, ``worker_loop(model)`` on the others."""
 
-    def __init__(self, model: ErnieForCausalLM, kv_cache: KVCache) -> None:
-        super().__init__(model, kv_cache)
+    @classmethod
+    def cache_config(cls, model: ErnieForCausalLM) -> ModelConfig:
+        return local_attention_config(model)
+
+    def __init__(self, model: ErnieForCausalLM, kv_cache: KVCache, attention: PagedAttention | None = None) -> None:
+        super().__init__(model, kv_cache, attention)
         if dist.get_rank() != 0:
             raise RuntimeError("only rank 0 runs the engine; the other ranks run ernie45.parallel.runner.worker_loop")
         self._send_init()
@@ -91,7 +97,7 @@ class DistributedModelRunner(ModelRunner):
             torch.tensor(rows + meta.query_lens + meta.context_lens + [len(t) for t in tables] + flat,
                          dtype=torch.long, device=self.device)])
         _broadcast([STEP, input_ids.shape[1], len(order), len(rows), len(flat)], payload, self.device)
-        return sample_seqs, _forward(self.model, self.kv, input_ids, pos, meta, rows)
+        return sample_seqs, _forward(self.model, self.attention, input_ids, pos, meta, rows)
 
     def shutdown(self) -> None:
         """Release the workers from ``worker_loop`` when the engine is done (idempotent)."""
@@ -102,21 +108,18 @@ class DistributedModelRunner(ModelRunner):
         _broadcast([STOP, 0, 0, 0, 0], None, self.device)
 
 
-def _forward(model: ErnieForCausalLM, kv: KVCache, input_ids: torch.Tensor, pos: torch.Tensor,
+def _forward(model: ErnieForCausalLM, attention: PagedAttention, input_ids: torch.Tensor, pos: torch.Tensor,
              meta: AttentionMetadata, rows: list[int]) -> torch.Tensor | None:
-    kv.meta = meta
-    try:
-        out = model(input_ids, position_ids=pos[None], cache=kv,
-                    logits_indices=torch.tensor(rows, dtype=torch.long, device=input_ids.device),
-                    compute_logits=bool(rows))
-    finally:
-        kv.meta = None
+    out = model(input_ids, position_ids=pos[None], cache=attention.step(meta),
+                logits_indices=torch.tensor(rows, dtype=torch.long, device=input_ids.device),
+                compute_logits=bool(rows))
     return out.logits.float() if rows else None
 
 
 @torch.inference_mode()
-def worker_loop(model: ErnieForCausalLM, dtype: torch.dtype | None = None) -> int:
-    """Run rank 0's steps on this rank until it calls ``shutdown``; returns the number of steps run."""
+def worker_loop(model: ErnieForCausalLM, dtype: torch.dtype | None = None, backend: str = "auto") -> int:
+    """Run rank 0's steps on this rank until it calls ``shutdown``; returns the number of steps run. The model gets
+    ``backend`` (``ernie45.accel.accelerate``) as rank 0's engine gives its own."""
     device = _device(model)
     h = torch.zeros(HEADER, dtype=torch.long, device=device)
     dist.broadcast(h, src=0)
@@ -127,6 +130,7 @@ def worker_loop(model: ErnieForCausalLM, dtype: torch.dtype | None = None) -> in
     num_blocks, block_size = int(h[4]), int(blk.item())
     kv = KVCache(local_attention_config(model), num_blocks, block_size,
                  dtype or model.model.embed_tokens.weight.dtype, device)
+    attention = backend_of(accelerate(model, backend)).attention(kv)
     steps = 0
     while True:
         (kind, t, s, r, _), p = _broadcast(None, None, device)
@@ -140,5 +144,5 @@ def worker_loop(model: ErnieForCausalLM, dtype: torch.dtype | None = None) -> in
             tables.append(flat[:n])
             flat = flat[n:]
         meta = AttentionMetadata.build(tables, qlens, clens, block_size, device)
-        _forward(model, kv, ids[None], pos, meta, rows)
+        _forward(model, attention, ids[None], pos, meta, rows)
         steps += 1

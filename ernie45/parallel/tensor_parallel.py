@@ -21,10 +21,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ernie45 import kernels
 from ernie45.config import ModelConfig
 from ernie45.model.attention import Attention
-from ernie45.model.layers import SwiGLU
+from ernie45.model.layers import Linear, SwiGLU
 from ernie45.model.model import ErnieForCausalLM
 from ernie45.parallel import comm
 from ernie45.parallel.shard import ShardSpec, shard_param
@@ -40,15 +39,19 @@ def vocab_is_split(config: ModelConfig, tp: int) -> bool:
     return tp > 1 and config.vocab_size % tp == 0
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """Input features split over the group: local matmul, all-reduce of the partial sums, then the
-    (replicated) bias once."""
+    (replicated) bias once. ``local_linear`` is the matmul between the communications, which an acceleration
+    backend overrides (``ernie45.accel.swap``)."""
 
     group: dist.ProcessGroup
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = comm.all_reduce(kernels.linear(x, self.weight), self.group)
+        y = comm.all_reduce(self.local_linear(x, self.weight, None), self.group)
         return y if self.bias is None else y + self.bias
+
+    def local_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
 
 class TPAttention(Attention):
@@ -73,13 +76,17 @@ class VocabParallelEmbedding(nn.Embedding):
         return comm.all_reduce(out, self.group)
 
 
-class VocabParallelHead(nn.Linear):
-    """Logit columns [lo, lo + Vl) computed locally, gathered to the full vocabulary."""
+class VocabParallelHead(Linear):
+    """Logit columns [lo, lo + Vl) computed locally (``local_linear``, as ``RowParallelLinear``'s), gathered to the
+    full vocabulary."""
 
     group: dist.ProcessGroup
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        return comm.all_gather_last(kernels.linear(x_TH, self.weight, self.bias), self.group)  # [T, V]
+        return comm.all_gather_last(self.local_linear(x_TH, self.weight, self.bias), self.group)  # [T, V]
+
+    def local_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
 
 def _swap(module: nn.Module, cls: type, **attrs) -> None:

@@ -16,8 +16,6 @@ directly, converting to the kernels' layouts.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections import defaultdict
 from contextlib import ExitStack
 
@@ -26,7 +24,6 @@ from tqdm.auto import tqdm
 
 from ernie45.config import ModelConfig
 from ernie45.model.checkpoint import (
-    SINGLE_FILE,
     CheckpointError,
     Target,
     TensorRef,
@@ -50,10 +47,6 @@ log = logging.getLogger(__name__)
 LAYOUT_KEY = "ernie45.quant.layout"
 LAYOUT = "packed-v1"
 """On-disk layout version: codes packed along K, first column in the lowest bits."""
-SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-              "added_tokens.json", "tokenizer.json", "chat_template.jinja", "README.md", "LICENSE")
-
-
 def build_quantized(config: ModelConfig, qconfig: QuantConfig, dtype: torch.dtype) -> ErnieForCausalLM:
     """Allocate a quantized model without filling it: meta build, module swap, one allocation."""
     with torch.device("meta"):
@@ -275,14 +268,3 @@ def save_quantized(model: ErnieForCausalLM, folder: str, max_shard_size: int | s
     meta = {METADATA_KEY: qconfig.to_json(), LAYOUT_KEY: LAYOUT}
     save_tensors(quantized_tensors(model), folder, max_shard_size, metadata=meta)
     model.config.replace(torch_dtype=str(dtype).removeprefix("torch.")).save_json(folder)
-
-
-def copy_side_files(src: str, dst: str) -> list[str]:
-    """Copy the tokenizer and generation files of a checkpoint folder, so a quantized copy serves alone."""
-    copied = []
-    for name in SIDE_FILES:
-        p = os.path.join(src, name)
-        if os.path.isfile(p) and name != SINGLE_FILE:
-            shutil.copyfile(p, os.path.join(dst, name))
-            copied.append(name)
-    return copied

@@ -96,6 +96,10 @@ class QuantConfig:
         int2: experts 2-bit groups of 64, dense linears int4 g128, head int8: the
             mixed layout of Baidu's 2-bit release (experts low-bit, everything read per token higher).
         group_size / method override the main (expert) scheme, and the dense one when it has the same bits.
+        method="gptq" (calibrated) also applies to dense linears of fewer than 8 bits, in the same format: the
+        int2 preset's int4 attention and shared experts carry ~1/5 of its next-token KL on the demo model
+        (benchmarks/results/2026-12-04-gptq-int2.md). int8 layers and the int8 head stay round-to-nearest
+        (torch's symmetric int8 kernel; their error is ~100x smaller).
         dense_bits: bits for the dense linears (8, 6, 4 or 2). head_bits: bits for the LM head (8, 6, 4 or 2;
         6 = 6-bit groups of 64, llama.cpp's Q6_K size), None = bf16.
         """
@@ -120,6 +124,8 @@ class QuantConfig:
             experts = dataclasses.replace(experts, **changes)
             if dense.bits == experts.bits:
                 dense = experts
+            elif method == "gptq" and dense.bits < 8:
+                dense = dataclasses.replace(dense, method="gptq", symmetric=False)
         head = BASE[8] if head_bits == "default" else BASE[head_bits] if head_bits else None
         return cls(experts, dense, head, name=key)
 

@@ -23,15 +23,25 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ernie45.serve.async_engine import AsyncEngine
+from ernie45.serve.chat import plan_chat
 from ernie45.serve.metrics import ServerMetrics
-from ernie45.serve.openai_api import GenerationService, chat_stream, completion_stream
+from ernie45.serve.openai_api import (
+    GenerationService,
+    chat_finish_reason,
+    chat_stream,
+    completion_stream,
+    merge_logprobs,
+)
 from ernie45.serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     model_card,
     new_id,
     now,
+    refuse_unsupported,
     usage,
     validation_error,
 )
@@ -62,6 +72,7 @@ async def read_json(request: Request, model_cls: type, limit: int) -> Any:
         raise APIError(f"request body is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise APIError(f"request body must be a JSON object, got {type(obj).__name__}")
+    refuse_unsupported(obj, getattr(model_cls, "refused", {}))
     try:
         return model_cls.model_validate(obj)
     except ValidationError as e:
@@ -123,14 +134,47 @@ def build_app(engine: Any, model_name: str, *, api_key: str | None = None,
     async def completions(request: Request) -> Any:
         req: CompletionRequest = await read_json(request, CompletionRequest, max_body_bytes)
         svc.check_model(req.model)
-        if req.echo:
-            raise APIError("echo is not supported", param="echo")
-        prompts = [svc.encode_prompt(p) for p in req.prompts()]
-        params = svc.sampling_params(req, req.max_tokens, max(len(p) for p in prompts), req.logprobs)
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(f"best_of={req.best_of} (more candidates than n={req.n} returned) is not supported",
+                           param="best_of", code="unsupported_field")
+        raw = req.prompts()
+        prompts = [svc.encode_prompt(p, req.add_special_tokens) for p in raw]
         cid, t = new_id("cmpl"), now()
+        # echo and prompt logprobs: one scoring forward per prompt on the engine thread (engine/scoring.py)
+        k_prompt = max(req.logprobs or 0, req.prompt_logprobs or 0)
+        want_scores = req.prompt_logprobs is not None or (req.echo and req.logprobs is not None)
+        if want_scores or req.max_tokens == 0:
+            for ids in prompts:
+                svc.check_scored(ids)
+        scores = [await svc.score(ids, k_prompt) for ids in prompts] if want_scores else None
+        heads: list[dict] = []  # per choice: what goes before the generated text
+        for p, ids in enumerate(prompts):
+            for i in range(req.n):
+                head: dict = {"index": p * req.n + i, "text": "", "logprobs": None}
+                if req.echo:
+                    head["text"] = svc.prompt_text(raw[p], ids)
+                    if req.logprobs is not None:
+                        head["logprobs"] = svc.echo_logprobs(ids, scores[p], req.logprobs)
+                if req.prompt_logprobs is not None:
+                    head["prompt_logprobs"] = svc.vllm_prompt_logprobs(scores[p], req.prompt_logprobs)
+                heads.append(head)
+        if req.max_tokens == 0:  # score only: nothing is generated
+            for h in heads:
+                h.update(finish_reason="length", stop_reason=None)
+            if req.stream:
+                return StreamingResponse(
+                    completion_stream(svc, req, None, [], cid, t, req.n, req.logprobs, heads,
+                                      sum(len(ids) for ids in prompts)),
+                    media_type="text/event-stream", headers=SSE_HEADERS)
+            return {"id": cid, "object": "text_completion", "created": t, "model": model_name, "choices": heads,
+                    "usage": usage(sum(len(ids) for ids in prompts), 0)}
+        params = svc.sampling_params(req, req.max_tokens, req.logprobs, structured=req.structured())
         q, ids = await svc.submit(cid, prompts, params)
         if req.stream:
-            return StreamingResponse(completion_stream(svc, req, q, ids, cid, t, req.n, req.logprobs),
+            firsts = [h for h in heads if h["text"] or h["logprobs"] or "prompt_logprobs" in h]
+            for h in firsts:
+                h.update(finish_reason=None)
+            return StreamingResponse(completion_stream(svc, req, q, ids, cid, t, req.n, req.logprobs, firsts),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         final = await svc.collect(q, ids, request.is_disconnected)
         choices, n_prompt, n_completion = [], 0, 0
@@ -139,10 +183,13 @@ def build_app(engine: Any, model_name: str, *, api_key: str | None = None,
             n_prompt += len(out.prompt_token_ids)
             for o in out.outputs:
                 n_completion += len(o.token_ids)
+                head = heads[p * req.n + o.index]
                 lps = None
                 if req.logprobs is not None and o.logprobs is not None:
                     lps = svc.completion_logprobs(o.token_ids, o.logprobs, req.logprobs)
-                choices.append({"index": p * req.n + o.index, "text": o.text, "logprobs": lps,
+                    if head["logprobs"] is not None:
+                        lps = merge_logprobs(head["logprobs"], lps)
+                choices.append({**head, "text": head["text"] + o.text, "logprobs": lps,
                                 "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
         return {"id": cid, "object": "text_completion", "created": t, "model": model_name, "choices": choices,
                 "usage": usage(n_prompt, n_completion)}
@@ -153,28 +200,76 @@ def build_app(engine: Any, model_name: str, *, api_key: str | None = None,
         svc.check_model(req.model)
         if svc.tokenizer is None:
             raise APIError("this model has no tokenizer, so it cannot chat; use /v1/completions with token ids")
-        try:
-            prompt = svc.tokenizer.encode_chat(req.message_dicts(), add_generation_prompt=req.add_generation_prompt)
-        except ValueError as e:
-            raise APIError(f"messages: {e}", param="messages") from None
+        prompt, plan, extra = plan_chat(svc.tokenizer, req)
         prompt = svc.encode_prompt(prompt)
         k = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = svc.sampling_params(req, max_tokens, len(prompt), k, svc.tokenizer.stop_token_ids)
+        if max_tokens == 0:
+            raise APIError("max_tokens must be >= 1 for chat", param="max_tokens")
+        params = svc.sampling_params(req, max_tokens, k, svc.tokenizer.stop_token_ids, **extra)
         cid, t = new_id("chatcmpl"), now()
         q, ids = await svc.submit(cid, [prompt], params)
         if req.stream:
-            return StreamingResponse(chat_stream(svc, req, q, ids, cid, t, k), media_type="text/event-stream",
+            return StreamingResponse(chat_stream(svc, req, q, ids, cid, t, k, plan), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
         out = (await svc.collect(q, ids, request.is_disconnected))[cid]
         choices = []
         for o in out.outputs:
             lps = svc.chat_logprobs(o.token_ids, o.logprobs, k) if k is not None and o.logprobs is not None else None
-            choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text}, "logprobs": lps,
-                            "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+            message, has_calls = plan.message(o.text)
+            choices.append({"index": o.index, "message": message, "logprobs": lps,
+                            "finish_reason": chat_finish_reason(o.finish_reason, has_calls),
+                            "stop_reason": o.stop_reason})
         return {"id": cid, "object": "chat.completion", "created": t, "model": model_name, "choices": choices,
                 "usage": usage(len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs))}
 
+    # vLLM's tokenizer routes (lm-eval's remote tokenizer uses them), at the root as in vLLM
+    tok_routes = APIRouter(dependencies=[Depends(check_key)])
+
+    def need_tokenizer() -> Any:
+        if svc.tokenizer is None:
+            raise APIError("this model has no tokenizer (no tokenizer.model in the checkpoint)", status=404)
+        return svc.tokenizer
+
+    @tok_routes.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        req: TokenizeRequest = await read_json(request, TokenizeRequest, max_body_bytes)
+        svc.check_model(req.model)
+        tok = need_tokenizer()
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError("give exactly one of 'prompt' and 'messages'", param="prompt")
+        if req.prompt is not None:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            try:
+                chat = ChatCompletionRequest.model_validate({"messages": req.messages, "tools": req.tools,
+                                                             "add_generation_prompt": req.add_generation_prompt,
+                                                             "chat_template_kwargs": req.chat_template_kwargs})
+            except ValidationError as e:
+                raise validation_error(e) from None
+            ids = svc.tokenizer.encode(plan_chat(tok, chat)[0])
+        strs = [svc.token_str(i) for i in ids] if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": svc.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @tok_routes.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        req: DetokenizeRequest = await read_json(request, DetokenizeRequest, max_body_bytes)
+        svc.check_model(req.model)
+        tok = need_tokenizer()
+        vocab = svc.engine.config.vocab_size
+        bad = [i for i in req.tokens if not 0 <= i < vocab]
+        if bad:
+            raise APIError(f"tokens: id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": tok.decode(req.tokens, skip_special_tokens=False)}
+
+    @tok_routes.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        tok = need_tokenizer()
+        return {"tokenizer_class": "Ernie4_5_Tokenizer", **tok.template_special_tokens(),
+                "chat_template": tok.chat_template, "model_max_length": svc.max_model_len,
+                "vocab_size": tok.vocab_size}
+
+    app.include_router(tok_routes)
     app.include_router(v1)
 
     @app.get("/health")
@@ -195,9 +290,11 @@ def build_app(engine: Any, model_name: str, *, api_key: str | None = None,
 
 
 def build_engine(model: str = "demo", **engine_kwargs: Any) -> Any:
-    """An LLMEngine for serving; None-valued options keep the engine's defaults."""
+    """An LLMEngine for serving; None-valued options keep the engine's defaults. A request whose prompt
+    plus max_tokens exceeds the context is refused (OpenAI's rule), not cut short."""
     from ernie45.engine.llm import LLMEngine
 
+    engine_kwargs.setdefault("strict_max_tokens", True)
     return LLMEngine(model, **{k: v for k, v in engine_kwargs.items() if v is not None})
 
 

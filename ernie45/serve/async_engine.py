@@ -87,6 +87,15 @@ class AsyncEngine:
         self._commands.put(("add", request_id, prompt, params, stream, fut))
         await asyncio.wrap_future(fut)
 
+    async def call(self, fn: Any) -> Any:
+        """Run `fn(engine)` on the engine thread between two steps (e.g. scoring a prompt) and return its
+        result; nothing else touches the model meanwhile."""
+        if not self.alive:
+            raise EngineDeadError(f"the engine is not running ({self.error!r})")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", fn, fut))
+        return await asyncio.wrap_future(fut)
+
     def abort(self, request_id: str) -> None:
         """Abort a request (client gone): the engine thread frees its KV blocks before its next step."""
         self._commands.put(("abort", request_id))
@@ -114,6 +123,8 @@ class AsyncEngine:
                     break
                 if cmd[0] == "add":
                     cmd[5].set_exception(err)
+                elif cmd[0] == "call":
+                    cmd[2].set_exception(err)
 
     def _apply_commands(self, block: bool) -> None:
         try:
@@ -130,6 +141,12 @@ class AsyncEngine:
                 else:
                     self._streams[rid] = stream
                     fut.set_result(None)
+            elif cmd[0] == "call":
+                _, fn, fut = cmd
+                try:
+                    fut.set_result(fn(self.engine))
+                except Exception as e:  # a bad request (ValueError) or a failure: the caller decides
+                    fut.set_exception(e)
             elif cmd[0] == "abort" and (st := self._streams.pop(cmd[1], None)) is not None:
                 self.engine.abort(cmd[1])
                 self.metrics.observe_finished("abort", time.monotonic() - st.arrival)

@@ -100,6 +100,10 @@ class ServerMetrics:
                stats.get("prefix_cache_hit_tokens", 0))
         metric("ernie45:num_preemptions_total", "counter", "Requests preempted for KV space.",
                stats.get("num_preemptions", 0))
+        if "backend" in stats:  # which kernels run the model (ernie45.accel): an info metric, the name as a label
+            lines += ["# HELP ernie45:backend_info The acceleration backend the engine runs.",
+                      "# TYPE ernie45:backend_info gauge",
+                      f'ernie45:backend_info{{{lb},backend="{_escape(stats["backend"])}"}} 1']
         with self._lock:
             lines += ["# HELP ernie45:request_success_total Finished requests by finish reason.",
                       "# TYPE ernie45:request_success_total counter"]

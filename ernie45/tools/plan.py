@@ -58,13 +58,9 @@ def load_config(model: str | os.PathLike | ModelConfig) -> ModelConfig:
     """A preset name, a checkpoint folder / config.json, or a ModelConfig."""
     if isinstance(model, ModelConfig):
         return model
-    path = os.fspath(model)
-    if os.path.exists(path):
-        return ModelConfig.from_json(path)
-    try:
-        return ModelConfig.from_name(path)
-    except ValueError as e:
-        raise ValueError(f"{path!r} is neither a checkpoint folder nor a preset: {e}") from None
+    from ernie45.resolve import model_config
+
+    return model_config(model)
 
 
 @dataclass

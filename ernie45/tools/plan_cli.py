@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 def cmd_plan(args: argparse.Namespace) -> int:
     from ernie45.tools.plan import PlanRequest, plan_memory
 
+    if args.gpu:  # hybrid placement: one named GPU and host RAM (ernie45.tools.hybrid)
+        return cmd_placement(args)
     req = PlanRequest(
         weights=args.weights, dtype=args.dtype, kv_dtype=args.kv_dtype, context=args.context,
         batch=args.batch, tp=args.tp, ep=args.ep, pp=args.pp, mode=args.mode, optimizer=args.optimizer,
@@ -35,13 +37,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
         formats = tuple(args.plot_formats.split(",")) if args.plot_formats else None
         plot_memory(args.model, args.plot, req, **({"formats": formats} if formats else {}),
                     utilization=args.utilization)
+    training = None
+    if args.mode == "full" and (args.pp > 1 or args.ep > 1 or args.fsdp > 1 or args.recompute):
+        training = _training_layout(args)  # issue 17: pp x ep x fsdp per-rank memory and the smallest layouts
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps(plan.to_dict() | ({"training_layout": training[0]} if training else {}), indent=2))
     else:
         print(format_plan(plan))
+        if training:
+            print("\n" + training[1])
         if args.plot:
             print(f"\nplot: {args.plot}")
     return 0
+
+
+def _training_layout(args: argparse.Namespace) -> tuple[dict, str]:
+    from dataclasses import asdict
+
+    from ernie45.tools.formats import FLOAT_BYTES
+    from ernie45.tools.plan import load_config
+    from ernie45.tools.train_plan import TrainLayout, format_train_plan, smallest_layouts, train_memory
+
+    if args.tp > 1:
+        raise ValueError("--tp with --mode full: the trainers shard training with --pp, --ep and --fsdp; drop --tp")
+    config = load_config(args.model)
+    recompute = args.recompute.split(",") if args.recompute else None
+    dtype_bytes = FLOAT_BYTES[(args.dtype or "bf16").lower()]
+    mem = train_memory(config, TrainLayout(args.pp, args.ep, args.fsdp), args.batch, args.context, recompute,
+                       dtype_bytes, args.microbatches, device="cpu" if args.cpu else "gpu")
+    devices = [find_device(d) for d in args.device] if args.device else None
+    fits = smallest_layouts(config, args.batch, args.context, recompute, dtype_bytes, devices,
+                            utilization=args.utilization)
+    return {"memory": mem.to_dict(), "smallest": [asdict(f) for f in fits]}, format_train_plan(mem, fits)
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -89,6 +116,12 @@ def add_plan_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparser
     s.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     s.add_argument("--ep", type=int, default=1, help="expert-parallel size (GPUs = tp x ep x pp)")
     s.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
+    s.add_argument("--fsdp", type=int, default=1, help="--mode full: data ranks per stage sharding the dense weights "
+                                                      "(FSDP2); GPUs = pp x max(ep, fsdp)")
+    s.add_argument("--recompute", default=None, help="--mode full: none, attention, experts, mlp, full or a "
+                                                     "comma-separated list (ernie45.train.recompute)")
+    s.add_argument("--microbatches", type=int, default=None, help="--mode full: micro-batches per step "
+                                                                  "(default pp; 1F1B keeps pp - stage in flight)")
     s.add_argument("--mode", default="inference", choices=["inference", "full", "lora"],
                    help="inference, full fine-tuning, or LoRA")
     s.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "none"], help="training optimizer")
@@ -108,4 +141,30 @@ def add_plan_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparser
     s.add_argument("--plot", default=None, metavar="OUT.png", help="write memory vs context per format as PNG")
     s.add_argument("--plot-formats", default=None, help="comma-separated formats for --plot "
                                                         "(default bf16,fp8,wint8,wint4,wint2)")
+    h = s.add_argument_group("hybrid placement (routed experts on the GPU or in host RAM; --gpu turns it on)")
+    h.add_argument("--gpu", default=None, help="one GPU: catalogue key (h200, h100, rtx4090) or a size (24GB)")
+    h.add_argument("--ram", default=None, help="host RAM, e.g. 128GB (default: this machine's)")
+    h.add_argument("--placement", default="auto", help="auto (all on the GPU if it fits, else the most MoE "
+                   "layers' experts that fit, else experts in RAM), gpu, cpu, or N = GPU MoE layers")
+    h.add_argument("--host-bandwidth", default="60GB/s", help="host RAM read bandwidth (default 60GB/s)")
+    h.add_argument("--gpu-bandwidth", default=None, help="GPU memory bandwidth (default: the catalogue's)")
     s.set_defaults(func=cmd_plan)
+
+
+def cmd_placement(args: argparse.Namespace) -> int:
+    """``ernie45 plan MODEL --gpu H200 --ram 128GB --placement auto``: every placement and the recommended one."""
+    from dataclasses import asdict
+
+    from ernie45.tools.hybrid import estimate_placements, format_placements, recommend_placement
+
+    plan = estimate_placements(args.model, weights=args.weights or "bf16", context=args.context, batch=args.batch,
+                               gpu=args.gpu, ram=args.ram, gpu_bandwidth=args.gpu_bandwidth,
+                               host_bandwidth=args.host_bandwidth, utilization=args.utilization, dtype=args.dtype)
+    recommend_placement(plan, args.placement)
+    if args.json:
+        out = plan.to_dict()
+        out["recommended"] = {**asdict(plan.recommended), "name": plan.recommended.name}
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_placements(plan))
+    return 0

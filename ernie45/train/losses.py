@@ -97,3 +97,45 @@ def load_balancing_loss(router: list[tuple[torch.Tensor, torch.Tensor]], num_exp
         p_E = (probs_TE * w_T[:, None]).sum(0) / n
         total = total + num_experts * (f_E * p_E).sum()
     return total / len(router)
+
+
+# ----------------------------------------------------------------------------------------- UPO (online)
+# Shape suffixes here: P prompts, G samples per prompt, N = P*G completions, T completion tokens.
+
+def token_logprobs(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """log p(label) at every position, fp32 [B, T] (0 where the label is IGNORE)."""
+    logp_BTV = logits_BTV.float().log_softmax(-1)
+    tok_BT = logp_BTV.gather(-1, labels_BT.clamp(min=0)[..., None])[..., 0]
+    return tok_BT * (labels_BT != IGNORE)
+
+
+def group_advantages(rewards_PG: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-relative advantage (Shao et al. 2024, DeepSeekMath §4.1.2): each completion's reward
+    minus its group's mean, divided by the group's standard deviation (Bessel-corrected, as TRL) + eps
+    when ``scale`` (Dr. GRPO, Liu et al. 2025, drops the division: ``scale=False``). A group whose G
+    rewards are equal gets advantage 0 everywhere. Returns A_PG (fp32, or the input's float dtype)."""
+    r = rewards_PG if rewards_PG.is_floating_point() else rewards_PG.float()
+    adv = r - r.mean(-1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(-1, keepdim=True) + eps)
+    return adv
+
+
+def clipped_policy_loss(logp_NT: torch.Tensor, old_logp_NT: torch.Tensor, adv_N: torch.Tensor,
+                        mask_NT: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token (Schulman et al. 2017), negated to a loss:
+    -min(ρ A, clip(ρ, 1-ε, 1+ε) A) with ρ = exp(logp - old_logp). Returns (sum over masked tokens,
+    number of masked tokens where the clipped branch was the smaller, i.e. the gradient is cut)."""
+    ratio = torch.exp(logp_NT - old_logp_NT)
+    a = adv_N[:, None]
+    plain, clipped = ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a
+    per_tok = -torch.minimum(plain, clipped)
+    m = mask_NT.to(per_tok.dtype)
+    return (per_tok * m).sum(), ((clipped < plain) & mask_NT.bool()).sum()
+
+
+def k3_kl(logp_NT: torch.Tensor, ref_logp_NT: torch.Tensor, mask_NT: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(π || π_ref) per sampled token, as in GRPO:
+    exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased under samples from π). Sum over masked tokens."""
+    d = ref_logp_NT - logp_NT
+    return ((torch.exp(d) - d - 1) * mask_NT.to(d.dtype)).sum()

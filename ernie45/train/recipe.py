@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-TASKS = ("pretrain", "sft", "dpo")
+TASKS = ("pretrain", "sft", "dpo", "upo")
 DPO_LOSSES = ("sigmoid", "ipo", "simpo")
 
 
@@ -16,7 +16,7 @@ class TrainConfig:
     """A training run. Paths in a YAML recipe are relative to the directory the command runs in."""
 
     task: str = "pretrain"
-    """pretrain | sft | dpo."""
+    """pretrain | sft | dpo | upo (online: ernie45.train.upo)."""
     output_dir: str = "runs/out"
     """Checkpoints, metrics.jsonl, loss.png and the exported model (``final/``) go here."""
     tokenizer: str | None = None
@@ -52,9 +52,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
     precision: str = "fp32"
-    """fp32 | bf16 (bf16 autocast over fp32 master weights)."""
+    """fp32 | bf16 (bf16 autocast over fp32 master weights) | fp8 (bf16 autocast + FP8 GEMMs, ernie45.train.fp8;
+    needs CUDA capability >= 8.9)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in backward to save activation memory."""
+    recompute: str | list[str] | None = None
+    """Fine-grained recomputation: none | attention | experts | mlp | full, or a list (ernie45.train.recompute)."""
     seed: int = 0
     """Seeds initialisation and data order."""
     aux_loss_coef: float = 0.0
@@ -72,6 +75,9 @@ class TrainConfig:
     simpo_gamma: float = 0.5
     lora: dict[str, Any] | None = None
     """LoRA instead of full fine-tuning: {r, alpha, targets}; see ernie45.train.lora.LoRAConfig."""
+    upo: dict[str, Any] | None = None
+    """task: upo only: rollouts, rewards and loss weights; see ernie45.train.upo.UPOConfig. batch_size is then
+    prompts per step, seq_len the longest prompt."""
     log_every: int = 1
     """Metrics line every N steps."""
     save_every: int = 50
@@ -87,8 +93,8 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r}: choose one of {list(TASKS)}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision={self.precision!r}: choose 'fp32' or 'bf16'")
+        if self.precision not in ("fp32", "bf16", "fp8"):
+            raise ValueError(f"precision={self.precision!r}: choose 'fp32', 'bf16' or 'fp8'")
         if self.dpo_loss not in DPO_LOSSES:
             raise ValueError(f"dpo_loss={self.dpo_loss!r}: choose one of {list(DPO_LOSSES)}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "save_every",
@@ -107,6 +113,19 @@ class TrainConfig:
         if self.lora and self.aux_free_rate:
             raise ValueError("aux_free_rate updates the routers' correction bias, which a LoRA adapter does not "
                              "carry; set aux_free_rate: 0 for a LoRA run")
+        if self.task == "upo":
+            from ernie45.train.upo import UPOConfig
+
+            u = UPOConfig.from_dict(self.upo)
+            if self.batch_size % (u.updates_per_step * self.grad_accum):
+                raise ValueError(f"batch_size={self.batch_size} prompts must split evenly into upo.updates_per_step="
+                                 f"{u.updates_per_step} x grad_accum={self.grad_accum} parts")
+        elif self.upo is not None:
+            raise ValueError(f"the upo mapping is for task: upo; this recipe is task: {self.task}")
+        if self.recompute is not None:
+            from ernie45.train.recompute import parse_recompute
+
+            parse_recompute(self.recompute)
         if self.tokenizer is None and self.init_from is None:
             raise ValueError("tokenizer is not set: give the folder holding tokenizer.model")
 

@@ -14,8 +14,8 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -31,7 +31,6 @@ from ernie45.utils import atomic_write_text, resolve_dtype
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -67,7 +66,7 @@ class Trainer:
         self.tokenizer_dir = cfg.tokenizer or cfg.init_from
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.tokenizer_dir)
         self.model = self.build_model()
-        self.reference = self.build_reference() if cfg.task == "dpo" and cfg.dpo_loss != "simpo" else None
+        self.reference = self.build_reference() if self.needs_reference() else None
         self.lora_config = None
         if cfg.lora:
             from ernie45.train import lora
@@ -76,6 +75,14 @@ class Trainer:
             lora.apply_lora(self.model, self.lora_config)
         if cfg.gradient_checkpointing:
             self.model.model.gradient_checkpointing = True
+        if cfg.precision == "fp8":  # before recompute: both swap module classes, FP8 first
+            from ernie45.train.fp8 import enable_fp8
+
+            enable_fp8(self.model)
+        if cfg.recompute:  # after the subclasses' parallelize: the experts' class is swapped there
+            from ernie45.train.recompute import apply_recompute
+
+            apply_recompute(self.model, cfg.recompute)
         self.optimizer = self.build_optimizer(self.model)
         self.dataset = self.build_dataset()
         self.sampler = BatchSampler(len(self.dataset), cfg.batch_size, seed=cfg.seed, shuffle=True)
@@ -88,7 +95,7 @@ class Trainer:
         """fp32 master weights: loaded from init_from, or built from ``model`` and initialised."""
         cfg = self.cfg
         if cfg.init_from:
-            from ernie45.model.checkpoint import load_model
+            from ernie45.loading import load_model
 
             model = load_model(cfg.init_from, dtype=torch.float32, device="cpu", progress=False)
         else:
@@ -103,6 +110,10 @@ class Trainer:
         if cfg.freeze_correction_bias and cfg.aux_free_rate:
             raise ValueError("freeze_correction_bias and aux_free_rate > 0 contradict each other; pick one")
         return model.to(self.device).train()
+
+    def needs_reference(self) -> bool:
+        """A frozen reference is kept for DPO/IPO (subclasses such as UPO decide for themselves)."""
+        return self.cfg.task == "dpo" and self.cfg.dpo_loss != "simpo"
 
     def build_reference(self) -> nn.Module:
         """Frozen copy of the starting policy for DPO/IPO (built before LoRA is applied)."""
@@ -131,7 +142,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ stepping
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision in ("bf16", "fp8"))
 
     def next_batch(self) -> list[dict[str, torch.Tensor]]:
         return [self.dataset[i] for i in self.sampler.next_indices()]
@@ -304,9 +315,18 @@ class Trainer:
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     def plot(self) -> str | None:
-        """loss.png of the metrics so far (matplotlib, Agg backend)."""
+        """loss.png of the metrics so far (matplotlib, Agg backend). A plot that fails is a warning: the run, its
+        checkpoints and metrics.jsonl never depend on it."""
         if not self.history:
             return None
+        try:
+            return self._plot()
+        except Exception as e:  # any plotting failure (missing backend, fonts, disk) is not fatal
+            warnings.warn(f"could not draw {os.path.join(self.cfg.output_dir, 'loss.png')} ({type(e).__name__}: "
+                          f"{e}); training goes on, metrics.jsonl has the same numbers", stacklevel=2)
+            return None
+
+    def _plot(self) -> str:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -329,7 +349,7 @@ class Trainer:
     def export(self) -> str:
         """HF-format model in output_dir/final (LoRA merged; the adapter alone in output_dir/adapter),
         with the tokenizer files beside it."""
-        from ernie45.model.checkpoint import resolve_model_path, save_model
+        from ernie45.loading import save_model
 
         out = os.path.join(self.cfg.output_dir, "final")
         model = self.model
@@ -340,11 +360,7 @@ class Trainer:
                               base=self.cfg.init_from)
             model = lora.merge_lora(copy.deepcopy(model))
         export = copy.deepcopy(model).to(resolve_dtype(self.cfg.export_dtype)).eval()
-        save_model(export, out)
-        src = resolve_model_path(self.tokenizer_dir)
-        for name in TOKENIZER_FILES + ("generation_config.json",):
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+        save_model(export, out, tokenizer=self.tokenizer_dir or self.tokenizer)  # with the tokenizer's files
         gen = os.path.join(out, "generation_config.json")
         if not os.path.isfile(gen):  # the official sampling defaults (spec §4)
             tok = self.tokenizer

@@ -116,3 +116,27 @@ def test_bf16_engine_matches_the_dense_bf16_forward(hf_checkpoints):
             tok = o.outputs[0].token_ids[0]
             assert dense[tok] >= dense.max() - 0.05   # the argmax, up to bf16 rounding of near-ties
             assert abs(o.outputs[0].logprobs[0][tok] - dense[tok].item()) < 0.05
+
+
+def test_preempting_a_request_already_in_the_batch_gives_the_same_outputs(moe_model, monkeypatch):
+    """The engine path to preempting a sequence already scheduled this step: an n=2 request's fork (its parent's
+    arrival) computes its prompt tail after a newer request's decode is in the batch, on a cache that is full. The
+    newer request is preempted out of the batch and recomputed later; every output equals a big cache's."""
+    from ernie45.engine import scheduler as sched
+
+    p, late = prompts(CONFIGS["moe"].vocab_size, [10, 3], seed=6)
+    params = [SamplingParams(n=2, temperature=0, max_tokens=4, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
+    big = LLM(moe_model, kv_cache_memory="8MB", block_size=4)
+    expected = [[c.token_ids for c in o.outputs] for o in big.generate([p, late], params)]
+    hits = []
+    real = sched.Scheduler._preempt
+    monkeypatch.setattr(sched.Scheduler, "_preempt",
+                        lambda self, v, out, ids: hits.append(v.seq_id in ids) or real(self, v, out, ids))
+    per_block = CONFIGS["moe"].kv_bytes_per_token(4) * 4
+    small = LLM(moe_model, kv_cache_memory=4 * per_block, block_size=4)
+    got = small.generate([p, late], params)
+    assert small.engine.stats()["kv_blocks_total"] == 4
+    assert any(hits), hits  # the branch under test ran: a victim already in the batch
+    assert [[c.token_ids for c in o.outputs] for o in got] == expected
+    assert small.engine.stats()["kv_blocks_used"] == 0

@@ -22,10 +22,8 @@ def forward_step(model, kv, bm, work):  # noqa: ANN001
         bm.allocate(sch.seq, sch.seq.num_computed_tokens + sch.num_new_tokens)
     runner = ModelRunner(model, kv)
     input_ids, pos, meta, _, _ = runner.prepare(scheduled)
-    kv.meta = meta
     with torch.no_grad():
-        logits = model(input_ids, position_ids=pos[None], cache=kv).logits[0]
-    kv.meta = None
+        logits = model(input_ids, position_ids=pos[None], cache=runner.attention.step(meta)).logits[0]
     order = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)
     rows, start = {}, 0
     for sch in order:
@@ -68,11 +66,11 @@ def test_paged_attention_unit_equals_sdpa_reference():
     for (q, c), t, k, v in zip(lens, tables, full_k, full_v):  # pre-fill the cached context
         for p in range(c - q):
             kv.k[0][t[p // bs], p % bs], kv.v[0][t[p // bs], p % bs] = k[p], v[p]
-    from ernie45.engine.kv_cache import AttentionMetadata
+    from ernie45.accel import AttentionMetadata, PagedAttention
 
-    kv.meta = AttentionMetadata.build(tables, [q for q, _ in lens], [c for _, c in lens], bs)
+    step = PagedAttention(kv).step(AttentionMetadata.build(tables, [q for q, _ in lens], [c for _, c in lens], bs))
     qs = [torch.randn(q, nh, hd, generator=g) for q, _ in lens]
-    out = kv.attend(0, torch.cat(qs), torch.cat([k[c - q:] for (q, c), k in zip(lens, full_k)]),
+    out = step.attend(0, torch.cat(qs), torch.cat([k[c - q:] for (q, c), k in zip(lens, full_k)]),
                     torch.cat([v[c - q:] for (q, c), v in zip(lens, full_v)]))
     start = 0
     for (q, c), qq, k, v in zip(lens, qs, full_k, full_v):

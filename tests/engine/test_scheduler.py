@@ -182,3 +182,69 @@ def test_random_load_keeps_ref_counts_consistent_and_frees_everything():
     assert not s.has_unfinished() and s.bm.num_free_blocks == s.bm.num_blocks
     assert s.num_preemptions > 0 and s.prefix_cache_hit_tokens > 0
     assert all(q.is_finished for q in live)
+
+
+def _fork_family(prompt: list[int], n: int) -> tuple[Sequence, list[Sequence]]:
+    """A request with n samples as the engine builds it: the siblings share the parent's arrival."""
+    params = SamplingParams(n=n)
+    parent = Sequence("p", prompt, params)
+    kids = [Sequence("p", prompt, params, index=i, arrival=parent.arrival) for i in range(1, n)]
+    for k in kids:
+        k.status = SequenceStatus.FORK_PENDING
+    parent.children = kids
+    return parent, kids
+
+
+def test_preempting_a_sequence_already_in_this_steps_batch_takes_it_out():
+    """Decodes are scheduled before prefills, so a newer request's decode can already be in the batch when an
+    older sequence's prefill finds the cache full: here the fork of an n=2 request (the parent's arrival) still
+    computes its 2-token tail while a later request decodes. The newer one is preempted and must leave this
+    step's batch (its blocks are gone) and give its budget back."""
+    s = make(num_blocks=4, block_size=4, budget=100, prefix=False)
+    parent, (kid,) = _fork_family(list(range(10)), 2)  # 10 tokens: 3 blocks, the fork shares the 2 full ones
+    late = Sequence("late", [1, 2, 3])                 # 1 block: the cache is full after the first step
+    s.add(parent)
+    s.add(late)
+    step(s, max_out=100)
+    assert kid.status is SequenceStatus.RUNNING and kid.is_prefill and kid.num_uncomputed_tokens == 2
+    assert s.bm.num_free_blocks == 0
+    out = s.schedule()
+    assert out.preempted == [late]
+    assert [(x.seq, x.num_new_tokens) for x in out.scheduled] == [(parent, 1), (kid, 2)]
+    assert out.num_batched_tokens == 3  # the victim's decode token is not in the batch any more
+    assert late.status is SequenceStatus.WAITING and late.num_computed_tokens == 0 and not late.block_table
+    assert list(s.waiting) == [late]
+    s.update(out)
+    assert late.num_computed_tokens == 0  # update() did not advance a sequence that was not run
+    for _ in range(100):  # and everything still completes, every block returned
+        step(s, max_out=6)
+        if not s.has_unfinished():
+            break
+    assert all(q.is_finished and q.num_output_tokens == 6 for q in (parent, kid, late))
+    assert s.bm.num_free_blocks == 4 and late.num_preemptions == 1
+
+
+def test_preempted_requests_resume_first_oldest_first():
+    """Recompute preemption as in vLLM: victims go back to the front of the waiting queue (ahead of requests that
+    never started), the newest preempted first, so they resume in arrival order; nothing new starts in a step
+    that had to preempt."""
+    s = make(num_blocks=5, block_size=4, budget=100, prefix=False)
+    a, b, c = Sequence("a", [1] * 8), Sequence("b", [2] * 8), Sequence("c", [3] * 3)  # 2 + 2 + 1 blocks: full
+    for q in (a, b, c):
+        s.add(q)
+    step(s, max_out=100)
+    d = Sequence("d", [9] * 3)
+    s.add(d)
+    out = step(s, max_out=100)  # a's 9th token needs a 3rd block: c (newest) goes; b's then needs one: b goes
+    assert out.preempted == [c, b]
+    assert [x.seq for x in out.scheduled] == [a]
+    assert list(s.waiting) == [b, c, d]
+    started = []
+    for _ in range(200):
+        out = step(s, max_out=4)
+        started += [x.seq.request_id for x in out.scheduled
+                    if x.seq.request_id != "a" and x.seq.request_id not in started]
+        if not s.has_unfinished():
+            break
+    assert started == ["b", "c", "d"]
+    assert all(q.is_finished and q.num_output_tokens == 4 for q in (a, b, c, d))

@@ -14,7 +14,7 @@ from ernie45 import kernels
 from ernie45.quant import math as qm
 from tests.reference import act_quant_ref
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.why_unavailable()}")
+pytestmark = pytest.mark.native  # run, fail when this machine could build them and did not, skip otherwise
 
 
 def test_kernels_build_wherever_the_cpu_and_a_compiler_allow() -> None:
@@ -174,6 +174,8 @@ def test_missing_compiler_falls_back_with_a_reason(tmp_path) -> None:
 def test_bmoe_equals_the_per_expert_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """``Experts.forward`` at decode sizes in bf16 runs ``kernels.bmoe``; it must equal the per-expert torch path
     (F.linear per expert, bf16 roundings, ascending fp32 sum) up to silu's last bit, and be batch invariant."""
+    from ernie45.accel.cpu import NATIVE
+    from ernie45.accel.swap import swap
     from ernie45.model.moe import Experts
 
     torch.manual_seed(0)
@@ -181,6 +183,7 @@ def test_bmoe_equals_the_per_expert_path(monkeypatch: pytest.MonkeyPatch) -> Non
     torch.nn.init.normal_(ex.gate_up_proj, std=0.1)
     torch.nn.init.normal_(ex.down_proj, std=0.1)
     ex = ex.bfloat16()
+    swap(ex, NATIVE)  # the cpu backend's NativeExperts
     x = torch.randn(6, 128).bfloat16()
     idx = torch.tensor([[0, 3], [3, 1], [7, 0], [5, 5], [2, 6], [1, 4]])
     w = torch.rand(6, 2).bfloat16()
@@ -229,22 +232,45 @@ def test_decode_attention_reads_the_paged_cache_in_place(n: int, kv: int, d: int
 
 
 def test_kv_cache_decode_attention_equals_the_torch_path() -> None:
-    """KVCache.attend at decode: the native in-place read against the gather + matmul path, same cache."""
+    """Paged attention at decode: the cpu backend's native in-place read against the torch backend's gather +
+    matmul, same cache."""
     from ernie45 import ModelConfig
-    from ernie45.engine.kv_cache import AttentionMetadata, KVCache
+    from ernie45.accel import AttentionMetadata, PagedAttention
+    from ernie45.accel.cpu.attention import CPUPagedAttention
+    from ernie45.engine.kv_cache import KVCache
 
     cfg = ModelConfig.from_name("tiny-moe")
     outs = []
-    for native in (True, False):
+    for backend in (CPUPagedAttention, PagedAttention):
         torch.manual_seed(1)  # the same cache contents for both paths
         cache = KVCache(cfg, num_blocks=8, block_size=4, dtype=torch.bfloat16, num_layers=1)
         cache.k[0].copy_(torch.randn_like(cache.k[0], dtype=torch.float32))
         cache.v[0].copy_(torch.randn_like(cache.v[0], dtype=torch.float32))
-        cache.meta = AttentionMetadata.build([[2, 5, 1], [4, 0]], [1, 1], [10, 7], 4)
+        step = backend(cache).step(AttentionMetadata.build([[2, 5, 1], [4, 0]], [1, 1], [10, 7], 4))
         g = torch.Generator().manual_seed(2)
         q = torch.randn(2, cfg.num_attention_heads, cfg.head_dim, generator=g).bfloat16()
         k = torch.randn(2, cfg.num_key_value_heads, cfg.head_dim, generator=g).bfloat16()
         v = torch.randn(2, cfg.num_key_value_heads, cfg.head_dim, generator=g).bfloat16()
-        with kernels.use_kernels(native):
-            outs.append(cache.attend(0, q, k, v).float())
+        outs.append(step.attend(0, q, k, v).float())
     torch.testing.assert_close(outs[0], outs[1], rtol=2**-7, atol=1e-2)
+
+
+def test_the_header_is_the_one_boundary() -> None:
+    """ernie45_kernels.h declares every exported function and struct; the ctypes side declares each function with
+    as many arguments as its prototype, and its struct mirrors have the C sizes (checked at load, again here)."""
+    import ctypes
+    import re
+
+    header = kernels.HEADER.read_text()
+    protos = dict(re.findall(r"^(?:int|int64_t) (ernie45_\w+)\(([^;]*)\);", header, flags=re.M))
+    lib = kernels.library()
+    assert len(protos) == 14 and "ernie45_decode_layer" in protos
+    for name, params in protos.items():
+        assert len(getattr(lib, name).argtypes) == len(params.split(",")), name
+    for struct in (kernels.QSet, kernels.LayerPlan):
+        assert f"}} {struct.__name__};" in header
+        assert lib.ernie45_sizeof(struct.__name__.encode()) == ctypes.sizeof(struct)
+    assert lib.ernie45_sizeof(b"Nothing") == -1
+    source = kernels.SOURCE.read_text()
+    exported = set(re.findall(r"^(?:int|int64_t) (ernie45_\w+)\(", source, flags=re.M))
+    assert exported == set(protos), exported ^ set(protos)  # nothing exported past the header

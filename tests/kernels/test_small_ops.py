@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from ernie45 import ModelConfig, kernels
+from ernie45.accel import accelerate
+from ernie45.accel.cpu import NATIVE
+from ernie45.accel.swap import swap
 from ernie45.model.layers import RMSNorm, RotaryEmbedding, apply_rope
 from ernie45.model.moe import Router
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.why_unavailable()}")
+pytestmark = pytest.mark.native  # run, fail when this machine could build them and did not, skip otherwise
 
 
 def _count(monkeypatch: pytest.MonkeyPatch, name: str) -> list:
@@ -25,6 +28,7 @@ def test_rms_norm_rounds_as_the_module(monkeypatch: pytest.MonkeyPatch) -> None:
     norm = RMSNorm(2560, eps=1e-5)
     torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
     norm = norm.bfloat16()
+    swap(norm, NATIVE)  # the cpu backend's NativeRMSNorm
     x = (torch.randn(7, 2560) * torch.logspace(-3, 2, 7)[:, None]).bfloat16()  # rows of very different scales
     calls = _count(monkeypatch, "rms_norm")
     with torch.no_grad():
@@ -88,6 +92,7 @@ def test_router_matches_the_module(dtype: torch.dtype) -> None:
 def test_router_dispatch_and_ties(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = ModelConfig.from_name("tiny-moe")
     r = Router(cfg)  # zero weight: every prob equal; the bias alone orders, and the lower index wins a tie
+    swap(r, NATIVE)
     r.e_score_correction_bias[3] = 1.0
     calls = _count(monkeypatch, "router")
     x = torch.randn(2, cfg.hidden_size).bfloat16()
@@ -132,6 +137,7 @@ def test_argmax_is_torchs(dtype: torch.dtype) -> None:
 def test_engine_greedy_sampling_takes_the_argmax_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """A greedy batch samples with one native argmax over the logits as they are; a batch that wants logprobs or
     penalties takes the full sampler. Both give the tokens of the fp32 argmax."""
+    from ernie45.accel.cpu import argmax
     from ernie45.engine.sampler import Sampler
     from ernie45.engine.sampling_params import SamplingParams
     from ernie45.engine.sequence import Sequence
@@ -139,13 +145,13 @@ def test_engine_greedy_sampling_takes_the_argmax_fast_path(monkeypatch: pytest.M
     calls = _count(monkeypatch, "argmax")
     logits = torch.randn(3, 1000).bfloat16()
     seqs = [Sequence(f"r{i}", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4)) for i in range(3)]
-    tokens, lps = Sampler()(logits, seqs)
+    tokens, lps = Sampler(argmax)(logits, seqs)
     assert len(calls) == 1 and tokens == logits.float().argmax(-1).tolist() and lps == [None] * 3
     seqs[1] = Sequence("lp", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4, logprobs=2))
-    tokens, lps = Sampler()(logits, seqs)
+    tokens, lps = Sampler(argmax)(logits, seqs)
     assert len(calls) == 1 and tokens == logits.float().argmax(-1).tolist() and lps[1] is not None
     seqs[1] = seqs[0]
-    tokens, _ = Sampler()(logits.half(), seqs)  # fp16 logits (an fp16 model on CPU): the torch path
+    tokens, _ = Sampler(argmax)(logits.half(), seqs)  # fp16 logits (an fp16 model on CPU): the torch path
     assert len(calls) == 1 and tokens == logits.half().float().argmax(-1).tolist()
 
 
@@ -155,7 +161,7 @@ def test_decode_forward_with_small_ops_matches_torch(monkeypatch: pytest.MonkeyP
     from ernie45.model.model import ErnieForCausalLM, init_weights
 
     cfg = ModelConfig.from_name("tiny-moe")
-    model = init_weights(ErnieForCausalLM(cfg), std=0.05, seed=0).bfloat16().eval()
+    model = accelerate(init_weights(ErnieForCausalLM(cfg), std=0.05, seed=0).bfloat16().eval(), "cpu")
     counts = {n: _count(monkeypatch, n) for n in ("rms_norm", "router")}
     ids = torch.randint(3, cfg.vocab_size, (1, 4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -255,7 +255,7 @@ def engine_greedy(rank: int, world: int, sizes: ParallelConfig, cfg: ModelConfig
     the single-process engine's greedy tokens: chunked prefill, prefix-cache hits and batched decodes."""
     from ernie45.engine.llm import LLM
     from ernie45.engine.sampling_params import SamplingParams
-    from ernie45.parallel.runner import worker_loop
+    from ernie45.parallel.runner import DistributedModelRunner, worker_loop
 
     ref = build(cfg)
     par = parallelize(copy.deepcopy(ref), init_mesh(sizes, cfg))
@@ -267,7 +267,9 @@ def engine_greedy(rank: int, world: int, sizes: ParallelConfig, cfg: ModelConfig
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     opts = dict(kv_cache_memory="1MB", max_num_batched_tokens=24, block_size=8)
     want = [o.outputs[0].token_ids for o in LLM(ref, **opts).generate(prompts, params)]
-    llm = LLM(par, **opts)
+    with pytest.raises(ValueError, match="runner=ernie45.parallel.runner.DistributedModelRunner"):
+        LLM(par, **opts)  # a split model on the one-process runner would hang in its first collective
+    llm = LLM(par, runner=DistributedModelRunner, **opts)
     try:
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         assert llm.engine.stats()["prefix_cache_hit_tokens"] > 0

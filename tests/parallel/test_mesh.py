@@ -65,7 +65,7 @@ def test_shard_spec_halves_take_the_same_rows_of_gate_and_up():
     (2, 8, "batch_size=4 must be divisible by the 8 data ranks"),
 ])
 def test_train_layout_errors_before_launch(ep, fsdp, message):
-    from ernie45.parallel.trainer import check_layout
+    from ernie45.train.distributed import check_layout
     from ernie45.train.recipe import TrainConfig
 
     cfg = TrainConfig(data=["x"], model={"preset": "tiny-moe"}, tokenizer="t", batch_size=4)

@@ -30,7 +30,7 @@ def test_serve_tp2_under_torchrun_matches_single_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-         "ernie45.parallel.launch", str(tmp_path), "--tp", "2", "--port", str(port), "--dtype", "float32",
+         "ernie45.serve.launch", str(tmp_path), "--tp", "2", "--port", str(port), "--dtype", "float32",
          "--kv-cache-memory", "4MB"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -31,7 +31,7 @@ def _torchrun(nproc: int, recipe: dict, path, *flags: str) -> None:
         yaml.safe_dump(recipe, f)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                        "-m", "ernie45.parallel.trainer", "pretrain", "--config", str(path), *flags],
+                        "-m", "ernie45.train.distributed", "pretrain", "--config", str(path), *flags],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
 

@@ -9,6 +9,10 @@ import torch
 from torch import nn
 
 from ernie45 import ErnieForCausalLM, ModelConfig, init_weights, kernels
+from ernie45.accel import accelerate
+from ernie45.accel.cpu import NATIVE
+from ernie45.accel.cpu.quant import kernel_args
+from ernie45.accel.swap import swap
 from ernie45.model.layers import Linear
 from ernie45.model.moe import Experts
 from ernie45.quant import QuantConfig, QuantExperts, QuantLinear, TensorScheme, modules, quantize_model
@@ -28,20 +32,29 @@ SCHEMES = {  # scheme, layout without the native kernels (with them: "span" wher
 }
 
 
-NATIVE = [pytest.param(True, marks=pytest.mark.skipif(not kernels.available(), reason="no native kernels")), False]
+NATIVE_OR_NOT = [pytest.param(True, marks=pytest.mark.native), False]
 
 
-@pytest.mark.parametrize("native", NATIVE)
+def native(module: nn.Module) -> nn.Module:
+    """The cpu backend's version of a module (``ernie45.accel``): the span layout's decode kernels."""
+    swap(module, NATIVE)
+    return module
+
+
+@pytest.mark.parametrize("use_native", NATIVE_OR_NOT)
 @pytest.mark.parametrize("name", list(SCHEMES))
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype: torch.dtype, native: bool) -> None:
+def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype: torch.dtype, use_native: bool
+                                                    ) -> None:
     scheme, layout = SCHEMES[name]
     torch.manual_seed(0)
     lin = nn.Linear(256, 128, bias=True).to(dtype)
-    with kernels.use_kernels(native):
+    with kernels.use_kernels(use_native):
         q = QuantLinear.from_linear(lin, scheme)
-        span = native and kernels.span_ok(256, scheme.bits, scheme.group_for(256))
+        if use_native:
+            native(q)
+        span = use_native and kernels.span_ok(256, scheme.bits, scheme.group_for(256))
         assert q.layout == ("span" if span else layout)
         x = torch.randn(rows, 256, dtype=dtype)
         # The span kernel (few rows) multiplies int8-quantized activations: the reference does the same.
@@ -56,12 +69,12 @@ def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype
     assert rel < {8: 0.02, 6: 0.04, 4: 0.15, 2: 0.6}[scheme.bits], rel
 
 
-@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("use_native", NATIVE_OR_NOT)
 @pytest.mark.parametrize("name", ["int8-channel", "int4-g128", "int2-g64"])
-def test_kernel_and_dequant_paths_agree(name: str, native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_and_dequant_paths_agree(name: str, use_native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     scheme, _ = SCHEMES[name]
-    with kernels.use_kernels(native):
-        q = QuantLinear.from_linear(nn.Linear(256, 64, bias=False).bfloat16(), scheme)
+    with kernels.use_kernels(use_native):
+        q = native(QuantLinear.from_linear(nn.Linear(256, 64, bias=False).bfloat16(), scheme))
     x = torch.randn(4, 256, dtype=torch.bfloat16)
     monkeypatch.setattr(modules, "KERNEL_MAX_ROWS", 16)
     y_kernel = q(x)
@@ -70,14 +83,14 @@ def test_kernel_and_dequant_paths_agree(name: str, native: bool, monkeypatch: py
     torch.testing.assert_close(y_kernel.float(), y_deq.float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("use_native", NATIVE_OR_NOT)
 @pytest.mark.parametrize("layout_scheme", ["int8-channel", "int4-g128", "int2-g64"])
-def test_get_set_round_trip(layout_scheme: str, native: bool) -> None:
+def test_get_set_round_trip(layout_scheme: str, use_native: bool) -> None:
     scheme, _ = SCHEMES[layout_scheme]
-    with kernels.use_kernels(native):
+    with kernels.use_kernels(use_native):
         q = QuantLinear.from_linear(nn.Linear(256, 64).bfloat16(), scheme)
         q2 = QuantLinear(256, 64, scheme, bias=True, dtype=torch.bfloat16)
-    assert (q.layout == "span") == native
+    assert (q.layout == "span") == use_native
     q2.set_stored(None, *q.stored(None))
     for (name, a), (_, b) in zip(q.named_buffers(), q2.named_buffers()):
         assert torch.equal(a, b), name
@@ -187,40 +200,7 @@ def test_engine_generates_with_a_quantized_model() -> None:
     assert out == ids[len(prompt):]
 
 
-def test_gptq_lowers_output_error_against_rtn() -> None:
-    """On correlated inputs GPTQ's error feedback must beat RTN on the layer output at the same bits, and
-    without a hessian it is exactly RTN."""
-    from ernie45.quant import math as qm
-    from ernie45.quant.gptq import collect_hessians, quantize_gptq
-
-    torch.manual_seed(0)
-    lin = nn.Linear(128, 64, bias=False)
-    mix = torch.randn(128, 128) / 128**0.5
-    x = torch.randn(512, 128) @ mix + 0.1 * torch.randn(512, 128)  # correlated features
-    hess = x.t() @ x
-    ref = lin(x).detach()
-    for bits in (2, 4):
-        g = qm.dequantize(*quantize_gptq(lin.weight, hess, bits, 64))
-        r = qm.dequantize(*qm.quantize_rtn(lin.weight, bits, 64, symmetric=False))
-        e_g, e_r = (x @ g.t() - ref).norm(), (x @ r.t() - ref).norm()
-        assert e_g < 0.9 * e_r, (bits, e_g, e_r)
-    c1, s1, o1 = quantize_gptq(lin.weight, None, 2, 64)
-    c2, s2, o2 = qm.quantize_rtn(lin.weight, 2, 64, symmetric=False)
-    assert torch.equal(c1, c2)
-    cfg = ModelConfig.from_name("tiny-moe")
-    model = init_weights(ErnieForCausalLM(cfg), seed=0)
-    ids = torch.randint(0, cfg.vocab_size, (2, 16))
-    h = collect_hessians(model, ids)
-    assert "model.layers.0.self_attn.q_proj" in h and "lm_head" in h
-    assert any(k.startswith("model.layers.1.mlp.experts.down_proj.") for k in h)
-    assert "expert_forward" not in vars(model.model.layers[1].mlp.experts)  # the hook is removed
-    with pytest.raises(ValueError, match="calibration"):
-        quantize_model(copy.deepcopy(model), QuantConfig.from_name("int2", method="gptq"))
-    q = quantize_model(model, QuantConfig.from_name("int2", method="gptq"), calibration=ids)
-    assert q(ids).logits.isfinite().all()
-
-
-@pytest.mark.skipif(not kernels.available(), reason="no native kernels")
+@pytest.mark.native
 @pytest.mark.parametrize("scheme", [TensorScheme(4, 128), TensorScheme(8, None, True), TensorScheme(2, 64)],
                          ids=["int4-g128", "int8-channel", "int2-g64"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -231,7 +211,7 @@ def test_fused_native_experts_equal_the_per_expert_path(scheme: TensorScheme, dt
     ex = Experts(8, 256, 256)
     nn.init.normal_(ex.gate_up_proj, std=0.08)
     nn.init.normal_(ex.down_proj, std=0.08)
-    qx = QuantExperts.from_experts(ex, scheme, dtype)
+    qx = native(QuantExperts.from_experts(ex, scheme, dtype))
     assert qx.gate_up_proj.layout == "span"
     x = torch.randn(7, 256, dtype=dtype)
     idx = torch.tensor([[0, 3], [3, 1], [7, 0], [5, 5], [2, 6], [6, 2], [1, 4]])
@@ -245,45 +225,47 @@ def test_fused_native_experts_equal_the_per_expert_path(scheme: TensorScheme, dt
     for t in (0, 3):  # a token alone gives the bits it gives in the batch
         assert torch.equal(qx(x[t:t + 1], idx[t:t + 1], w[t:t + 1]), fused[t:t + 1])
     with pytest.raises(RuntimeError, match="out of range"):
-        kernels.qmoe(x, torch.tensor([[9, 0]] * 7), w, qx.gate_up_proj.bits, qx.gate_up_proj.kernel_args(),
-                     qx.down_proj.kernel_args())
+        kernels.qmoe(x, torch.tensor([[9, 0]] * 7), w, qx.gate_up_proj.bits, kernel_args(qx.gate_up_proj),
+                     kernel_args(qx.down_proj))
 
 
-@pytest.mark.skipif(not kernels.available(), reason="no native kernels")
+@pytest.mark.native
 def test_deepcopy_of_a_used_quantized_linear_reads_its_own_weights() -> None:
     """The span path caches raw pointers: a copy (or an unpickled module) must not read its original's memory."""
-    q = QuantLinear.from_linear(nn.Linear(256, 64, bias=False), TensorScheme(4, 128))
+    q = native(QuantLinear.from_linear(nn.Linear(256, 64, bias=False), TensorScheme(4, 128)))
     x = torch.randn(2, 256)
     with torch.no_grad():
         before = q(x)  # the pointers are cached now
         twin = copy.deepcopy(q)
-        other = QuantLinear.from_linear(nn.Linear(256, 64, bias=False), TensorScheme(4, 128))
+        other = native(QuantLinear.from_linear(nn.Linear(256, 64, bias=False), TensorScheme(4, 128)))
         q.set_stored(None, *other.stored(None))  # the original changes in place
         assert torch.equal(q(x), other(x))
         assert torch.equal(twin(x), before)  # the copy still computes with its own weights
 
 
-@pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
+@pytest.mark.native
 @pytest.mark.parametrize("bits", [8, 6, 4, 2])
 def test_fused_linears_equal_the_separate_calls(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """q/k/v (and gate/up) read the same x: one native call gives each linear's own result bit for bit, and the
     attention of a quantized model takes it at decode sizes."""
     torch.manual_seed(0)
     scheme = BASE[bits]
-    mods = [QuantLinear.from_linear(nn.Linear(256, n, bias=False), scheme, torch.bfloat16) for n in (256, 64, 64)]
+    mods = [native(QuantLinear.from_linear(nn.Linear(256, n, bias=False), scheme, torch.bfloat16))
+            for n in (256, 64, 64)]
     x = torch.randn(3, 256).bfloat16()
     with torch.no_grad():
         fused = kernels.fused_linears(tuple(mods), x)
         assert fused is not None and [f.shape for f in fused] == [(3, 256), (3, 64), (3, 64)]
         for m, f in zip(mods, fused):
             assert torch.equal(f, m(x))
-        other = QuantLinear.from_linear(nn.Linear(256, 64, bias=False), BASE[8 if bits != 8 else 4], torch.bfloat16)
+        other = native(QuantLinear.from_linear(nn.Linear(256, 64, bias=False), BASE[8 if bits != 8 else 4],
+                                               torch.bfloat16))
         assert kernels.fused_linears((mods[0], other), x) is None  # different schemes: one by one
         assert kernels.fused_linears((mods[0], nn.Linear(256, 64)), x) is None
         assert kernels.fused_linears(tuple(mods), torch.randn(modules.KERNEL_MAX_ROWS + 1, 256).bfloat16()) is None
     cfg = ModelConfig.from_name("tiny-moe").replace(hidden_size=256, intermediate_size=512, moe_intermediate_size=256)
     qc = QuantConfig.from_name("int4", dense_bits=6) if bits == 6 else QuantConfig.from_name(f"int{bits}")
-    model = quantize_model(init_weights(ErnieForCausalLM(cfg), seed=0).bfloat16(), qc)
+    model = accelerate(quantize_model(init_weights(ErnieForCausalLM(cfg), seed=0).bfloat16(), qc), "cpu")
     calls = []
     real = kernels.fused_linears
     monkeypatch.setattr(kernels, "fused_linears", lambda m, x: calls.append(real(m, x) is not None) or real(m, x))

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from ernie45 import ErnieForCausalLM, ModelConfig, init_weights, kernels
+from ernie45.accel import accelerate
 from ernie45.quant import QuantConfig, modules, quantize_model, quantized_nbytes
 from ernie45.quant.quality import compare
+from tests import native
 
 MODULES = ("json argparse collections logging itertools functools pathlib subprocess re datetime unittest typing "
            "dataclasses asyncio csv sqlite3 threading os shutil string textwrap decimal fractions statistics "
@@ -108,9 +110,9 @@ def test_quality_table(trained, artifacts_dir: str) -> None:  # noqa: ANN001
         rows[name] = {**r, "bpw": bpw, "mib": quantized_nbytes(q) / 2**20}
     # Decode path: the native kernels multiply int8-quantized activations (few rows at a time); run them on every
     # row of the held-out set to measure what that adds on top of the weights' own error.
-    if kernels.available():
+    if native.run():
         for name in ("int8 (per-channel)", "int4 g128"):
-            q = quantize_model(copy.deepcopy(model), PRESETS[name], progress=False)
+            q = accelerate(quantize_model(copy.deepcopy(model), PRESETS[name], progress=False), "cpu")
             old = modules.KERNEL_MAX_ROWS, kernels.MOE_MAX_TOKENS
             modules.KERNEL_MAX_ROWS = kernels.MOE_MAX_TOKENS = 10**9
             try:
@@ -136,9 +138,9 @@ def test_quality_table(trained, artifacts_dir: str) -> None:  # noqa: ANN001
     assert kl["experts int4 g128"] < 0.25 * kl["experts int2 g64 RTN"]
     gptq = "experts int2 g64 GPTQ (calibrated)"
     assert rows[gptq]["bpw"] == pytest.approx(rows["experts int2 g64 RTN"]["bpw"])  # same bits per weight
-    assert kl[gptq] < 0.5 * kl["experts int2 g64 RTN"]
+    assert kl[gptq] < 0.1 * kl["experts int2 g64 RTN"]  # measured 0.038x (9.8e-6 vs 2.6e-4) on 2026-12-04
     assert rows[gptq]["ppl"] < rows["experts int2 g64 RTN"]["ppl"]
     assert rows["int8 (per-channel)"]["ppl"] < base["ppl"] * 1.01
-    if kernels.available():  # the activation quantization costs little next to the weights' own error
+    if native.run():  # the activation quantization costs little next to the weights' own error
         assert kl["int8 (per-channel), decode kernels (int8 activations)"] < 1e-3
         assert kl["int4 g128, decode kernels (int8 activations)"] < 1.5 * kl["int4 g128"]

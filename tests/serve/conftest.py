@@ -51,3 +51,18 @@ def tokenizer(tiny_checkpoint):
     from ernie45.tokenizer import Tokenizer
 
     return Tokenizer.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def scripted_server(tmp_path_factory):
+    """A server whose model writes a script (tests/serve/scripted.py) behind a Thinking-style template:
+    yields (server, model, tokenizer); set model.prompt_len and model.script before each request."""
+    from ernie45.engine.llm import LLMEngine
+    from ernie45.serve import ServerThread, build_app
+    from tests.serve.scripted import SCRIPTED_LEN, build_scripted
+
+    model, tok = build_scripted(str(tmp_path_factory.mktemp("thinking")))
+    kw = engine_kwargs(enable_prefix_caching=False, max_model_len=SCRIPTED_LEN, kv_cache_memory="64MB")
+    kw.pop("dtype")
+    with ServerThread(build_app(LLMEngine(model, tokenizer=tok, **kw), "scripted-thinking")) as srv:
+        yield srv, model, tok

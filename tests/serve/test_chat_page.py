@@ -50,3 +50,49 @@ def test_chat_page_streams_a_reply_in_chromium(server, client, artifacts_dir):
             json.dump(history, f, indent=1, ensure_ascii=False)
     finally:
         browser.close()
+
+
+def test_chat_page_shows_reasoning_collapsed_and_tool_calls(scripted_server, artifacts_dir):
+    """A Thinking model's reply: the thinking in a closed <details>, the answer as text, tool calls listed."""
+    import httpx
+
+    from tests.serve.test_chat_features import CALLS, REASONED, TOOLS
+
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium); the chat-page test needs it")
+    srv, model, tok = scripted_server
+    browser = Browser(exe)
+    try:
+        browser.open(srv.url + "/")
+        browser.wait_for("document.getElementById('model').textContent === 'model: scripted-thinking'")
+        browser.eval("document.getElementById('temperature').value = '0'; "
+                     "document.getElementById('max_tokens').value = '120'; document.getElementById('input').focus()")
+        msgs = [{"role": "user", "content": "what is 2 + 2"}]
+        model.prompt_len = httpx.post(srv.url + "/tokenize", json={"messages": msgs}, timeout=30).json()["count"]
+        model.script = tok.encode(REASONED)
+        browser.type_and_enter(msgs[0]["content"])
+        browser.wait_for(f"(() => {{ const r = {LAST_REPLY}; return r && r.done; }})()")
+        shown = browser.eval("(() => { const m = document.querySelector('.msg.assistant'); "
+                             "const d = m.querySelector('details.reasoning'); return {text: "
+                             "m.querySelector('.text').textContent, open: d ? d.open : null, "
+                             "reasoning: d ? d.querySelector('.rtext').textContent : null}; })()")
+        assert shown == {"text": "The answer is 4.", "open": False, "reasoning": "Let me think about it.\nStep two."}
+        # second turn with tools offered (the page's tools box): the calls are listed under the reply
+        browser.eval(f"document.getElementById('tools').value = {json.dumps(json.dumps(TOOLS))}; "
+                     "document.getElementById('input').focus()")
+        history = [*msgs, {"role": "assistant", "content": "The answer is 4.",
+                           "reasoning_content": "Let me think about it.\nStep two."},
+                   {"role": "user", "content": "and the weather"}]
+        model.prompt_len = httpx.post(srv.url + "/tokenize", json={"messages": history, "tools": TOOLS},
+                                      timeout=30).json()["count"]
+        model.script = tok.encode(CALLS)
+        browser.type_and_enter("and the weather")
+        browser.wait_for(f"(() => {{ const r = {LAST_REPLY}; return r && r.n === 2 && r.done; }})()")
+        tools_text = browser.eval("[...document.querySelectorAll('.msg.assistant')][1].querySelector('.tools')"
+                                  ".textContent")
+        assert tools_text == ('tool call: get_weather({"city": "Paris"})\ntool call: now({})')
+        assert "(tool_calls)" in browser.eval(LAST_REPLY)["meta"]
+        browser.screenshot(os.path.join(artifacts_dir, "chat_page_reasoning.png"))
+    finally:
+        browser.close()

@@ -29,7 +29,38 @@ CASES = [  # (route, body (dict, or raw bytes), status, words the message must c
     ("/v1/chat/completions", {**CHAT, "messages": "hello"}, 400, "messages", "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "role", None),
     ("/v1/chat/completions", {**CHAT, "max_tokens": -5}, 400, "max_tokens", "max_tokens"),
-    ("/v1/completions", {**COMP, "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    ("/v1/completions", {**COMP, "max_tokens": -1}, 400, "max_tokens", "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    # issue 15: fields the server knows but does not implement are refused by name, never ignored
+    ("/v1/completions", {**COMP, "suffix": "end"}, 400, "suffix", "suffix"),
+    ("/v1/completions", {**COMP, "best_of": 3}, 400, "best_of", "best_of"),
+    ("/v1/completions", {**COMP, "use_beam_search": True}, 400, "beam search", "use_beam_search"),
+    ("/v1/chat/completions", {**CHAT, "audio": {"voice": "alloy"}}, 400, "audio", "audio"),
+    ("/v1/chat/completions", {**CHAT, "modalities": ["text", "audio"]}, 400, "modalities", "modalities"),
+    ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, 400, "send 'tools'", "functions"),
+    ("/v1/chat/completions", {**CHAT, "reasoning_effort": "high"}, 400, "reasoning_effort", "reasoning_effort"),
+    ("/v1/chat/completions", {**CHAT, "store": True}, 400, "store", "store"),
+    ("/v1/chat/completions", {**CHAT, "prediction": {"type": "content", "content": "x"}}, 400, "prediction",
+     "prediction"),
+    ("/v1/chat/completions", {**CHAT, "stream_options": {"continuous_usage_stats": True}}, 400,
+     "continuous_usage_stats", "stream_options"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "does not render tools", "tools"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, 400, "tools", "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}}, 400, "response_format",
+     "response_format"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, 400, "schema",
+     "response_format"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}, "guided_regex": "a"}, 400,
+     "more than one output constraint", "response_format"),
+    ("/v1/completions", {**COMP, "guided_regex": "(unclosed"}, 400, "constraint", None),
+    ("/v1/completions", {**COMP, "logit_bias": {"x": 1}}, 400, "logit_bias", "logit_bias"),
+    ("/v1/completions", {**COMP, "logit_bias": {"5": 500}}, 400, "logit_bias", "logit_bias"),
+    ("/v1/completions", {**COMP, "logit_bias": {"99999999": 5}}, 400, "outside the vocabulary", None),
+    ("/v1/chat/completions", {**CHAT, "max_reasoning_tokens": 8}, 400, "thinking template",
+     "max_reasoning_tokens"),
+    ("/tokenize", {"messages": [{"role": "robot", "content": "x"}]}, 400, "role", "messages"),
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "x"}]}, 400, "exactly one", "prompt"),
     ("/v1/completions", {**COMP, "max_tokens": 10**9}, 400, "maximum context length", "max_tokens"),
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 10**6}, 400, "lower max_tokens", "max_tokens"),
     ("/v1/completions", {**COMP, "prompt": LONG_PROMPT}, 400, "maximum context length", "prompt"),
@@ -40,7 +71,7 @@ CASES = [  # (route, body (dict, or raw bytes), status, words the message must c
     ("/v1/completions", {**COMP, "temperature": "hot"}, 400, "temperature", "temperature"),
     ("/v1/completions", {**COMP, "temperature": -1}, 400, "temperature", "temperature"),
     ("/v1/completions", {**COMP, "top_p": 0}, 400, "top_p", "top_p"),
-    ("/v1/completions", {**COMP, "n": 0}, 400, "n:", "n"),
+    ("/v1/completions", {**COMP, "n": 0}, 400, "SamplingParams.n=0", "n"),
     ("/v1/completions", {**COMP, "max_tokens": "many"}, 400, "max_tokens", "max_tokens"),
     ("/v1/completions", {**COMP, "stop": 5}, 400, "stop", "stop"),
     ("/v1/completions", {**COMP, "logprobs": 99}, 400, "logprobs", "logprobs"),
@@ -58,6 +89,8 @@ def test_bad_input_gets_a_readable_4xx(server, route, body, status, words, param
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert words in err["message"], err["message"]
+    if param is not None:
+        assert err["param"] == param, err
     if param is not None:
         assert err["param"] == param
 

@@ -25,6 +25,10 @@ def test_metrics_text_format_and_histograms(server, client):
     assert after["ernie45:kv_cache_blocks_total"] > 0
 
     text = httpx.get(server.url + "/metrics", timeout=10).text
+    from ernie45 import kernels
+
+    backend = "cpu" if kernels.available() else "torch"  # the server's engine runs "auto"
+    assert f'ernie45:backend_info{{model_name="{SERVED_NAME}",backend="{backend}"}} 1' in text.splitlines()
     typed = {line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE")}
     buckets: dict[str, list[float]] = {}
     for line in text.splitlines():

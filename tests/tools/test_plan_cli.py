@@ -66,7 +66,7 @@ def test_curves_rise_with_context_and_fall_with_bits():
     assert all(b[1] < a[1] for a, b in zip(curves["bf16"], curves["wint4"]))
 
 
-@pytest.mark.parametrize("argv,word", [(["nope"], "neither a checkpoint folder nor a preset"),
+@pytest.mark.parametrize("argv,word", [(["nope"], "not 'demo' or a preset"),
                                        (["ernie-4.5-300b-a47b", "--tp", "3"], "tp=3"),
                                        (["ernie-4.5-300b-a47b", "--weights", "int5"], "int5"),
                                        (["ernie-4.5-300b-a47b", "--device", "b200"], "catalogue")])

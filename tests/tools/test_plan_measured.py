@@ -20,7 +20,11 @@ from ernie45.model.checkpoint import build_empty
 from ernie45.tools import plan_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOLERANCE = 0.10
+TOLERANCE = 0.01
+"""Predicted bytes against the RSS a load or the KV cache adds: 1% (benchmarks/results/2026-11-28-plan.md measures
+0.1-0.2%; the rest is allocator slack and page rounding). The README states this figure."""
+OVERHEAD_TOLERANCE = 0.10
+"""The planner's fixed CPU-process overhead (interpreter, torch, ernie45) is an estimate: 10% of the whole RSS."""
 
 # Runs in a fresh interpreter so nothing else this test session allocated is in its RSS. A tiny checkpoint
 # is loaded first: the first load_model call pays one-time costs (lazy imports, torch's meta registrations,
@@ -84,7 +88,7 @@ def small_checkpoint(tmp_path_factory) -> str:
 
 
 def check(path: str, weights: str, dtype: str, quant: str = "none") -> dict[str, int]:
-    """Predicted weights within 10% of the RSS the load adds, and weights + the planner's CPU process
+    """Predicted weights within 1% of the RSS the load adds, and weights + the planner's CPU process
     overhead within 10% of the process's whole RSS."""
     plan = plan_memory(path, weights=weights, dtype=dtype, device="cpu", devices=[])
     got = measure_load(path, dtype, quant)
@@ -92,7 +96,7 @@ def check(path: str, weights: str, dtype: str, quant: str = "none") -> dict[str,
     assert got["tensor_bytes"] == plan.weights_bytes, (got, plan.weights_bytes)
     assert abs(got["rss_delta"] / plan.weights_bytes - 1) <= TOLERANCE, (got, plan.weights_bytes)
     whole = plan.weights_bytes + plan.overhead_bytes
-    assert abs(got["rss"] / whole - 1) <= TOLERANCE, (got, whole)
+    assert abs(got["rss"] / whole - 1) <= OVERHEAD_TOLERANCE, (got, whole)
     return {"predicted": plan.weights_bytes, **got}
 
 

@@ -1,6 +1,6 @@
 """The planner's quantized weight bytes against ``ernie45.quant``'s real storage: the bytes of a model built
 by ``quantize_model`` (exact, for every preset, dtype and real shape), and the resident memory of a process
-after ``load_model(path, quant=...)`` (within 10%)."""
+after ``load_model(path, quant=...)`` (within 1%)."""
 
 from __future__ import annotations
 

@@ -112,11 +112,21 @@ def test_pad_batch():
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
+def test_an_epoch_visits_each_example_exactly_once():
+    """Without replacement: when the batch size divides the dataset, each epoch is a permutation of it."""
+    for n, b in [(12, 4), (7, 7), (30, 1)]:
+        s = BatchSampler(n, b, seed=1)
+        epochs = [sorted(i for _ in range(n // b) for i in s.next_indices()) for _ in range(3)]
+        assert all(e == list(range(n)) for e in epochs), (n, b, epochs)
+
+
 def test_sampler_resumes_to_the_same_batches():
     a = BatchSampler(10, 3, seed=4)
     seq = [a.next_indices() for _ in range(7)]  # crosses two epoch boundaries
-    assert sorted(i for b in seq[:3] for i in b) != list(range(9)) or True
     assert all(len(b) == 3 for b in seq)
+    for epoch in (seq[0:3], seq[3:6]):  # 3 whole batches of 10 examples: 9 distinct ones, the 10th skipped
+        flat = [i for b in epoch for i in b]
+        assert len(set(flat)) == 9 and set(flat) <= set(range(10)), epoch
     assert seq[:3] != seq[3:6]  # a new order each epoch
     b = BatchSampler(10, 3, seed=4)
     for _ in range(4):

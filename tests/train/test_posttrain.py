@@ -4,13 +4,15 @@ aux-loss-free balancing evens out expert load."""
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 import torch
 
 from ernie45 import ModelConfig, init_weights
 from ernie45.model.model import ErnieForCausalLM
 from ernie45.train import balance
-from ernie45.train.data import IGNORE, SFTDataset, pad_batch
+from ernie45.train.data import IGNORE, BatchSampler, SFTDataset, pad_batch
 from ernie45.train.losses import sequence_logprobs
 from ernie45.train.recipe import TrainConfig
 from ernie45.train.trainer import Trainer
@@ -75,7 +77,7 @@ def test_sft_learns_replies_not_prompts(tmp_path, tok, tok_dir):
     assert prompt0 - prompt1 < 0.5 * (prompt0 - prompt_ctl), (prompt0, prompt1, prompt_ctl)  # prompts are not
 
 
-def test_dpo_margin_grows_on_toy_preferences(tmp_path, tok, tok_dir):
+def _base_dir(tmp_path, tok_dir):
     from ernie45 import save_model
 
     base_dir = tmp_path / "base"
@@ -83,15 +85,73 @@ def test_dpo_margin_grows_on_toy_preferences(tmp_path, tok, tok_dir):
                base_dir)
     for f in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         (base_dir / f).write_bytes((open(f"{tok_dir}/{f}", "rb")).read())
+    return base_dir
+
+
+def _reply_logps(model, tr, indices, mean: bool):
+    """log p(reply | prompt) of chosen and rejected for these examples, by hand: fp32 log-softmax, gathered at the
+    labelled positions, summed (or averaged per token) over each reply. Returns (chosen_B, rejected_B)."""
+    out = []
+    for key in ("chosen", "rejected"):
+        vals = []
+        for i in indices:
+            ex = tr.dataset[i]
+            ids, labels = ex[f"{key}_input_ids"], ex[f"{key}_labels"]
+            with torch.no_grad():
+                logp = model(ids[None]).logits[0].double().log_softmax(-1)
+            keep = labels != IGNORE
+            lp = logp[keep].gather(-1, labels[keep][:, None]).sum()
+            vals.append(lp / keep.sum() if mean else lp)
+        out.append(torch.stack(vals))
+    return out
+
+
+def test_dpo_margin_grows_on_toy_preferences(tmp_path, tok, tok_dir):
+    base_dir = _base_dir(tmp_path, tok_dir)
     for loss in ("sigmoid", "simpo"):
         cfg = TrainConfig(task="dpo", output_dir=str(tmp_path / loss), init_from=str(base_dir), data=[DPO_DEMO],
                           seq_len=64, batch_size=4, max_steps=12, lr=3e-3, warmup_steps=1, save_every=12,
                           plot=False, dpo_loss=loss, dpo_beta=0.5, weight_decay=0.0)
-        hist = Trainer(cfg, tokenizer=tok).train()
-        assert abs(hist[0]["reward_margin"]) < 0.05 if loss == "sigmoid" else True  # policy == reference at start
+        tr = Trainer(cfg, tokenizer=tok)
+        first = BatchSampler(len(tr.dataset), cfg.batch_size, seed=cfg.seed).next_indices()
+        if loss == "sigmoid":  # policy == reference at the first step: margin 0, loss log 2
+            want_margin, want_loss = 0.0, math.log(2)
+        else:  # reference-free: beta * (mean log p chosen - mean log p rejected), loss -log sigmoid(margin - gamma)
+            c, r = _reply_logps(tr.model, tr, first, mean=True)
+            m = cfg.simpo_beta * (c - r)
+            want_margin, want_loss = float(m.mean()), float(-torch.nn.functional.logsigmoid(m - cfg.simpo_gamma).mean())
+        hist = tr.train()
+        assert hist[0]["reward_margin"] == pytest.approx(want_margin, abs=1e-4)
+        assert hist[0]["loss"] == pytest.approx(want_loss, rel=1e-4)
         assert hist[-1]["reward_margin"] > hist[0]["reward_margin"] + 0.5, [h["reward_margin"] for h in hist]
         assert hist[-1]["reward_accuracy"] == 1.0
         assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+@pytest.mark.slow
+def test_ipo_through_the_trainer_regresses_the_margin_to_its_target(tmp_path, tok, tok_dir):
+    """IPO (Azar et al. 2023) through the trainer, checked by hand: at the first step policy == reference, so
+    h = 0 and the loss is (0 - 1/(2 beta))^2 exactly; training then moves the per-token-mean log-ratio margin h of
+    the training pairs towards 1/(2 beta) (computed here from the final policy and the frozen reference, not from
+    the trainer's metrics) and stops there, where sigmoid DPO keeps widening it."""
+    base_dir = _base_dir(tmp_path, tok_dir)
+    beta = 0.5
+    cfg = TrainConfig(task="dpo", output_dir=str(tmp_path / "ipo"), init_from=str(base_dir), data=[DPO_DEMO],
+                      seq_len=64, batch_size=4, max_steps=12, lr=3e-3, warmup_steps=1, save_every=12,
+                      plot=False, dpo_loss="ipo", dpo_beta=beta, weight_decay=0.0)
+    tr = Trainer(cfg, tokenizer=tok)
+    hist = tr.train()
+    assert hist[0]["loss"] == pytest.approx(1 / (2 * beta) ** 2, rel=1e-6)
+    assert hist[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    everything = list(range(len(tr.dataset)))
+    pc, pr = _reply_logps(tr.model.eval(), tr, everything, mean=True)
+    rc, rr = _reply_logps(tr.reference, tr, everything, mean=True)
+    h = (pc - rc) - (pr - rr)
+    target = 1 / (2 * beta)
+    ipo_loss = float(((h - target) ** 2).mean())
+    assert ipo_loss < 0.1 * hist[0]["loss"], (ipo_loss, h)  # the loss over all pairs fell 10x from (1/2b)^2
+    assert abs(float(h.mean()) - target) < 0.1 * target and float((h - target).abs().max()) < 0.3 * target, h
+    assert hist[-1]["loss"] < 0.2 * hist[0]["loss"]
 
 
 def test_aux_free_bias_update_evens_out_a_skewed_router():

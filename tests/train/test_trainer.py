@@ -92,7 +92,7 @@ def test_recipe_errors_name_the_key(tmp_path):
 
 
 def test_export_loads_in_transformers_with_same_logits(tmp_path, tok, tok_dir, small_corpus):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = _cfg(tmp_path, small_corpus, tokenizer=tok_dir, max_steps=3, export_dtype="float32",
                aux_free_rate=0.05)
     tr = Trainer(cfg, tokenizer=tok)
@@ -140,4 +140,18 @@ def test_every_shipped_recipe_parses():
     assert {"demo_pretrain.yaml", "demo_sft.yaml", "sft_lora.yaml", "dpo.yaml"} <= set(names)
     for name in names:
         cfg = TrainConfig.from_yaml(os.path.join(recipes, name))
-        assert cfg.task in ("pretrain", "sft", "dpo")
+        assert cfg.task in ("pretrain", "sft", "dpo", "upo")
+
+
+def test_a_failing_plot_never_costs_the_run(tmp_path, tok, tok_dir, small_corpus, monkeypatch):
+    """Without matplotlib (or with any plotting error) training finishes, checkpoints and exports final/; the
+    plot is a warning."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    cfg = _cfg(tmp_path, small_corpus, tokenizer=tok_dir, max_steps=2, save_every=1, plot=True)
+    with pytest.warns(UserWarning, match="could not draw .*loss.png"):
+        hist = Trainer(cfg, tokenizer=tok).train()
+    assert len(hist) == 2 and len(_losses(cfg.output_dir)) == 2
+    assert os.path.isfile(os.path.join(cfg.output_dir, "final", "config.json"))
+    assert not os.path.exists(os.path.join(cfg.output_dir, "loss.png"))

@@ -1,5 +1,6 @@
-"""Native decode layers (``model.native``): a quantized model's decode steps with one C call per layer against the
-module path (each op its own call), through the engine; when they apply, and when a cached plan is rebuilt."""
+"""Native decode layers (``accel.cpu.decode_layer``): a quantized model's decode steps with one C call per layer
+against the module path (each op its own call), through the engine; when they apply, and when a cached plan is
+rebuilt."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import pytest
 import torch
 
 from ernie45 import ErnieForCausalLM, ModelConfig, init_weights, kernels
+from ernie45.accel import accelerate
+from ernie45.accel.cpu.decode_layer import NativeDecoderLayer
 from ernie45.engine import LLMEngine, SamplingParams
 from ernie45.engine.model_runner import ModelRunner
-from ernie45.model import native
 from ernie45.quant import QuantConfig, quantize_model
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.why_unavailable()}")
+pytestmark = pytest.mark.native  # run, fail when this machine could build them and did not, skip otherwise
 
 # The smallest shapes every piece takes: spans of 256 columns (2- and 6-bit), head_dim a multiple of 16.
 CFG = ModelConfig.from_name("tiny-moe").replace(hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
@@ -25,8 +27,18 @@ def _model(qc: QuantConfig | str | None, cfg: ModelConfig = CFG, seed: int = 0) 
     return quantize_model(model, qc) if qc is not None else model
 
 
+def _plans(model: ErnieForCausalLM) -> list:
+    return [layer.native_plan() if isinstance(layer, NativeDecoderLayer) else None for layer in model.model.layers]
+
+
+def _module_path(model: ErnieForCausalLM) -> ErnieForCausalLM:
+    """The cpu backend without whole-layer calls: every piece native, one call each."""
+    return accelerate(model, "cpu", decode_layers=False)
+
+
 def _generate(model: ErnieForCausalLM, monkeypatch: pytest.MonkeyPatch, tokens: int = 8) -> tuple[dict, list, int]:
-    """Greedy outputs by request, every step's logits, and the number of native layer calls."""
+    """Greedy outputs by request, every step's logits, and the number of native layer calls (the engine keeps the
+    backend applied to the model; the cpu one by default)."""
     logits, calls = [], []
     execute, decode_layer = ModelRunner.execute, kernels.decode_layer
 
@@ -56,8 +68,8 @@ def test_native_layers_match_the_module_path(qc: QuantConfig | str, monkeypatch:
     tokens, logits within a bf16 rounding of the activations, and every decode step's layers went native."""
     model = _model(qc)
     fast, fast_logits, calls = _generate(model, monkeypatch)
-    with native.use_native_layers(False):
-        ref, ref_logits, ref_calls = _generate(model, monkeypatch)
+    assert model.accel_backend == "cpu"
+    ref, ref_logits, ref_calls = _generate(_module_path(model), monkeypatch)
     assert ref_calls == 0 and fast == ref
     decode_steps = sum(1 for lg in ref_logits if lg is not None) - 1  # the first step is the prefill
     assert calls == decode_steps * CFG.num_hidden_layers and decode_steps >= 7
@@ -69,8 +81,7 @@ def test_moe_without_shared_experts_and_one_sequence(monkeypatch: pytest.MonkeyP
     cfg = CFG.replace(moe_num_shared_experts=0)
     model = _model("int4", cfg)
     fast, fast_logits, calls = _generate(model, monkeypatch, tokens=5)
-    with native.use_native_layers(False):
-        ref, ref_logits, _ = _generate(model, monkeypatch, tokens=5)
+    ref, ref_logits, _ = _generate(_module_path(model), monkeypatch, tokens=5)
     assert fast == ref and calls > 0
     for a, b in zip(fast_logits, ref_logits):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * float(b.abs().max()))
@@ -85,36 +96,39 @@ def test_layers_without_a_native_form_take_the_module_path(case: str, monkeypatc
         model = _model("int4", CFG.replace(use_bias=True))
     else:  # o_proj's 4 * 48 = 192 input columns do not fill the 4-bit spans of 128
         model = _model(QuantConfig.from_name("int4", group_size=64), CFG.replace(head_dim=48))
-    assert all(p is None for p in native.layer_plans(model.model.layers))
+    assert all(p is None for p in _plans(accelerate(model, "cpu")))
     outs, _, calls = _generate(model, monkeypatch, tokens=3)
     assert calls == 0 and len(outs) == len(PROMPTS)
 
 
 def test_a_plan_follows_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Built for the model as it is now: none before quantization, one after; rebuilt when a weight is requantized
-    in place (its zeros and pointers change), dropped when the model goes to fp32."""
-    model = _model(None)
-    assert native.layer_plans(model.model.layers) == [None] * CFG.num_hidden_layers
+    """Built for the model as it is now, without torch-global hooks: none before quantization, one after
+    ``quantize_model`` swapped the accelerated layers' modules; rebuilt when a weight is requantized in place (its
+    zeros and pointers change), dropped when the model goes to fp32."""
+    model = accelerate(_model(None), "cpu")
+    assert _plans(model) == [None] * CFG.num_hidden_layers
     quantize_model(model, "int4")
-    plans = native.layer_plans(model.model.layers)
-    assert all(p is not None for p in plans) and native.layer_plans(model.model.layers)[0] is plans[0]  # cached
+    plans = _plans(model)
+    assert all(p is not None for p in plans) and _plans(model)[0] is plans[0]  # cached
+    accelerate(model, "cpu")  # the new quantized modules' own native forms (prefill rows) for the comparison below
+    plans = _plans(model)
     q = model.model.layers[0].self_attn.q_proj
-    q.quantize_(None, torch.randn(q.n, q.k) * 0.05)
-    assert native.layer_plans(model.model.layers)[0] is not plans[0]
+    q.quantize_(None, torch.randn(q.n, q.k, generator=torch.Generator().manual_seed(0)) * 0.05)
+    assert _plans(model)[0] is not plans[0]
     fast, _, calls = _generate(model, monkeypatch, tokens=3)
-    with native.use_native_layers(False):
-        ref, _, _ = _generate(model, monkeypatch, tokens=3)
+    ref, _, _ = _generate(_module_path(model), monkeypatch, tokens=3)
     assert calls > 0 and fast == ref
+    accelerate(model, "cpu")
     model.float()
-    assert native.layer_plans(model.model.layers) == [None] * CFG.num_hidden_layers
+    assert _plans(model) == [None] * CFG.num_hidden_layers
     _, _, calls = _generate(model, monkeypatch, tokens=2)
     assert calls == 0
 
 
 def test_bad_cache_arguments_are_rejected_by_name() -> None:
     """A slot outside the cache is an error naming the layer, not a write past the end of the cache."""
-    model = _model("int4")
-    plan = native.layer_plans(model.model.layers)[0]
+    model = accelerate(_model("int4"), "cpu")
+    plan = _plans(model)[0]
     kc = torch.zeros(2, 16, CFG.num_key_value_heads, CFG.head_dim, dtype=torch.bfloat16)
     vc = kc.clone()
     step = kernels.DecodeStep(torch.tensor([32]), torch.tensor([[0, 1]]), torch.tensor([5]), 32, 16, [kc.data_ptr()],
@@ -130,15 +144,15 @@ def test_hooks_and_subclasses_keep_the_module_path(monkeypatch: pytest.MonkeyPat
     such layers run their modules; the others stay native."""
     from ernie45.quant import QuantLinear
 
-    model = _model("int4")
+    model = accelerate(_model("int4"), "cpu")
     seen = []
     handle = model.model.layers[1].self_attn.o_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    plans = native.layer_plans(model.model.layers)
+    plans = _plans(model)
     assert plans[1] is None and plans[0] is not None and plans[2] is not None
     _, _, calls = _generate(model, monkeypatch, tokens=3)
     assert seen and calls > 0  # the hooked layer ran its modules at every step, the others natively
     handle.remove()
-    assert native.layer_plans(model.model.layers)[1] is not None
+    assert _plans(model)[1] is not None
 
     class Custom(QuantLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,4 +162,4 @@ def test_hooks_and_subclasses_keep_the_module_path(monkeypatch: pytest.MonkeyPat
     custom = Custom(mlp.down_proj.in_features, mlp.down_proj.out_features, mlp.down_proj.scheme)
     custom.load_state_dict(mlp.down_proj.state_dict())
     mlp.down_proj = custom
-    assert native.layer_plans(model.model.layers)[0] is None
+    assert _plans(model)[0] is None

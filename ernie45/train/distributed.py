@@ -194,13 +194,13 @@ class DistributedTrainer(Trainer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``torchrun --nproc-per-node N -m ernie45.parallel.trainer pretrain --config R --ep E --fsdp F``:
+    """``torchrun --nproc-per-node N -m ernie45.train.distributed pretrain --config R --ep E --fsdp F``:
     the ``ernie45 train`` verb, for launchers that call a module directly."""
     import argparse
 
     from ernie45.train.cli import add_train_parser
 
-    parser = argparse.ArgumentParser(prog="python -m ernie45.parallel.trainer")
+    parser = argparse.ArgumentParser(prog="python -m ernie45.train.distributed")
     add_train_parser(parser.add_subparsers(dest="verb", required=True))
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)

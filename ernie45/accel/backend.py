@@ -1,0 +1,91 @@
+"""Backends by name and the ``accelerate`` pass.
+
+A backend is a set of module swaps (``apply``), a paged attention implementation for the engine's KV cache
+(``attention``) and a greedy-token function for the sampler (``argmax``). ``torch`` is the reference: no swap,
+torch's ops, always usable. ``cpu`` is ``ernie45.accel.cpu``. A GPU backend adds an entry to ``BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ernie45.accel import cpu, swap
+from ernie45.accel.attention import PagedAttention
+
+log = logging.getLogger(__name__)
+
+BackendName = Literal["auto", "torch", "cpu"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    why_unusable: Callable[[], str]
+    """Empty when the backend runs on this machine; else the reason."""
+    apply: Callable[..., int]
+    """apply(model, **options) swaps the model's modules in place; returns how many."""
+    attention: Callable[[object], PagedAttention]
+    """attention(kv_cache): the paged attention over an engine cache."""
+    argmax: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+    """argmax(logits [S, V]) -> int64 [S], or None where it does not take these logits; None: torch's."""
+
+    def usable(self) -> bool:
+        return not self.why_unusable()
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", lambda: "", lambda model: 0, PagedAttention),
+    "cpu": Backend("cpu", cpu.why_unusable, cpu.apply, cpu.attention_backend, cpu.argmax),
+}
+
+
+def _on_cpu(model: nn.Module) -> bool:
+    return all(t.device.type == "cpu" for t in (*model.parameters(), *model.buffers()))
+
+
+def resolve_backend(backend: str, model: nn.Module) -> str:
+    """The backend name ``backend`` means for ``model``. "auto": the one already applied to the model, else ``cpu``
+    when its kernels run here and the model is on the CPU, else ``torch``. An unknown or unusable name is a
+    ValueError saying why."""
+    if backend == "auto":
+        applied = getattr(model, "accel_backend", None)
+        if applied is not None:
+            return applied
+        return "cpu" if BACKENDS["cpu"].usable() and _on_cpu(model) else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose one of {['auto', *BACKENDS]}")
+    why = BACKENDS[backend].why_unusable()
+    if why:
+        raise ValueError(f"backend={backend!r} cannot run here: {why}; use backend='torch' (or 'auto')")
+    if backend != "torch" and not _on_cpu(model):
+        raise ValueError(f"backend={backend!r} runs CPU models; this model is on "
+                         f"{next(model.parameters()).device}: use backend='torch'")
+    return backend
+
+
+def accelerate(model: nn.Module, backend: str = "auto", **options: object) -> nn.Module:
+    """Apply a backend to a built (quantized, loaded, sharded) model in place and return it: the last pass, after
+    build -> quantize swap -> load -> shard. Modules swapped by another backend are put back first, so
+    ``accelerate(model, "torch")`` restores the reference modules. The name is recorded as ``model.accel_backend``.
+    ``options`` go to the backend's ``apply`` (cpu: ``decode_layers=False`` keeps layers on the module path).
+    "auto" leaves a model that has a backend as it is; naming a backend applies it afresh (after the model changed:
+    modules quantized or replaced)."""
+    if backend == "auto" and getattr(model, "accel_backend", None) is not None and not options:
+        return model
+    name = resolve_backend(backend, model)
+    reverted = swap.revert(model)
+    swapped = BACKENDS[name].apply(model, **options)
+    model.accel_backend = name
+    log.info("backend %s: %d modules native (%d reverted first)", name, swapped, reverted)
+    return model
+
+
+def backend_of(model: nn.Module) -> Backend:
+    """The backend applied to ``model`` (``torch`` when none was)."""
+    return BACKENDS[getattr(model, "accel_backend", None) or "torch"]

@@ -1,0 +1,116 @@
+"""Prompts and partial-credit rewards for the UPO learning demo on the bundled demo model.
+
+Two verifiable tasks the demo model (a fortune/poem babbler) cannot do at the start (exact match 0/128
+samples in our probes):
+
+- ``add`` (the demo in ``recipes/upo.yaml``): ``"3 + 4 = "`` -> ``"7"`` for operands 0..``--max-operand``.
+  ``closeness`` gives credit from the first step: 0.5 x max(0, 1 - |x - answer| / 5) for the number x the
+  completion starts with (a quarter of the demo model's samples start with a digit), halved unless the
+  completion is that number alone. The built-in ``exact`` verifier adds 1.0 for the right answer.
+- ``copy``: ``"Repeat the word: river\\nAnswer:"`` -> ``"river"``; ``similarity`` gives 1.0 for the word,
+  else 0.5 x difflib's similarity ratio of the stripped completion and the word.
+
+    python scripts/make_upo_task.py --task add --out data/upo_add.jsonl [--max-operand 4]
+    python scripts/make_upo_task.py --task copy --out data/upo_copy.jsonl [--words 48] [--seed 0]
+    python scripts/make_upo_task.py --eval MODEL --out data/upo_add.jsonl    # accuracy of a model on the prompts
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import random
+import re
+
+# Short common English words; every one occurs in the demo's fortune corpus.
+WORDS = [
+    "apple", "river", "moon", "green", "seven", "house", "light", "water", "stone", "heart", "night", "money",
+    "friend", "world", "happy", "bird", "dream", "music", "paper", "glass", "horse", "table", "tree", "cloud",
+    "bread", "smile", "north", "honey", "queen", "tiger", "ocean", "lemon", "chair", "storm", "dance", "garden",
+    "silver", "window", "sugar", "candle", "winter", "summer", "flower", "doctor", "letter", "orange", "mountain",
+    "thunder",
+]
+TEMPLATE = "Repeat the word: {word}\nAnswer:"
+
+
+def similarity(prompt: str, completion: str, record: dict) -> float:
+    """Partial credit for copying ``record['answer']`` (see the module docstring)."""
+    got, want = completion.strip(), str(record["answer"])
+    if got == want:
+        return 1.0
+    return 0.5 * difflib.SequenceMatcher(None, got, want).ratio()
+
+
+_LEADING_INT = re.compile(r"\s*(-?\d+)")
+
+
+def closeness(prompt: str, completion: str, record: dict) -> float:
+    """Partial credit for an addition answer (see the module docstring)."""
+    m = _LEADING_INT.match(completion)
+    if not m:
+        return 0.0
+    x, want = int(m.group(1)), int(record["answer"])
+    credit = 0.5 * max(0.0, 1.0 - abs(x - want) / 5)
+    return credit if completion.strip() == m.group(1) else credit / 2
+
+
+def make_add(max_operand: int) -> list[dict]:
+    if not 1 <= max_operand <= 99:
+        raise ValueError(f"--max-operand {max_operand}: choose 1..99")
+    return [{"prompt": f"{a} + {b} = ", "answer": str(a + b)}
+            for a in range(max_operand + 1) for b in range(max_operand + 1)]
+
+
+def make(num_words: int, seed: int) -> list[dict]:
+    if not 1 <= num_words <= len(WORDS):
+        raise ValueError(f"--words {num_words}: choose 1..{len(WORDS)}")
+    words = random.Random(seed).sample(WORDS, num_words)
+    return [{"prompt": TEMPLATE.format(word=w), "answer": w} for w in words]
+
+
+def evaluate(model: str, path: str, samples: int = 8) -> dict:
+    """Exact-match rate of ``model`` (a folder or 'demo') on the prompts in ``path``: greedy, and over
+    ``samples`` samples at temperature 1; plus the greedy answers."""
+    from ernie45 import LLM, SamplingParams
+
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    llm = LLM(model, dtype="float32", enable_prefix_caching=False)
+    prompts = [r["prompt"] for r in rows]
+    greedy = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, stop=["\n"]))
+    sampled = llm.generate(prompts, [SamplingParams(max_tokens=6, temperature=1.0, n=samples, seed=i, stop=["\n"])
+                                     for i in range(len(prompts))])
+    g = [o.outputs[0].text.strip() for o in greedy]
+    return {"model": model, "prompts": len(rows),
+            "greedy_exact": sum(a == r["answer"] for a, r in zip(g, rows)) / len(rows),
+            "sampled_exact": sum(c.text.strip() == r["answer"] for o, r in zip(sampled, rows) for c in o.outputs)
+            / (len(rows) * samples),
+            "greedy_answers": {r["prompt"].strip(): a for a, r in zip(g, rows)}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", choices=["add", "copy"], default="add")
+    ap.add_argument("--out", default="data/upo_add.jsonl")
+    ap.add_argument("--max-operand", type=int, default=4)
+    ap.add_argument("--words", type=int, default=len(WORDS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval", metavar="MODEL", help="score MODEL on the prompts in --out instead of writing them")
+    args = ap.parse_args()
+    if args.eval:
+        print(json.dumps(evaluate(args.eval, args.out), ensure_ascii=False))
+        return
+    rows = make_add(args.max_operand) if args.task == "add" else make(args.words, args.seed)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, args.out)
+    print(f"{len(rows)} prompts -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
