@@ -20,7 +20,7 @@ from ernie45.accel.attention import PagedAttention
 
 log = logging.getLogger(__name__)
 
-BackendName = Literal["auto", "torch", "cpu"]
+BackendName = Literal["auto", "torch", "cpu", "triton"]
 
 
 @dataclass(frozen=True)
@@ -34,15 +34,31 @@ class Backend:
     """attention(kv_cache): the paged attention over an engine cache."""
     argmax: Callable[[torch.Tensor], torch.Tensor | None] | None = None
     """argmax(logits [S, V]) -> int64 [S], or None where it does not take these logits; None: torch's."""
+    takes: Callable[[nn.Module], str] | None = None
+    """takes(model): empty when the model is where this backend runs, else why not; None: CPU models only."""
 
     def usable(self) -> bool:
         return not self.why_unusable()
 
 
+def _triton() -> Backend:
+    from ernie45.accel import triton
+
+    return Backend("triton", triton.why_unusable, triton.apply, triton.attention_backend, None, triton.takes)
+
+
+def _triton_why() -> str:
+    import importlib.util
+
+    return "" if importlib.util.find_spec("triton") is not None else "the triton package is not installed"
+
+
 BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", lambda: "", lambda model: 0, PagedAttention),
+    "torch": Backend("torch", lambda: "", lambda model: 0, PagedAttention, takes=lambda model: ""),
     "cpu": Backend("cpu", cpu.why_unusable, cpu.apply, cpu.attention_backend, cpu.argmax),
 }
+if _triton_why() == "":  # imported only where triton is installed (it comes with torch's CUDA wheels)
+    BACKENDS["triton"] = _triton()
 
 
 def _on_cpu(model: nn.Module) -> bool:
@@ -57,15 +73,22 @@ def resolve_backend(backend: str, model: nn.Module) -> str:
         applied = getattr(model, "accel_backend", None)
         if applied is not None:
             return applied
+        if "triton" in BACKENDS and next(model.parameters()).device.type == "cuda" and BACKENDS["triton"].usable():
+            return "triton"
         return "cpu" if BACKENDS["cpu"].usable() and _on_cpu(model) else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: choose one of {['auto', *BACKENDS]}")
     why = BACKENDS[backend].why_unusable()
     if why:
         raise ValueError(f"backend={backend!r} cannot run here: {why}; use backend='torch' (or 'auto')")
-    if backend != "torch" and not _on_cpu(model):
-        raise ValueError(f"backend={backend!r} runs CPU models; this model is on "
-                         f"{next(model.parameters()).device}: use backend='torch'")
+    takes = BACKENDS[backend].takes
+    where = next(model.parameters()).device
+    if takes is not None:
+        why = takes(model)
+    else:
+        why = "" if _on_cpu(model) else f"it runs CPU models; this one is on {where}"
+    if why:
+        raise ValueError(f"backend={backend!r} cannot run this model: {why}; use backend='torch' (or 'auto')")
     return backend
 
 
