@@ -216,6 +216,10 @@ def peak_rss() -> int:
 
 def sharded_load_memory(rank: int, world: int, path: str, full_bytes: int) -> None:
     """Runs first in its process: the peak RSS grows by this rank's share, not by the full model."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:  # torch imports it on first use where installed (~72 MB
+        import triton  # noqa: F401 - of RSS): a library's import cost, not what loading a shard adds
     cfg = ModelConfig.from_json(path)
     mesh = init_mesh(ParallelConfig(tp=2), cfg)
     before = peak_rss()  # after the process group and the mesh: what loading adds
