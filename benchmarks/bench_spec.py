@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=20)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    res = {"backend": None}
+    res = {}
     if "demo" in args.parts:
         res["demo"] = part_demo(args.rounds, args.max_tokens)
     if "verify" in args.parts:
