@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
+PARTS = sorted(Path(__file__).with_name("cpu").glob("*.c"))
+"""The kernels by concern (matmul, MoE, bf16, attention, small ops, the fused layer), included by ``SOURCE``."""
 HEADER = Path(__file__).with_name("ernie45_kernels.h")
 """Every exported C function and struct; the ctypes declarations below mirror it (structs checked at load)."""
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
@@ -90,7 +92,8 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError(f"no C compiler ({cc!r} not found; install gcc or set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     args = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11", "-lm"]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), HEADER.read_text(), *version, model, " ".join(sorted(flags)),
+    sources = [SOURCE.read_text(), *(p.read_text() for p in PARTS)]
+    key = hashlib.sha256("\n".join([*sources, HEADER.read_text(), *version, model, " ".join(sorted(flags)),
                                     *args]).encode())
     so = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not so.exists():

@@ -271,6 +271,7 @@ def test_the_header_is_the_one_boundary() -> None:
         assert f"}} {struct.__name__};" in header
         assert lib.ernie45_sizeof(struct.__name__.encode()) == ctypes.sizeof(struct)
     assert lib.ernie45_sizeof(b"Nothing") == -1
-    source = kernels.SOURCE.read_text()
+    source = "\n".join(p.read_text() for p in (kernels.SOURCE, *kernels.PARTS))
+    assert len(kernels.PARTS) == 6  # split by concern, one translation unit
     exported = set(re.findall(r"^(?:int|int64_t) (ernie45_\w+)\(", source, flags=re.M))
     assert exported == set(protos), exported ^ set(protos)  # nothing exported past the header

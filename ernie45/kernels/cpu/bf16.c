@@ -1,0 +1,119 @@
+// bf16 x bf16 matmul (bgemm), the bf16 MoE (bmoe) and the shared softmax.
+// Part of ernie45/kernels/cpu_kernels.c (one translation unit: included there in this order).
+
+// ------------------------------------------------------------------------------------------ bf16 x bf16
+// One chain of VDPBF16PS per (weight row, x row), 32 columns a step, in column order: the same sum whatever
+// the tiling, so a row's result does not depend on its batch.
+static inline __attribute__((always_inline)) void brow(const uint16_t* wr, const int MT_, int64_t n, int64_t m0,
+                                                       const uint16_t* x, int64_t K, int64_t N, void* out,
+                                                       int out_bf16) {
+    __m512 acc[MT];
+    for (int i = 0; i < MT_; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void*)(wr + k));
+        for (int i = 0; i < MT_; i++)
+            acc[i] = _mm512_dpbf16_ps(acc[i], w0, (__m512bh)_mm512_loadu_si512((const void*)(x + (m0 + i) * K + k)));
+    }
+    for (int i = 0; i < MT_; i++) store_out(out, out_bf16, (m0 + i) * N + n, _mm512_reduce_add_ps(acc[i]));
+}
+
+// 4 weight rows x 4 x rows: each loaded vector serves four dot products, so 16 x rows that no longer fit L1
+// are read from L2 a quarter as often as by brow. Same per-pair sums as brow.
+static inline void btile(const uint16_t* w, int64_t n, int64_t m0, const uint16_t* x, int64_t K, int64_t N, void* out,
+                         int out_bf16) {
+    __m512 acc[4][4];
+    for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 4; i++) acc[j][i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512bh wv[4], xv[4];
+        for (int j = 0; j < 4; j++) wv[j] = (__m512bh)_mm512_loadu_si512((const void*)(w + (n + j) * K + k));
+        for (int i = 0; i < 4; i++) xv[i] = (__m512bh)_mm512_loadu_si512((const void*)(x + (m0 + i) * K + k));
+        for (int j = 0; j < 4; j++)
+            for (int i = 0; i < 4; i++) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], wv[j], xv[i]);
+    }
+    for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 4; i++) store_out(out, out_bf16, (m0 + i) * N + n + j, _mm512_reduce_add_ps(acc[j][i]));
+}
+
+static void bmatmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, const uint16_t* w, void* out, int out_bf16,
+                    int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t chunk = (N + nt - 1) / nt, n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        int64_t n = n0;
+        if (M >= 8)  // 4 x 4 tiles where there are enough rows of x to reuse each weight load
+            for (; n + 4 <= n1; n += 4) {
+                int64_t m0 = 0;
+                for (; m0 + 4 <= M; m0 += 4) btile(w, n, m0, x, K, N, out, out_bf16);
+                for (int j = 0; j < 4; j++)
+                    switch (M - m0) {
+                        case 3: brow(w + (n + j) * K, 3, n + j, m0, x, K, N, out, out_bf16); break;
+                        case 2: brow(w + (n + j) * K, 2, n + j, m0, x, K, N, out, out_bf16); break;
+                        case 1: brow(w + (n + j) * K, 1, n + j, m0, x, K, N, out, out_bf16); break;
+                        default: break;
+                    }
+            }
+        for (; n < n1; n++) {
+            const uint16_t* wr = w + n * K;
+            int64_t m0 = 0;
+            for (; m0 + 4 <= M; m0 += 4) brow(wr, 4, n, m0, x, K, N, out, out_bf16);
+            switch (M - m0) {
+                case 3: brow(wr, 3, n, m0, x, K, N, out, out_bf16); break;
+                case 2: brow(wr, 2, n, m0, x, K, N, out, out_bf16); break;
+                case 1: brow(wr, 1, n, m0, x, K, N, out, out_bf16); break;
+                default: break;
+            }
+        }
+    }
+}
+
+int ernie45_bgemm(const uint16_t* x, int64_t M, int64_t K, int64_t N, const uint16_t* w, void* out, int out_bf16,
+                  int nthreads) {
+    if (K % 32 || M < 1 || N < 1) return -2;
+    bmatmul(x, M, K, N, w, out, out_bf16, nthreads < 1 ? 1 : nthreads);
+    return 0;
+}
+
+// ernie45_qmoe for bf16 stacks: gate_up [E, 2I, H], down [E, H, I], x [T, H], all bf16; out fp32 [T, H].
+// Every intermediate is rounded to bf16 where the per-expert torch path rounds.
+int ernie45_bmoe(const uint16_t* x, int64_t T, int64_t H, int64_t I, int64_t k, const int64_t* idx, const float* wts,
+                 int64_t E, const uint16_t* gu, const uint16_t* dn, float* out, int nthreads) {
+    if (H % 32 || I % 32 || T < 1 || k < 1) return -2;
+    for (int64_t j = 0; j < T * k; j++)
+        if (idx[j] < 0 || idx[j] >= E) return -4;
+    if (nthreads < 1) nthreads = 1;
+    const int64_t S = T * k;
+    int64_t* rows = (int64_t*)malloc((size_t)S * sizeof(int64_t));
+    float* wrow = (float*)malloc((size_t)S * sizeof(float));
+    uint16_t* xe = (uint16_t*)malloc((size_t)(S * H) * sizeof(uint16_t));
+    float* h = (float*)malloc((size_t)(S * 2 * I) * sizeof(float));
+    uint16_t* act = (uint16_t*)malloc((size_t)(S * I) * sizeof(uint16_t));
+    float* y = (float*)malloc((size_t)(S * H) * sizeof(float));
+    if (!rows || !wrow || !xe || !h || !act || !y) {
+        free(rows); free(wrow); free(xe); free(h); free(act); free(y);
+        return -3;
+    }
+    memset(out, 0, (size_t)(T * H) * sizeof(float));
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t n = expert_rows(idx, wts, T, k, e, rows, wrow);
+        if (!n) continue;
+        for (int64_t r = 0; r < n; r++) memcpy(xe + r * H, x + rows[r] * H, (size_t)H * sizeof(uint16_t));
+        bmatmul(xe, n, H, 2 * I, gu + e * 2 * I * H, h, 0, nthreads);
+        swiglu_rows(h, n, I, 1, NULL, act);
+        bmatmul(act, n, I, H, dn + e * H * I, y, 0, nthreads);
+        scatter_rows(out, rows, wrow, y, n, H, 1);
+    }
+    free(rows); free(wrow); free(xe); free(h); free(act); free(y);
+    return 0;
+}
+
+// Softmax of r[0..n) in place, fp32: exp(r - max) times 1 / sum (torch's order of operations).
+static void softmax_inplace(float* r, int64_t n) {
+    float mx = r[0];
+    for (int64_t i = 1; i < n; i++) mx = r[i] > mx ? r[i] : mx;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) { r[i] = expf(r[i] - mx); sum += r[i]; }
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < n; i++) r[i] *= inv;
+}

@@ -1,0 +1,228 @@
+// Weight-only quantized matmul (qgemm) in the span layout: activation quantization, VNNI dot products.
+// Part of ernie45/kernels/cpu_kernels.c (one translation unit: included there in this order).
+
+// One weight row against MT_ rows of x starting at m0. BITS, MT_, SB (bf16 scales) and BPX (64-column
+// sub-blocks per activation block) are compile-time constants after inlining, so the tile's accumulators and
+// pointers stay in registers. 512-bit operations are the budget on this path (Zen 4 issues about one a cycle):
+// per activation block, one int32 chain of VPDPBUSD, one conversion, one broadcast and one FMA per row of x.
+static inline __attribute__((always_inline)) void qrow(
+    const uint8_t* wr, const int BITS, const int MT_, const int SB, const int BPX, int64_t n, int64_t m0, int64_t K,
+    int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
+    const int64_t* xrow, const void* scales, const void* zeros, void* out, int out_bf16) {
+    const int P = BITS == 6 ? 2 : 8 / BITS;  // 6 bits: the 4-bit part's planes (the 2-bit part has 4)
+    const int64_t nb = K / 64, nx = nb / BPX;
+    const __m512i mask = _mm512_set1_epi8((char)(BITS == 6 ? 15 : (1 << BITS) - 1)), mask2 = _mm512_set1_epi8(0x30);
+
+    const uint16_t* s16 = (const uint16_t*)scales + n * ng;
+    const float* s32 = (const float*)scales + n * ng;
+    const int8_t* xm[MT];
+    const float* sxm[MT];
+    __m512 acc[MT][2];  // even and odd activation blocks: two FMA chains per row of x
+    for (int i = 0; i < MT_; i++) {
+        const int64_t r = xrow ? xrow[m0 + i] : m0 + i;  // the x row (output row m0 + i)
+        xm[i] = xq + r * K;
+        sxm[i] = sx + r * nx;
+        acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    }
+    // Codes of 64-column sub-block b (0 <= b < nb): plane b % P of the span b / P.
+#define CODES(b)                                                                                             \
+    (P == 1 ? _mm512_loadu_si512((const void*)(wr + (b) * 64))                                               \
+            : _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512((const void*)(wr + ((b) / P) * 64)),     \
+                                                 ((b) % P) * BITS), mask))
+    // Activation block X (sub-blocks X*BPX ..) with its codes C0 (and C1 when BPX == 2), into chain J.
+#define XBLOCK(X, C0, C1, J)                                                                                 \
+    do {                                                                                                     \
+        const int32_t g_ = gidx[X];                                                                          \
+        const float ws_ = SB ? bf16_to_f32(s16[g_]) : s32[g_];                                              \
+        for (int i = 0; i < MT_; i++) {                                                                      \
+            const int8_t* xp_ = xm[i] + (X) * BPX * 64;                                                      \
+            __m512i d_ = _mm512_dpbusd_epi32(_mm512_setzero_si512(), (C0), _mm512_loadu_si512((const void*)xp_)); \
+            if (BPX == 2) d_ = _mm512_dpbusd_epi32(d_, (C1), _mm512_loadu_si512((const void*)(xp_ + 64)));   \
+            acc[i][J] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d_), _mm512_set1_ps(ws_ * sxm[i][X]), acc[i][J]);  \
+        }                                                                                                    \
+    } while (0)
+    // Main loop: 4 sub-blocks (256 columns) an iteration, whole spans, even/odd activation blocks alternating.
+    const int64_t iters = nb / 4;
+    for (int64_t it = 0; it < iters; it++) {
+        const int64_t b0 = it * 4;
+        // Sub-block j of this iteration: span it * (4 / P) + j / P, plane j % P (constants after unrolling, so
+        // each span is loaded once and shifted by immediates).
+#define LOCODES(j, B)                                                                                        \
+    (P == 1 ? _mm512_loadu_si512((const void*)(wr + (b0 + (j)) * 64))                                        \
+            : _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512((const void*)(wr + (it * (BITS == 6 ? 3 : 4 / P) \
+                                                                                           + (j) / P) * 64)),  \
+                                                 ((j) % P) * (B)), mask))
+    // 6 bits: plane j of the high part moved to bits 4-5 of each byte (a 16-bit shift; what crosses into the
+    // neighbouring byte lands outside 0x30), then (hi & 0x30) | lo in one ternary-logic op.
+#define HISHIFT(j) ((j) == 0 ? _mm512_slli_epi16(hs, 4) : (j) == 1 ? _mm512_slli_epi16(hs, 2) \
+                    : (j) == 2 ? hs : _mm512_srli_epi16(hs, 2))
+#define ITCODES(j) (BITS == 6 ? _mm512_ternarylogic_epi32(HISHIFT(j), mask2, LOCODES(j, 4), 0xEA) : LOCODES(j, BITS))
+        const __m512i hs = BITS == 6 ? _mm512_loadu_si512((const void*)(wr + it * 192 + 128)) : _mm512_setzero_si512();
+        const __m512i c0 = ITCODES(0), c1 = ITCODES(1), c2 = ITCODES(2), c3 = ITCODES(3);
+#undef ITCODES
+#undef HISHIFT
+#undef LOCODES
+        if (BPX == 2) {
+            XBLOCK(b0 / 2, c0, c1, 0);
+            XBLOCK(b0 / 2 + 1, c2, c3, 1);
+        } else {
+            XBLOCK(b0, c0, c0, 0);
+            XBLOCK(b0 + 1, c1, c1, 1);
+            XBLOCK(b0 + 2, c2, c2, 0);
+            XBLOCK(b0 + 3, c3, c3, 1);
+        }
+    }
+    for (int64_t x = iters * 4 / BPX; x < nx; x++) {  // rows whose length is not a multiple of 256
+        const __m512i c0 = CODES(x * BPX), c1 = BPX == 2 ? CODES(x * BPX + 1) : c0;
+        XBLOCK(x, c0, c1, 0);
+    }
+#undef XBLOCK
+#undef CODES
+    // The codes' offset (mid) and the zeros, per group: sum_g (zero - mid * scale) * X[m, g], 16 groups at a time.
+    const __m512 mid = _mm512_set1_ps((float)(1 << (BITS - 1)));
+    for (int i = 0; i < MT_; i++) {
+        __m512 t = _mm512_add_ps(acc[i][0], acc[i][1]);
+        const float* xs = xsum_g + (xrow ? xrow[m0 + i] : m0 + i) * ng;
+        for (int64_t g = 0; g < ng; g += 16) {
+            const __mmask16 k = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
+            __m512 sc = load16_masked(scales, SB, n * ng + g, k);
+            __m512 z = zeros ? load16_masked(zeros, SB, n * ng + g, k) : _mm512_setzero_ps();
+            t = _mm512_fmadd_ps(_mm512_fnmadd_ps(mid, sc, z), _mm512_maskz_loadu_ps(k, xs + g), t);
+        }
+        store_out(out, out_bf16, (m0 + i) * N + n, _mm512_reduce_add_ps(t));
+    }
+}
+
+static inline __attribute__((always_inline)) void qrows(
+    const uint8_t* w, const int BITS, const int SB, const int BPX, int64_t n0, int64_t n1, int64_t M, int64_t K,
+    int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
+    const int64_t* xrow, const void* scales, const void* zeros, void* out, int out_bf16) {
+    const int64_t rb = K * BITS / 8;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t* wr = w + n * rb;
+        int64_t m0 = 0;
+#define QROW(MT_) qrow(wr, BITS, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
+        for (; m0 + 4 <= M; m0 += 4) QROW(4);
+        switch (M - m0) {
+            case 3: QROW(3); break;
+            case 2: QROW(2); break;
+            case 1: QROW(1); break;
+            default: break;
+        }
+#undef QROW
+    }
+}
+
+// The activation block: 128 columns when the weight's groups allow it (half the per-block work of 64), else 64.
+int ernie45_qgemm_xblock(int64_t K, int64_t group) { return (group % 128 == 0 && K % 128 == 0) ? 128 : 64; }
+
+// Returns 0, or a negative code for arguments the Python side should have rejected.
+// Activations quantized once, for one or several weights that read the same x (the experts of a MoE layer).
+typedef struct {
+    int64_t M, K, XB, nx, group, ng;
+    int8_t* xq;
+    float *sx, *xsum_g;
+    int32_t *sq, *gidx;
+} QAct;
+
+static void qact_free(QAct* a) {
+    free(a->xq); free(a->sx); free(a->sq); free(a->xsum_g); free(a->gidx);
+}
+
+static int qact_init(QAct* a, const void* x, int x_bf16, int64_t M, int64_t K, int64_t group) {
+    a->M = M; a->K = K; a->group = group;
+    a->XB = ernie45_qgemm_xblock(K, group);
+    a->nx = K / a->XB; a->ng = K / group;
+    a->xq = (int8_t*)malloc((size_t)(M * K));
+    a->sx = (float*)malloc((size_t)(M * a->nx) * sizeof(float));
+    a->sq = (int32_t*)malloc((size_t)(M * a->nx) * sizeof(int32_t));
+    a->xsum_g = (float*)calloc((size_t)(M * a->ng), sizeof(float));
+    a->gidx = (int32_t*)malloc((size_t)a->nx * sizeof(int32_t));
+    if (!a->xq || !a->sx || !a->sq || !a->xsum_g || !a->gidx) {
+        qact_free(a);
+        return -3;
+    }
+    for (int64_t b = 0; b < a->nx; b++) a->gidx[b] = (int32_t)((b * a->XB) / group);
+    quantize_rows(x, x_bf16, M, K, a->XB, a->xq, a->sx, a->sq);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < a->nx; b++)
+            a->xsum_g[m * a->ng + a->gidx[b]] += a->sx[m * a->nx + b] * (float)a->sq[m * a->nx + b];
+    return 0;
+}
+
+// out[i, n] = x[xrow[i], :] . W[n, :] for i < rows (xrow NULL: the identity) and n0 <= n < n1 (out's row stride N).
+static void qact_rows(const QAct* a, const int64_t* xrow, int64_t rows, int64_t N, const uint8_t* w, int bits,
+                      const void* scales, const void* zeros, int s_bf16, void* out, int out_bf16, int64_t n0, int64_t n1) {
+    const int64_t M = rows, K = a->K, ng = a->ng;
+    const int8_t* xq = a->xq;
+    const float *sx = a->sx, *xsum_g = a->xsum_g;
+    const int32_t* gidx = a->gidx;
+    if (n0 >= n1) return;
+#define QROWS(B, SB, BPX) \
+    qrows(w, B, SB, BPX, n0, n1, M, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
+#define QBITS(SB, BPX) do { if (bits == 4) QROWS(4, SB, BPX); else if (bits == 8) QROWS(8, SB, BPX); \
+                            else if (bits == 6) QROWS(6, SB, BPX); else QROWS(2, SB, BPX); } while (0)
+    if (s_bf16) {
+        if (a->XB == 128) QBITS(1, 2); else QBITS(1, 1);
+    } else {
+        if (a->XB == 128) QBITS(0, 2); else QBITS(0, 1);
+    }
+#undef QBITS
+#undef QROWS
+}
+
+// The whole of W, threads over its rows.
+static void qact_matmul(const QAct* a, const int64_t* xrow, int64_t rows, int64_t N, const uint8_t* w, int bits,
+                        const void* scales, const void* zeros, int s_bf16, void* out, int out_bf16, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t chunk = (N + nt - 1) / nt, n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        qact_rows(a, xrow, rows, N, w, bits, scales, zeros, s_bf16, out, out_bf16, n0, n1);
+    }
+}
+
+static int qgemm_args_ok(int bits, int64_t K, int64_t group) {
+    const int64_t span = bits == 6 ? 256 : 64 * (8 / (bits > 0 ? bits : 1));
+    return (bits == 8 || bits == 6 || bits == 4 || bits == 2) && K % span == 0 && group % 64 == 0 && K % group == 0;
+}
+
+// Several weights that read the same x (q/k/v, gate/up): x quantized once and one parallel region over all their
+// rows. args = [Ns (nw), codes, scales, zeros (addresses; zeros 0 = none)]; weight i has Ns[i] rows and writes
+// out_i [M, Ns[i]] at out + M * (Ns[0] + .. + Ns[i-1]) elements (the outputs one after another).
+int ernie45_qgemm_multi(const void* x, int x_bf16, int64_t M, int64_t K, int64_t nw, const int64_t* args, int bits,
+                        int s_bf16, int64_t group, void* out, int out_bf16, int nthreads) {
+    if (!qgemm_args_ok(bits, K, group) || M < 1 || nw < 1) return -2;
+    const int64_t *Ns = args, *ws = args + nw, *scales = args + 2 * nw, *zeros = args + 3 * nw;
+    int64_t total = 0;
+    for (int64_t i = 0; i < nw; i++) total += Ns[i];
+    QAct a;
+    if (qact_init(&a, x, x_bf16, M, K, group)) return -3;
+#pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t chunk = (total + nt - 1) / nt, r0 = t * chunk, r1 = r0 + chunk < total ? r0 + chunk : total;
+        int64_t lo = 0;
+        for (int64_t i = 0; i < nw; lo += Ns[i], i++) {
+            const int64_t n0 = r0 > lo ? r0 - lo : 0, n1 = r1 - lo < Ns[i] ? r1 - lo : Ns[i];
+            void* oi = (char*)out + M * lo * (out_bf16 ? 2 : 4);
+            qact_rows(&a, NULL, M, Ns[i], (const uint8_t*)(intptr_t)ws[i], bits, (const void*)(intptr_t)scales[i],
+                      zeros[i] ? (const void*)(intptr_t)zeros[i] : NULL, s_bf16, oi, out_bf16, n0, n1);
+        }
+    }
+    qact_free(&a);
+    return 0;
+}
+
+int ernie45_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t N, const uint8_t* w, int bits,
+                  const void* scales, const void* zeros, int s_bf16, int64_t group, void* out, int out_bf16,
+                  int nthreads) {
+    if (!qgemm_args_ok(bits, K, group) || M < 1 || N < 1) return -2;
+    QAct a;
+    if (qact_init(&a, x, x_bf16, M, K, group)) return -3;
+    qact_matmul(&a, NULL, M, N, w, bits, scales, zeros, s_bf16, out, out_bf16, nthreads < 1 ? 1 : nthreads);
+    qact_free(&a);
+    return 0;
+}
+
+static inline float round_bf16(float v, int on) { return on ? bf16_to_f32(f32_to_bf16(v)) : v; }
