@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import dram_bandwidth  # noqa: E402
 from ernie45.config import ModelConfig  # noqa: E402
 from ernie45.engine.llm import LLMEngine  # noqa: E402
 from ernie45.engine.sampling_params import SamplingParams  # noqa: E402
@@ -143,16 +144,6 @@ def copy_bandwidth(device: torch.device, gib: float) -> float:
     return 2 * int(gib * 2**30) / best
 
 
-def host_bandwidth(gib: float) -> float:
-    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
-
-
 def decode(model: ErnieForCausalLM, cfg: ModelConfig, device: torch.device, batch: int, prompt: int, tokens: int,
            kv_bytes: int) -> dict:
     """Decode tok/s at ``batch`` concurrent sequences (prefill not timed); median ms of the decode steps."""
@@ -228,7 +219,7 @@ def part(name: str, args: argparse.Namespace) -> dict:
         out["roofline_ms_batch1"] = roof_ms
         out["roofline_fraction_batch1"] = roof_ms / r1["ms_per_step"]
     else:
-        bw = host_bandwidth(0.05 if small else 4.0)
+        bw = dram_bandwidth(0.05 if small else 4.0)
         out["host_bandwidth"] = bw
         for r in out["runs"]:
             expert_bytes = moe_layers * per_layer_experts * expected_distinct(e, k, r["batch"]) / e

@@ -20,7 +20,6 @@ crashes on this VM).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -36,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.bench_quant import llama_quantize  # noqa: E402
 from benchmarks.common import fill_random  # noqa: E402
 from ernie45 import ModelConfig, load_model  # noqa: E402
 from ernie45.model.checkpoint import build_empty  # noqa: E402
@@ -60,16 +60,6 @@ def mid4l_config() -> ModelConfig:
         cfg = ModelConfig.from_name("tiny-moe").replace(hidden_size=256, head_dim=64, intermediate_size=256,
                                                         moe_intermediate_size=256)
     return cfg.replace(num_hidden_layers=4, moe_layer_end_index=3)
-
-
-def llama_quantize(src: str, dst: str, ftype: str) -> None:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    params.nthread = 2
-    if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"llama_model_quantize {ftype} failed")
 
 
 # -------------------------------------------------------------------------------------------- parts

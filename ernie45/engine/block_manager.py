@@ -141,16 +141,20 @@ class BlockManager:
         """Drop ``seq``'s references. Tail blocks are released first so LRU evicts them before the
         shared prefix (which is the part most likely to be hit again)."""
         for bid in reversed(seq.block_table):
-            block = self.blocks[bid]
-            assert block.ref_count > 0, f"double free of block {bid}"
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.hash is not None:
-                    self.evictable[bid] = None
-                else:
-                    self.free_ids.append(bid)
+            self._release(bid)
         seq.block_table = []
         seq.block_hashes = []
+
+    def _release(self, bid: int) -> None:
+        """Drop one reference; an unreferenced block becomes evictable (cached) or free."""
+        block = self.blocks[bid]
+        assert block.ref_count > 0, f"double free of block {bid}"
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            if block.hash is not None:
+                self.evictable[bid] = None
+            else:
+                self.free_ids.append(bid)
 
     def trim(self, seq: Sequence, num_tokens: int) -> None:
         """Release ``seq``'s tail blocks beyond those ``num_tokens`` positions need: the lookahead of a
@@ -159,14 +163,7 @@ class BlockManager:
         keep = self.blocks_for(num_tokens)
         assert keep >= len(seq.block_hashes), "trim() below the committed prefix"
         while len(seq.block_table) > keep:
-            bid = seq.block_table.pop()
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.hash is not None:
-                    self.evictable[bid] = None
-                else:
-                    self.free_ids.append(bid)
+            self._release(seq.block_table.pop())
 
     def fork(self, parent: Sequence, child: Sequence, num_blocks: int) -> None:
         """Let ``child`` share the first ``num_blocks`` blocks of ``parent`` (reference counted)."""

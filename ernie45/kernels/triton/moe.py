@@ -211,14 +211,15 @@ def fused_moe(x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, gate
     pair_ids, block_expert, num_blocks = moe_align(idx_TK, e, block_m)
     max_blocks = block_expert.numel()
     act = torch.empty((pair_ids.numel(), width), dtype=x_TH.dtype, device=x_TH.device)
+    gu_args, dn_args = _weight_args(gate_up), _weight_args(down)
     _gate_up_kernel[(max_blocks, triton.cdiv(width, block_n))](
-        x_TH, *_weight_args(gate_up)[:3], act, pair_ids, block_expert, num_blocks, s, k, h, width, x_TH.stride(0),
-        *_weight_args(gate_up)[3:], BITS=gate_up.bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        x_TH, *gu_args[:3], act, pair_ids, block_expert, num_blocks, s, k, h, width, x_TH.stride(0),
+        *gu_args[3:], BITS=gate_up.bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     out_S = torch.empty((s, h), dtype=x_TH.dtype, device=x_TH.device)
     rw = w_TK.reshape(-1).to(x_TH.dtype).contiguous()
     _down_kernel[(max_blocks, triton.cdiv(h, block_n))](
-        act, *_weight_args(down)[:3], out_S, rw, pair_ids, block_expert, num_blocks, s, width, h,
-        *_weight_args(down)[3:], BITS=down.bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        act, *dn_args[:3], out_S, rw, pair_ids, block_expert, num_blocks, s, width, h,
+        *dn_args[3:], BITS=down.bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out_S.view(t, k, h).float().sum(1).to(x_TH.dtype)
 
 
@@ -231,8 +232,9 @@ def linear(x_TK: torch.Tensor, w: ExpertWeight, block_m: int = 16, block_n: int 
     x_TK = x_TK.contiguous()
     t = x_TK.shape[0]
     out = torch.empty((t, w.n), dtype=x_TK.dtype, device=x_TK.device)
+    args = _weight_args(w)
     _linear_kernel[(triton.cdiv(t, block_m), triton.cdiv(w.n, block_n))](
-        x_TK, *_weight_args(w)[:3], out, t, w.k, w.n, x_TK.stride(0), *_weight_args(w)[3:],
+        x_TK, *args[:3], out, t, w.k, w.n, x_TK.stride(0), *args[3:],
         BITS=w.bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out
 
