@@ -9,6 +9,11 @@ import sys
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if args.backend or args.calibrate:
+        return _info_backend(args)
+    if args.model is None:
+        print("ernie45 info: name a model (checkpoint folder, 'demo' or a preset), or pass --backend", file=sys.stderr)
+        return 2
     from ernie45.resolve import model_config
 
     cfg = model_config(args.model)
@@ -30,6 +35,27 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         for k, v in info.items():
             print(f"{k:>26}: {v:,}" if isinstance(v, int) else f"{k:>26}: {v}")
+    return 0
+
+
+def _info_backend(args: argparse.Namespace) -> int:
+    from ernie45.accel.backend import describe
+
+    info = describe(measure=args.calibrate)
+    if args.json:
+        info.pop("choice_table", None)
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"cpu: {info['cpu']} ({info['threads']} threads), torch {info['torch']}")
+    print("features: " + " ".join(f for f, on in info["features"].items() if on))
+    for name, why in info["backends"].items():
+        print(f"backend {name}: {why}")
+    print(f"native kernels: {info['native_kernels']}")
+    if "choice" in info:
+        c = info["choice"]
+        print(f"kernel choice per family and rows (N native, t torch), {c['source']}"
+              + (f" ({c['file']})" if c["file"] else "") + ":")
+        print("\n".join(info["choice_table"]))
     return 0
 
 
@@ -335,8 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie45", description="ERNIE 4.5 text models in plain PyTorch")
     sub = p.add_subparsers(dest="verb", required=True)
     s = sub.add_parser("info", help="architecture and parameter counts of a preset or checkpoint folder")
-    s.add_argument("model", help="checkpoint folder, 'demo' or preset name (ernie-4.5-21b-a3b, ...)")
+    s.add_argument("model", nargs="?", help="checkpoint folder, 'demo' or preset name (ernie-4.5-21b-a3b, ...)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--backend", action="store_true",
+                   help="the CPU, its features, the backends and the measured choice of kernel per row count")
+    s.add_argument("--calibrate", action="store_true", help="with --backend: measure the kernel choice again")
     s.set_defaults(func=cmd_info)
     add_serve_parser(sub)
     add_generate_parsers(sub)

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# The native-vs-torch table of the CPU backend without timing runs: results must not depend on the machine's load.
+# tests/accel/test_choice.py measures it.
+os.environ.setdefault("ERNIE45_CALIBRATION", "defaults")
 if not torch.cuda.is_available():
     # The Triton kernels run on CPU under Triton's interpreter; triton reads this when a kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -112,3 +112,33 @@ def accelerate(model: nn.Module, backend: str = "auto", **options: object) -> nn
 def backend_of(model: nn.Module) -> Backend:
     """The backend applied to ``model`` (``torch`` when none was)."""
     return BACKENDS[getattr(model, "accel_backend", None) or "torch"]
+
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+             "amx_int8")
+"""The CPU features the backends' choice depends on (AMX reaches torch's matmuls through oneDNN)."""
+
+
+def describe(measure: bool = False) -> dict:
+    """What ``ernie45 info --backend`` prints: the CPU and its features, each backend and why it cannot run, and the
+    CPU backend's per-family table (measured now with ``measure``, else the cached one, measuring once if none)."""
+    from ernie45 import kernels
+    from ernie45.accel.cpu import choice
+
+    model, flags = kernels._cpu_info()
+    out: dict = {
+        "cpu": model or "unknown",
+        "threads": torch.get_num_threads(),
+        "features": {f: f in flags for f in ISA_FLAGS},
+        "torch": torch.__version__,
+        "backends": {name: b.why_unusable() or "usable" for name, b in BACKENDS.items()},
+        "native_kernels": "built" if kernels.available() else f"unavailable: {kernels.why_unavailable()}",
+    }
+    if kernels.available():
+        c = choice.ensure("measure" if measure else None)
+        out["choice"] = {"source": c.source, "file": c.path,
+                         "native_rows": {f: [b for b, n in zip(choice.BUCKETS, c.native[f]) if n]
+                                         for f in choice.FAMILIES},
+                         "timings_us": c.timings}
+        out["choice_table"] = c.table()
+    return out

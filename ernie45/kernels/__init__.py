@@ -432,12 +432,14 @@ def needs_grad(*ts: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, with few-row bf16 inference on CPU run by :func:`bgemm` (same math, fp32 accumulation)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           max_rows: int = BF16_MAX_ROWS) -> torch.Tensor:
+    """``F.linear``, with bf16 inference on CPU of at most ``max_rows`` rows run by :func:`bgemm` (same math, fp32
+    accumulation)."""
     k = weight.shape[-1]
     if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
             and k % 32 == 0 and weight.dim() == 2 and weight.is_contiguous() and x.shape[-1] == k
-            and x.numel() <= BF16_MAX_ROWS * k and x.numel() > 0 and not needs_grad(x, weight)
+            and x.numel() <= max_rows * k and x.numel() > 0 and not needs_grad(x, weight)
             and library() is not None):
         x2 = x.reshape(-1, k).contiguous()
         n = weight.shape[0]
@@ -455,10 +457,10 @@ SMALL_MAX_ROWS = 16
 instead of 8-15 torch ops, which at batch 1 cost more than the matmuls of a small layer's norms and rotations."""
 
 
-def small_ok(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """Whether a decode-size bf16 CPU tensor (at most SMALL_MAX_ROWS rows of its last dim) can take the small native
-    ops below: inference only (no autograd through x or ``params``), kernels available."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and 0 < x.numel() <= SMALL_MAX_ROWS * x.shape[-1]
+def small_ok(x: torch.Tensor, *params: torch.Tensor, max_rows: int = SMALL_MAX_ROWS) -> bool:
+    """Whether a bf16 CPU tensor of at most ``max_rows`` rows of its last dim can take the small native ops below:
+    inference only (no autograd through x or ``params``), kernels available."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and 0 < x.numel() <= max_rows * x.shape[-1]
             and not needs_grad(x, *params) and _enabled and library() is not None)
 
 

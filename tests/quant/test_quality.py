@@ -15,9 +15,10 @@ import os
 import pytest
 import torch
 
-from ernie45 import ErnieForCausalLM, ModelConfig, init_weights, kernels
+from ernie45 import ErnieForCausalLM, ModelConfig, init_weights
 from ernie45.accel import accelerate
-from ernie45.quant import QuantConfig, modules, quantize_model, quantized_nbytes
+from ernie45.accel.cpu import choice
+from ernie45.quant import QuantConfig, quantize_model, quantized_nbytes
 from ernie45.quant.quality import compare
 from tests import native
 
@@ -113,12 +114,8 @@ def test_quality_table(trained, artifacts_dir: str) -> None:  # noqa: ANN001
     if native.run():
         for name in ("int8 (per-channel)", "int4 g128"):
             q = accelerate(quantize_model(copy.deepcopy(model), PRESETS[name], progress=False), "cpu")
-            old = modules.KERNEL_MAX_ROWS, kernels.MOE_MAX_TOKENS
-            modules.KERNEL_MAX_ROWS = kernels.MOE_MAX_TOKENS = 10**9
-            try:
+            with choice.using(choice.everywhere(True)):
                 r = compare(model, q, held)
-            finally:
-                modules.KERNEL_MAX_ROWS, kernels.MOE_MAX_TOKENS = old
             rows[f"{name}, decode kernels (int8 activations)"] = {**r, "bpw": rows[name]["bpw"], "mib": 0.0}
     lines = [f"unquantized held-out perplexity {base['ppl']:.4f} (byte-level)", "",
              "| scheme | expert bits/weight (fp32 scales) | held-out ppl | mean KL (nats) |", "|---|---|---|---|"]

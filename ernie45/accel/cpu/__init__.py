@@ -7,7 +7,8 @@
 
 Usable when the kernel library builds and loads on this machine (``kernels.available()``); then every module of a
 class below is swapped, and each native forward still falls back to the reference where a call does not fit its
-kernel (prefill sizes, other dtypes, autograd), with the same result up to the summation order.
+kernel (other dtypes, autograd) or where torch is faster for its row count (``choice``: measured per CPU, cached),
+with the same result up to the summation order.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from ernie45 import kernels
 from ernie45.accel import swap
 from ernie45.accel.attention import PagedAttention
+from ernie45.accel.cpu import choice
 from ernie45.accel.cpu.attention import CPUPagedAttention
 from ernie45.accel.cpu.attention import usable as attention_usable
 from ernie45.accel.cpu.decode_layer import NativeDecoderLayer
@@ -45,6 +47,7 @@ def apply(model: torch.nn.Module, decode_layers: bool = True) -> int:
     """Swap ``model``'s modules for native ones in place; returns how many. ``decode_layers=False`` leaves the
     decoder layers on their module path (each piece native, no whole-layer call: for comparisons)."""
     table = NATIVE if decode_layers else {k: v for k, v in NATIVE.items() if v is not NativeDecoderLayer}
+    choice.ensure()  # which row counts each kernel family runs natively on this CPU (measured once per machine)
     return swap.swap(model, table)
 
 

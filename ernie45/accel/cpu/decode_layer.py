@@ -6,7 +6,8 @@ The C function runs the same kernels in the module code's order and roundings wi
 
 A layer runs natively when every piece has a native form: quantized span-layout linears without biases (q/k/v of
 one scheme, the MLP's or shared experts' gate/up of one scheme), quantized routed experts, bf16 norms, the decode
-attention's head shapes; and when the step is one the CPU attention backend prepared for it (``cache`` is its step
+attention's head shapes; when ``ernie45.accel.cpu.choice`` has the native kernels at the step's row count; and
+when the step is one the CPU attention backend prepared for it (``cache`` is its step
 context with decode rows only: one row per query token, ``ernie45.accel.cpu.attention``). Anything else (a bf16
 or fp32 model, biases, autograd, prefill, router records) takes the module path, which gives the same result.
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ernie45 import kernels
+from ernie45.accel.cpu import choice
 from ernie45.accel.cpu.modules import NativeAttention, NativeRMSNorm, NativeRouter, NativeSwiGLU
 from ernie45.accel.cpu.quant import NativeQuantExperts, NativeQuantLinear, experts_span_args, span_args
 from ernie45.model.attention import Attention
@@ -142,7 +144,9 @@ class NativeDecoderLayer(DecoderLayer):
         if (step is not None and router_records is None and h.shape[0] == 1 and not torch.is_grad_enabled()
                 and kernels.small_ok(h)):
             plan = self.native_plan()
-            if plan is not None:
+            t = h.shape[1]
+            if (plan is not None and choice.native("small", t) and choice.native(choice.qfamily(plan.qkv.bits), t)
+                    and (not plan.E or choice.native("qexperts", t))):
                 kernels.decode_layer(plan, h[0], cos[0], sin[0], step, self.self_attn.layer_idx)  # h in place
                 return h
         return DecoderLayer.forward(self, h, cos, sin, mask, cache, router_records)

@@ -2,7 +2,8 @@
 
 Each is a subclass of the reference module whose forward runs ``ernie45.kernels`` where the call fits the kernel
 (decode sizes: a few rows, bf16 on CPU, inference) and the reference forward otherwise, with the same roundings:
-the kernels reproduce the module code's bf16 casts, only sums run in another order. Checks that cannot change
+the kernels reproduce the module code's bf16 casts, only sums run in another order. Which row counts go native is
+the measured table of ``ernie45.accel.cpu.choice`` (per family and bucket of rows). Checks that cannot change
 between calls (the kernel library, the layout) were made when the module was swapped (``ernie45.accel.cpu``); the
 per-call checks are the input's (rows, dtype, device, autograd) and the weight's dtype (a later ``.float()``).
 """
@@ -13,9 +14,23 @@ import torch
 import torch.nn.functional as F
 
 from ernie45 import kernels
+from ernie45.accel.cpu import choice
 from ernie45.model.attention import Attention, AttentionCache
 from ernie45.model.layers import Linear, RMSNorm, SwiGLU, apply_rope
 from ernie45.model.moe import Experts, Router
+
+
+def rows_of(x: torch.Tensor) -> int:
+    """Rows of x's last dimension (tokens)."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; ``kernels.bgemm`` where the table says it wins for x's rows (and the call fits it)."""
+    rows = rows_of(x)
+    if choice.native("blinear", rows):
+        return kernels.linear(x, weight, bias, max_rows=rows)
+    return F.linear(x, weight, bias)
 
 
 class NativeRMSNorm(RMSNorm):
@@ -25,7 +40,9 @@ class NativeRMSNorm(RMSNorm):
     accelerates = ("forward",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and kernels.small_ok(x, self.weight):
+        rows = rows_of(x)
+        if (self.weight.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and choice.native("small", rows)
+                and kernels.small_ok(x, self.weight, max_rows=rows)):
             return kernels.rms_norm(x, self.weight, self.eps)
         return RMSNorm.forward(self, x)
 
@@ -38,10 +55,10 @@ class NativeLinear(Linear):
     accelerates = ("forward", "local_linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+        return native_linear(x, self.weight, self.bias)
 
     def local_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return kernels.linear(x, weight, bias)
+        return native_linear(x, weight, bias)
 
 
 class NativeSwiGLU(SwiGLU):
@@ -72,7 +89,8 @@ class NativeAttention(Attention):
         q = q.view(b, t, -1, self.head_dim)  # [B, T, N, D]
         k = k.view(b, t, -1, self.head_dim)  # [B, T, K, D]
         v = v.view(b, t, -1, self.head_dim)
-        if b == 1 and cos.dtype == torch.float32 and kernels.small_ok(x_BTH, q, k):
+        if b == 1 and cos.dtype == torch.float32 and choice.native("small", t) and kernels.small_ok(x_BTH, q, k,
+                                                                                                  max_rows=t):
             kernels.rope_(q[0], cos[0], sin[0])
             kernels.rope_(k[0], cos[0], sin[0])
         else:
@@ -87,7 +105,9 @@ class NativeRouter(Router):
     accelerates = ("forward",)
 
     def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if x_TH.shape[-1] % 16 == 0 and kernels.small_ok(x_TH, self.weight):
+        rows = x_TH.shape[0]
+        if (x_TH.shape[-1] % 16 == 0 and choice.native("small", rows)
+                and kernels.small_ok(x_TH, self.weight, max_rows=rows)):
             return kernels.router(x_TH, self.weight, self.e_score_correction_bias, self.top_k, self.norm_min)
         return Router.forward(self, x_TH)
 
@@ -102,12 +122,12 @@ class NativeExperts(Experts):
 
     def forward(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         gu, dn = self.gate_up_proj, self.down_proj
-        if (x_TH.device.type == "cpu" and 0 < x_TH.shape[0] <= kernels.MOE_MAX_TOKENS
+        if (x_TH.device.type == "cpu" and choice.native("bexperts", x_TH.shape[0])
                 and x_TH.dtype == gu.dtype == dn.dtype == torch.bfloat16 and gu.shape[-1] % 32 == 0
                 and dn.shape[-1] % 32 == 0 and not kernels.needs_grad(x_TH, gu, dn) and kernels.available()):
             return kernels.bmoe(x_TH, idx_TK, w_TK, gu, dn)
         return Experts.forward(self, x_TH, idx_TK, w_TK)
 
     def expert_forward(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
-        gate, up = kernels.linear(x_TH, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return kernels.linear(F.silu(gate) * up, self.down_proj[e])
+        gate, up = native_linear(x_TH, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return native_linear(F.silu(gate) * up, self.down_proj[e])

@@ -1,6 +1,7 @@
 """Native-backed quantized modules (``ernie45.quant``) for the CPU backend: span-layout weights run ``kernels.qgemm``
 (one weight), ``kernels.fused_linears`` (several reading one input) and ``kernels.qmoe`` (a MoE layer's selected
-experts) at decode sizes. The other layouts and larger inputs take the quantized modules' own forward.
+experts) at the row counts where ``ernie45.accel.cpu.choice`` measured them faster than dequantize + GEMM. The
+other layouts and the other row counts take the quantized modules' own forward.
 
 A weight's kernel arguments (addresses, strides, whether its zeros can be skipped) are computed once and kept until
 its ``version`` or its codes' address changes (requantized in place, ``.to()``, a deepcopy).
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ernie45 import kernels
-from ernie45.quant import modules as qmod
+from ernie45.accel.cpu import choice
 from ernie45.quant.modules import QuantExperts, QuantLinear, QWeight
 
 
@@ -66,7 +67,7 @@ def _native_matmul(self: QWeight, x_TK: torch.Tensor, i: int | None = None) -> t
     """``QWeight.matmul`` with decode-size inputs of a span weight through ``kernels.qgemm`` (its pointers computed
     once: a call costs a few microseconds of Python instead of ~20)."""
     rows = x_TK.numel() // self.k
-    if (self.layout == "span" and 0 < rows <= qmod.KERNEL_MAX_ROWS and x_TK.device.type == "cpu"
+    if (self.layout == "span" and choice.native(choice.qfamily(self.bits), rows) and x_TK.device.type == "cpu"
             and kernels.available()):
         x2 = x_TK.reshape(-1, self.k)
         xk = x2 if x2.dtype in (torch.bfloat16, torch.float32) else x2.float()
@@ -81,7 +82,7 @@ def _native_matmul(self: QWeight, x_TK: torch.Tensor, i: int | None = None) -> t
 def _fused_args(self: QWeight, x: torch.Tensor) -> tuple | None:
     """For ``kernels.fused_linears`` (which checks x's device, dtype and grad): :func:`span_args` when this weight
     takes x's decode-size rows, else None."""
-    if x.shape[-1] != self.k or not 0 < x.numel() <= qmod.KERNEL_MAX_ROWS * self.k:
+    if x.shape[-1] != self.k or not choice.native(choice.qfamily(self.bits), x.numel() // self.k):
         return None
     return span_args(self)
 
@@ -114,7 +115,7 @@ class NativeQuantExperts(QuantExperts):
     def forward(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         gu, dn = self.gate_up_proj, self.down_proj
         if (gu.layout == "span" and dn.layout == "span" and gu.bits == dn.bits
-                and 0 < x_TH.shape[0] <= kernels.MOE_MAX_TOKENS
+                and choice.native("qexperts", x_TH.shape[0])
                 and x_TH.device.type == "cpu" and x_TH.dtype in (torch.bfloat16, torch.float32)
                 and gu.dtype == dn.dtype and kernels.available() and not kernels.needs_grad(x_TH)):
             return kernels.qmoe(x_TH, idx_TK, w_TK.to(x_TH.dtype), gu.bits, kernel_args(gu), kernel_args(dn))
