@@ -6,16 +6,27 @@ for that case (oneDNN bf16 GEMV, the aten int8/int4 weight-only ops) reach half 
 
 - :func:`qgemm`: weight-only quantized matmul for 8/6/4/2-bit codes in the *span* layout (:func:`to_span`),
   activations quantized per 128 columns (64 for groups of 64: :func:`xblock`) to int8 and multiplied with
-  AVX-512 VNNI;
-- :func:`bgemm`: bf16 x bf16 with AVX-512 BF16 dot products and fp32 accumulation;
+  VNNI dot products (AVX-512; emulated exactly on AVX2);
+- :func:`bgemm`: bf16 x bf16 with BF16 dot products (likewise) and fp32 accumulation;
 - :func:`qmoe` / :func:`bmoe`: a MoE layer's selected experts for a decode batch in one call;
 - :func:`decode_attention`: one query per sequence over the paged KV cache, read in place.
 
-The C file is compiled on first use (a few seconds, once) with the system compiler (``$CC`` or ``gcc``, ``-O3
--march=native -fopenmp``) into ``$ERNIE45_CACHE`` (default ``~/.cache/ernie45``), keyed by the source, the
-compiler and the CPU, and loaded with ctypes; its OpenMP threads are the ones torch already runs (one libgomp
-in the process). Without a compiler or without AVX-512 BF16/VNNI, :func:`available` is False and callers use
-torch's own ops: the same results up to rounding, only slower. ``ERNIE45_KERNELS=0`` turns the kernels off;
+The C file is compiled on first use (a few seconds, once) with the system compiler (``$CC`` or ``gcc``) into
+``$ERNIE45_CACHE`` (default ``~/.cache/ernie45``), keyed by the source, the compiler, the CPU and the build, and
+loaded with ctypes; its OpenMP threads are the ones torch already runs (one libgomp in the process). One source,
+two builds (:data:`ISAS`), through the vector layer ``cpu/simd.h``:
+
+- ``avx512`` (``-O3 -march=native``): needs AVX-512 F/BW/VL with VNNI and BF16 (Zen 4, Sapphire Rapids and later);
+  simd.h's names are the intrinsics themselves, so the code is the one written for them (checked: ``objdump -d``
+  of this build and of the source before simd.h are the same instructions);
+- ``avx2`` (``-O3 -mavx2 -mfma -mf16c -DERNIE45_AVX2``): needs AVX2, FMA and F16C (x86-64-v3); each 16-lane
+  operation is emulated exactly on two 256-bit halves (the same bits lane by lane; see simd.h), so both builds
+  meet the same fp64 references and agree with each other (tests/kernels/test_isa.py).
+
+:func:`active_isa` is the first of :data:`ISAS` that works here, ``$ERNIE45_ISA`` forces one, :func:`set_isa` /
+:func:`use_isa` choose one for the process / a block; :func:`library` gives either build's library. With neither
+build (no compiler, an older CPU) :func:`available` is False and callers use torch's own ops: the same results up
+to rounding, only slower. ``ERNIE45_KERNELS=0`` turns the kernels off;
 :func:`use_kernels` does it for a block of code (tests compare both paths with it).
 """
 

@@ -1,7 +1,9 @@
 // ernie45 CPU decode kernels: few-row matmuls that stream the weight once, at memory speed.
 //
-// Built on first use by ernie45/kernels/__init__.py (gcc -O3 -march=native -fopenmp); needs AVX-512 with
-// BF16 and VNNI (Zen 4, Sapphire Rapids and later). Threads come from the OpenMP runtime torch has already
+// Built on first use by ernie45/kernels/__init__.py, twice from this one source (cpu/simd.h names every vector
+// operation): the AVX-512 build (gcc -O3 -march=native -fopenmp) needs AVX-512 F/BW/VL with BF16 and VNNI (Zen 4,
+// Sapphire Rapids and later); the AVX2 build (-O3 -mavx2 -mfma -mf16c -DERNIE45_AVX2) needs AVX2, FMA and F16C
+// (x86-64-v3) and emulates each 16-lane operation exactly on two 256-bit halves. Threads come from the OpenMP runtime torch has already
 // loaded (libgomp.so.1), so these kernels and torch share one pool.
 //
 // qgemm: y[M, N] = x[M, K] @ W^T for a weight-only quantized W (8, 4 or 2 bits). The activations are
