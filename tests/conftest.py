@@ -31,12 +31,38 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [native.report_line()]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test marked ``native`` runs once per kernel build (AVX-512, AVX2): see the ``native_isa`` fixture.
+    ``pytest.mark.native(once=True)``: once, on the default build (tests of the build machinery itself)."""
+    marker = metafunc.definition.get_closest_marker("native")
+    if "native_isa" in metafunc.fixturenames and marker is not None and not marker.kwargs.get("once"):
+        from ernie45 import kernels
+
+        metafunc.parametrize("native_isa", kernels.ISAS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def native_isa(request: pytest.FixtureRequest):  # noqa: ANN201 - a generator fixture
+    """The kernel build a native test runs on, active (``kernels.use_isa``) for the test; None for other tests.
+    Tests with ``pytest.mark.native(isa)`` on one parameter get that build."""
+    from tests import native
+
+    isa = getattr(request, "param", None) or native.item_isa(request.node)
+    if isa is None or native.state(isa)[0] != "built":
+        yield isa  # a build this machine lacks: skipped in setup, or failed with the reason in pytest_runtest_call
+        return
+    from ernie45 import kernels
+
+    with kernels.use_isa(isa):
+        yield isa
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Tests marked ``native`` need the C kernels: skipped before their fixtures where this machine cannot run them."""
     if item.get_closest_marker("native") is not None:
         from tests import native
 
-        native.skip_unless_possible()
+        native.skip_unless_possible(native.item_isa(item))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -45,7 +71,7 @@ def pytest_runtest_call(item: pytest.Item) -> None:
     if item.get_closest_marker("native") is not None:
         from tests import native
 
-        native.require()
+        native.require(native.item_isa(item))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest's TerminalReporter

@@ -6,16 +6,27 @@ for that case (oneDNN bf16 GEMV, the aten int8/int4 weight-only ops) reach half 
 
 - :func:`qgemm`: weight-only quantized matmul for 8/6/4/2-bit codes in the *span* layout (:func:`to_span`),
   activations quantized per 128 columns (64 for groups of 64: :func:`xblock`) to int8 and multiplied with
-  AVX-512 VNNI;
-- :func:`bgemm`: bf16 x bf16 with AVX-512 BF16 dot products and fp32 accumulation;
+  VNNI dot products (AVX-512; emulated exactly on AVX2);
+- :func:`bgemm`: bf16 x bf16 with BF16 dot products (likewise) and fp32 accumulation;
 - :func:`qmoe` / :func:`bmoe`: a MoE layer's selected experts for a decode batch in one call;
 - :func:`decode_attention`: one query per sequence over the paged KV cache, read in place.
 
-The C file is compiled on first use (a few seconds, once) with the system compiler (``$CC`` or ``gcc``, ``-O3
--march=native -fopenmp``) into ``$ERNIE45_CACHE`` (default ``~/.cache/ernie45``), keyed by the source, the
-compiler and the CPU, and loaded with ctypes; its OpenMP threads are the ones torch already runs (one libgomp
-in the process). Without a compiler or without AVX-512 BF16/VNNI, :func:`available` is False and callers use
-torch's own ops: the same results up to rounding, only slower. ``ERNIE45_KERNELS=0`` turns the kernels off;
+The C file is compiled on first use (a few seconds, once) with the system compiler (``$CC`` or ``gcc``) into
+``$ERNIE45_CACHE`` (default ``~/.cache/ernie45``), keyed by the source, the compiler, the CPU and the build, and
+loaded with ctypes; its OpenMP threads are the ones torch already runs (one libgomp in the process). One source,
+two builds (:data:`ISAS`), through the vector layer ``cpu/simd.h``:
+
+- ``avx512`` (``-O3 -march=native``): needs AVX-512 F/BW/VL with VNNI and BF16 (Zen 4, Sapphire Rapids and later);
+  simd.h's names are the intrinsics themselves, so the code is the one written for them (checked: ``objdump -d``
+  of this build and of the source before simd.h are the same instructions);
+- ``avx2`` (``-O3 -mavx2 -mfma -mf16c -DERNIE45_AVX2``): needs AVX2, FMA and F16C (x86-64-v3); each 16-lane
+  operation is emulated exactly on two 256-bit halves (the same bits lane by lane; see simd.h), so both builds
+  meet the same fp64 references and agree with each other (tests/kernels/test_isa.py).
+
+:func:`active_isa` is the first of :data:`ISAS` that works here, ``$ERNIE45_ISA`` forces one, :func:`set_isa` /
+:func:`use_isa` choose one for the process / a block; :func:`library` gives either build's library. With neither
+build (no compiler, an older CPU) :func:`available` is False and callers use torch's own ops: the same results up
+to rounding, only slower. ``ERNIE45_KERNELS=0`` turns the kernels off;
 :func:`use_kernels` does it for a block of code (tests compare both paths with it).
 """
 
@@ -40,16 +51,30 @@ import torch.nn.functional as F
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 PARTS = sorted(Path(__file__).with_name("cpu").glob("*.c"))
 """The kernels by concern (matmul, MoE, bf16, attention, small ops, the fused layer), included by ``SOURCE``."""
+SIMD = Path(__file__).with_name("cpu") / "simd.h"
+"""The vector operations the kernels use, by our names: AVX-512 intrinsics, or their exact AVX2 emulations."""
 HEADER = Path(__file__).with_name("ernie45_kernels.h")
 """Every exported C function and struct; the ctypes declarations below mirror it (structs checked at load)."""
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
-"""/proc/cpuinfo flags the kernels are written for."""
+ISAS = ("avx512", "avx2")
+"""The builds of the one kernel source, in order of preference (the default is the first that works here)."""
+ISA_FLAGS = {"avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"),
+             "avx2": ("avx2", "fma", "f16c")}
+"""/proc/cpuinfo flags each build needs."""
+ISA_CFLAGS = {"avx512": ("-march=native",), "avx2": ("-mavx2", "-mfma", "-mf16c", "-DERNIE45_AVX2")}
+"""The compiler flags that make each build (the AVX2 one: x86-64-v3's vector set, nothing newer)."""
+CPU_FLAGS = ISA_FLAGS["avx512"]
+"""/proc/cpuinfo flags the kernels are written for (the AVX-512 build; :data:`ISA_FLAGS` has both)."""
 BF16_MAX_ROWS = 16
 """Rows up to which :func:`bgemm` beats oneDNN's bf16 GEMM here (benchmarks/bench_kernels.py measures it)."""
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
+_lock = threading.RLock()
+_libs: dict[str, ctypes.CDLL] = {}  # built and loaded, by ISA
+_why: dict[str, str] = {}  # why a build failed, by ISA (tried once per process)
+_chosen: str | None = None  # set_isa's choice (None: the default)
+_active: str | None = None  # the ISA whose library the functions call, once resolved
+_resolved = False
+_warned = False
+_lib: ctypes.CDLL | None = None  # the active ISA's library: what the module functions call
 _enabled = os.environ.get("ERNIE45_KERNELS", "1") != "0"
 _why_not = ""
 
@@ -81,30 +106,30 @@ def _cache_dir() -> Path:
         return path
 
 
-def _build() -> ctypes.CDLL:
-    """Compile (once per source/compiler/CPU) and load the library. Raises RuntimeError saying why not."""
+def _build(isa: str) -> ctypes.CDLL:
+    """Compile (once per source/compiler/CPU/ISA) and load one build. Raises RuntimeError saying why not."""
     model, flags = _cpu_info()
-    missing = [f for f in CPU_FLAGS if f not in flags]
+    missing = [f for f in ISA_FLAGS[isa] if f not in flags]
     if missing:
         raise RuntimeError(f"this CPU lacks {', '.join(missing)}")
     cc = os.environ.get("CC") or "gcc"
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} not found; install gcc or set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    args = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11", "-lm"]
-    sources = [SOURCE.read_text(), *(p.read_text() for p in PARTS)]
+    args = ["-O3", *ISA_CFLAGS[isa], "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11", "-lm"]
+    sources = [SOURCE.read_text(), SIMD.read_text(), *(p.read_text() for p in PARTS)]
     key = hashlib.sha256("\n".join([*sources, HEADER.read_text(), *version, model, " ".join(sorted(flags)),
                                     *args]).encode())
-    so = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    so = _cache_dir() / f"cpu_kernels-{isa}-{key.hexdigest()[:16]}.so"
     if not so.exists():
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
         os.close(fd)
         try:
-            print(f"ernie45: compiling the native CPU kernels into {so.parent} (once per machine, a few seconds)",
-                  file=sys.stderr, flush=True)
+            print(f"ernie45: compiling the native CPU kernels ({isa}) into {so.parent} (once per machine, a few "
+                  f"seconds)", file=sys.stderr, flush=True)
             res = subprocess.run([cc, *args, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
             if res.returncode:
-                raise RuntimeError(f"{cc} failed on {SOURCE.name}: {res.stderr.strip()[-800:]}")
+                raise RuntimeError(f"{cc} failed on {SOURCE.name} ({isa}): {res.stderr.strip()[-800:]}")
             os.replace(tmp, so)  # atomic: concurrent processes each build, the last rename wins, both valid
         finally:
             if os.path.exists(tmp):
@@ -147,22 +172,101 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it on first call; None when unavailable or turned off."""
-    global _lib, _tried, _why_not
+def _check_isa(isa: str) -> None:
+    if isa not in ISAS:
+        raise ValueError(f"unknown kernel ISA {isa!r}: choose one of {', '.join(ISAS)}")
+
+
+def _load(isa: str) -> ctypes.CDLL | None:
+    """One build's library, building it on first call; None (the reason in ``_why``) when it cannot run here."""
+    if isa not in _libs and isa not in _why:
+        with _lock:
+            if isa not in _libs and isa not in _why:
+                try:
+                    _libs[isa] = _build(isa)
+                except (RuntimeError, OSError) as e:
+                    _why[isa] = str(e)
+    return _libs.get(isa)
+
+
+def isa_why_not(isa: str) -> str:
+    """Empty when the ``isa`` build compiles and loads here; else why not (CPU flags, compiler output)."""
+    _check_isa(isa)
+    _load(isa)
+    return _why.get(isa, "")
+
+
+def _resolve() -> None:
+    """Settle the active ISA: set_isa's choice, else ``$ERNIE45_ISA``, else the first of ISAS that works here."""
+    global _active, _lib, _resolved, _why_not, _warned
+    with _lock:
+        if _resolved:
+            return
+        env = os.environ.get("ERNIE45_ISA", "").strip().lower()
+        want = _chosen or env or None
+        if want is not None and want not in ISAS:
+            _active, _why_not = None, f"ERNIE45_ISA={env!r} is not one of {', '.join(ISAS)}"
+        elif want is not None:
+            _active = want
+            _why_not = "" if _load(want) else f"the {want} build (chosen{' by ERNIE45_ISA' if not _chosen else ''}): " \
+                                               f"{_why[want]}"
+        else:
+            _active = next((isa for isa in ISAS if _load(isa) is not None), None)
+            _why_not = "" if _active else "; ".join(f"{isa}: {_why[isa]}" for isa in ISAS)
+        _lib = _libs.get(_active) if _active else None
+        _resolved = True
+        if _lib is None and not _warned:
+            _warned = True
+            warnings.warn(f"ernie45 native CPU kernels unavailable ({_why_not}); using torch's ops (slower decode)",
+                          stacklevel=4)
+
+
+def library(isa: str | None = None) -> ctypes.CDLL | None:
+    """The loaded kernel library of ``isa`` (None: the active ISA's), building it on first call; None when it
+    cannot run here or the kernels are turned off."""
     if not _enabled:
         return None
-    if not _tried:
-        with _lock:
-            if not _tried:
-                try:
-                    _lib = _build()
-                except (RuntimeError, OSError) as e:
-                    _why_not = str(e)
-                    warnings.warn(f"ernie45 native CPU kernels unavailable ({e}); using torch's ops (slower decode)",
-                                  stacklevel=3)
-                _tried = True
+    if isa is not None:
+        _check_isa(isa)
+        return _load(isa)
+    if not _resolved:
+        _resolve()
     return _lib
+
+
+def active_isa() -> str | None:
+    """The ISA whose build the functions of this module call (its library may still be unavailable: see
+    :func:`why_unavailable`); None when no build runs here."""
+    _resolve()
+    return _active
+
+
+def set_isa(isa: str | None) -> None:
+    """Choose the build every function here calls, process-wide (None: back to the default, ``$ERNIE45_ISA`` or
+    the first of :data:`ISAS` that works). Raises ValueError for an unknown name, RuntimeError for a build that
+    cannot run here (with the reason)."""
+    global _chosen, _resolved
+    if isa is not None:
+        why = isa_why_not(isa)
+        if why:
+            raise RuntimeError(f"the {isa} kernels cannot run here: {why}")
+    with _lock:
+        _chosen, _resolved = isa, False
+        _resolve()
+
+
+@contextlib.contextmanager
+def use_isa(isa: str | None) -> Iterator[None]:
+    """:func:`set_isa` inside a block (tests and the per-CPU calibration run any function on either build)."""
+    global _chosen, _resolved
+    old = _chosen
+    set_isa(isa)
+    try:
+        yield
+    finally:
+        with _lock:
+            _chosen, _resolved = old, False
+            _resolve()
 
 
 def _need() -> ctypes.CDLL:
@@ -178,7 +282,7 @@ def available() -> bool:
 
 
 def why_unavailable() -> str:
-    """Empty when the kernels run; else the reason (turned off, CPU, compiler output)."""
+    """Empty when the active ISA's kernels run; else the reason (turned off, CPU, compiler output)."""
     if not _enabled:
         return "turned off (ERNIE45_KERNELS=0 or use_kernels(False))"
     library()

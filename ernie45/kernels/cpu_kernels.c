@@ -1,7 +1,9 @@
 // ernie45 CPU decode kernels: few-row matmuls that stream the weight once, at memory speed.
 //
-// Built on first use by ernie45/kernels/__init__.py (gcc -O3 -march=native -fopenmp); needs AVX-512 with
-// BF16 and VNNI (Zen 4, Sapphire Rapids and later). Threads come from the OpenMP runtime torch has already
+// Built on first use by ernie45/kernels/__init__.py, twice from this one source (cpu/simd.h names every vector
+// operation): the AVX-512 build (gcc -O3 -march=native -fopenmp) needs AVX-512 F/BW/VL with BF16 and VNNI (Zen 4,
+// Sapphire Rapids and later); the AVX2 build (-O3 -mavx2 -mfma -mf16c -DERNIE45_AVX2) needs AVX2, FMA and F16C
+// (x86-64-v3) and emulates each 16-lane operation exactly on two 256-bit halves. Threads come from the OpenMP runtime torch has already
 // loaded (libgomp.so.1), so these kernels and torch share one pool.
 //
 // qgemm: y[M, N] = x[M, K] @ W^T for a weight-only quantized W (8, 4 or 2 bits). The activations are
@@ -22,6 +24,7 @@
 // Shape letters: M rows of x (tokens), N output features (weight rows), K input features, B = K / 64 blocks.
 
 #include <immintrin.h>
+#include "cpu/simd.h"  // our names for the vector operations: one source, an AVX-512 and an AVX2 build
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -47,12 +50,12 @@ static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kep
     return (uint16_t)(u >> 16);
 }
 
-static inline __m512 load16_f32(const void* x, int bf16, int64_t i) {
+static inline v16f load16_f32(const void* x, int bf16, int64_t i) {
     if (bf16) {
-        __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)x + i));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        v16h h = v16h_loadu((const void*)((const uint16_t*)x + i));
+        return v16_castsi_ps(v16_slli_epi32(v16_cvtepu16_epi32(h), 16));
     }
-    return _mm512_loadu_ps((const float*)x + i);
+    return v16_loadu_ps((const float*)x + i);
 }
 
 static inline void store_out(void* out, int out_bf16, int64_t i, float v) {
@@ -68,34 +71,34 @@ static void quantize_rows(const void* x, int x_bf16, int64_t M, int64_t K, int64
     for (int64_t m = 0; m < M; m++) {
         for (int64_t b = 0; b < nx; b++) {
             int64_t off = m * K + b * XB;
-            __m512 v[8];
-            __m512 amax = _mm512_setzero_ps();
+            v16f v[8];
+            v16f amax = v16_setzero_ps();
             for (int i = 0; i < V; i++) {
                 v[i] = load16_f32(x, x_bf16, off + 16 * i);
-                amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+                amax = v16_max_ps(amax, v16_abs_ps(v[i]));
             }
-            float a = _mm512_reduce_max_ps(amax);
+            float a = v16_reduce_max_ps(amax);
             float s = a / 127.0f;
             float inv = a > 0.0f ? 127.0f / a : 0.0f;
-            __m512i sum = _mm512_setzero_si512();
+            v16i sum = v16_setzero_si();
             for (int i = 0; i < V; i++) {
-                __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(inv)));  // round to nearest even
-                q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
-                sum = _mm512_add_epi32(sum, q);
-                _mm_storeu_si128((__m128i*)(xq + off + 16 * i), _mm512_cvtepi32_epi8(q));
+                v16i q = v16_cvtps_epi32(v16_mul_ps(v[i], v16_set1_ps(inv)));  // round to nearest even
+                q = v16_max_epi32(v16_min_epi32(q, v16_set1_epi32(127)), v16_set1_epi32(-127));
+                sum = v16_add_epi32(sum, q);
+                v16_storeu_epi8((xq + off + 16 * i), q);
             }
             sx[m * nx + b] = s;
-            sq[m * nx + b] = _mm512_reduce_add_epi32(sum);
+            sq[m * nx + b] = v16_reduce_add_epi32(sum);
         }
     }
 }
 
-static inline __m512 load16_masked(const void* p, int bf16, int64_t i, __mmask16 k) {  // masked lanes read 0
+static inline v16f load16_masked(const void* p, int bf16, int64_t i, vmask16 k) {  // masked lanes read 0
     if (bf16) {
-        __m256i h = _mm256_maskz_loadu_epi16(k, (const void*)((const uint16_t*)p + i));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        v16h h = v16h_maskz_loadu(k, (const void*)((const uint16_t*)p + i));
+        return v16_castsi_ps(v16_slli_epi32(v16_cvtepu16_epi32(h), 16));
     }
-    return _mm512_maskz_loadu_ps(k, (const float*)p + i);
+    return v16_maskz_loadu_ps(k, (const float*)p + i);
 }
 
 // The kernels by concern, in dependency order (one translation unit, so static helpers stay shared):

@@ -17,11 +17,14 @@ from tests.reference import act_quant_ref
 pytestmark = pytest.mark.native  # run, fail when this machine could build them and did not, skip otherwise
 
 
+@pytest.mark.native(once=True)
 def test_kernels_build_wherever_the_cpu_and_a_compiler_allow() -> None:
-    """CI's machine has AVX-512 BF16/VNNI and gcc: a silent fallback to torch's slower ops would fail here."""
+    """CI's machine has AVX-512 BF16/VNNI, AVX2 and gcc: a silent fallback to torch's slower ops would fail here."""
     _, flags = kernels._cpu_info()
-    if all(f in flags for f in kernels.CPU_FLAGS) and shutil.which(os.environ.get("CC") or "gcc"):
-        assert kernels.available(), kernels.why_unavailable()
+    for isa in kernels.ISAS:
+        if all(f in flags for f in kernels.ISA_FLAGS[isa]) and shutil.which(os.environ.get("CC") or "gcc"):
+            assert kernels.isa_why_not(isa) == "", (isa, kernels.isa_why_not(isa))
+    assert kernels.available() == any(not kernels.isa_why_not(isa) for isa in kernels.ISAS)
 
 
 def test_one_openmp_runtime_shared_with_torch() -> None:
@@ -33,6 +36,7 @@ def test_one_openmp_runtime_shared_with_torch() -> None:
     assert len(gomp) == 1 and "torch" in next(iter(gomp)), gomp
 
 
+@pytest.mark.native(once=True)  # Python only
 @pytest.mark.parametrize("bits", [8, 6, 4, 2])
 def test_span_layout_round_trips(bits: int) -> None:
     codes = torch.randint(0, 2**bits, (3, 5, 512), dtype=torch.uint8)
@@ -158,6 +162,7 @@ def test_linear_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert wp.grad is not None and len(calls) == 1
 
 
+@pytest.mark.native(once=True)  # the build machinery: both builds fail the same way
 def test_missing_compiler_falls_back_with_a_reason(tmp_path) -> None:
     code = ("import warnings, torch\nfrom ernie45 import kernels\n"
             "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
@@ -165,7 +170,8 @@ def test_missing_compiler_falls_back_with_a_reason(tmp_path) -> None:
     env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), ERNIE45_CACHE=str(tmp_path / "cache"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     ok, why, warned = (s.strip() for s in out.split("|"))
-    assert ok == "False" and "no-such-cc" in why and warned == "1"
+    assert ok == "False" and warned == "1"
+    assert all(f"{isa}: no C compiler ('{tmp_path / 'no-such-cc'}' not found" in why for isa in kernels.ISAS), why
     env = dict(os.environ, ERNIE45_KERNELS="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("False") and "turned off" in out

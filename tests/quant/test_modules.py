@@ -32,7 +32,8 @@ SCHEMES = {  # scheme, layout without the native kernels (with them: "span" wher
 }
 
 
-NATIVE_OR_NOT = [pytest.param(True, marks=pytest.mark.native), False]
+NATIVE_OR_NOT = [*(pytest.param(isa, marks=pytest.mark.native(isa), id=f"native-{isa}") for isa in kernels.ISAS),
+                 pytest.param(False, id="torch")]  # each kernel build (the native_isa fixture makes it active), torch
 
 
 def native(module: nn.Module) -> nn.Module:
@@ -45,16 +46,16 @@ def native(module: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("name", list(SCHEMES))
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype: torch.dtype, use_native: bool
+def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype: torch.dtype, use_native: str | bool
                                                     ) -> None:
     scheme, layout = SCHEMES[name]
     torch.manual_seed(0)
     lin = nn.Linear(256, 128, bias=True).to(dtype)
-    with kernels.use_kernels(use_native):
+    with kernels.use_kernels(bool(use_native)):
         q = QuantLinear.from_linear(lin, scheme)
         if use_native:
             native(q)
-        span = use_native and kernels.span_ok(256, scheme.bits, scheme.group_for(256))
+        span = bool(use_native) and kernels.span_ok(256, scheme.bits, scheme.group_for(256))
         assert q.layout == ("span" if span else layout)
         x = torch.randn(rows, 256, dtype=dtype)
         # The span kernel (few rows) multiplies int8-quantized activations: the reference does the same.
@@ -71,9 +72,9 @@ def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype
 
 @pytest.mark.parametrize("use_native", NATIVE_OR_NOT)
 @pytest.mark.parametrize("name", ["int8-channel", "int4-g128", "int2-g64"])
-def test_kernel_and_dequant_paths_agree(name: str, use_native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_and_dequant_paths_agree(name: str, use_native: str | bool, monkeypatch: pytest.MonkeyPatch) -> None:
     scheme, _ = SCHEMES[name]
-    with kernels.use_kernels(use_native):
+    with kernels.use_kernels(bool(use_native)):
         q = native(QuantLinear.from_linear(nn.Linear(256, 64, bias=False).bfloat16(), scheme))
     x = torch.randn(4, 256, dtype=torch.bfloat16)
     monkeypatch.setattr(modules, "KERNEL_MAX_ROWS", 16)  # torch's int8/int4 kernels (the aten layouts)
@@ -86,12 +87,12 @@ def test_kernel_and_dequant_paths_agree(name: str, use_native: bool, monkeypatch
 
 @pytest.mark.parametrize("use_native", NATIVE_OR_NOT)
 @pytest.mark.parametrize("layout_scheme", ["int8-channel", "int4-g128", "int2-g64"])
-def test_get_set_round_trip(layout_scheme: str, use_native: bool) -> None:
+def test_get_set_round_trip(layout_scheme: str, use_native: str | bool) -> None:
     scheme, _ = SCHEMES[layout_scheme]
-    with kernels.use_kernels(use_native):
+    with kernels.use_kernels(bool(use_native)):
         q = QuantLinear.from_linear(nn.Linear(256, 64).bfloat16(), scheme)
         q2 = QuantLinear(256, 64, scheme, bias=True, dtype=torch.bfloat16)
-    assert (q.layout == "span") == use_native
+    assert (q.layout == "span") == bool(use_native)
     q2.set_stored(None, *q.stored(None))
     for (name, a), (_, b) in zip(q.named_buffers(), q2.named_buffers()):
         assert torch.equal(a, b), name

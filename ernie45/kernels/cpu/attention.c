@@ -18,39 +18,39 @@ int ernie45_decode_attn(const uint16_t* q, const uint16_t* kc, const uint16_t* v
         if (L < 1 || L > B * P) { bad = 1; continue; }
         float* sc = (float*)malloc((size_t)(G * L) * sizeof(float));
         if (!sc) { bad = 1; continue; }
-        __m512 qv[8][8];  // G <= 8 query heads per kv head, D <= 128
+        v16f qv[8][8];  // G <= 8 query heads per kv head, D <= 128
         const int gn = (int)G, vn = (int)V;
         if (gn > 8 || vn > 8) { free(sc); bad = 1; continue; }
         for (int g = 0; g < gn; g++)
             for (int v = 0; v < vn; v++) qv[g][v] = load16_f32(q, 1, ((s * N + h * G + g) * D) + 16 * v);
         for (int64_t l = 0; l < L; l++) {
             const uint16_t* kr = kc + ((tables[s * B + l / P] * P + l % P) * KV + h) * D;
-            __m512 kv[8];
+            v16f kv[8];
             for (int v = 0; v < vn; v++) kv[v] = load16_f32(kr, 1, 16 * v);
             for (int g = 0; g < gn; g++) {
-                __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
-                for (int v = 1; v < vn; v++) a = _mm512_fmadd_ps(qv[g][v], kv[v], a);
-                sc[g * L + l] = _mm512_reduce_add_ps(a) * scale;
+                v16f a = v16_mul_ps(qv[g][0], kv[0]);
+                for (int v = 1; v < vn; v++) a = v16_fmadd_ps(qv[g][v], kv[v], a);
+                sc[g * L + l] = v16_reduce_add_ps(a) * scale;
             }
         }
         for (int g = 0; g < gn; g++) softmax_inplace(sc + g * L, L);
-        __m512 acc[8][8];
+        v16f acc[8][8];
         for (int g = 0; g < gn; g++)
-            for (int v = 0; v < vn; v++) acc[g][v] = _mm512_setzero_ps();
+            for (int v = 0; v < vn; v++) acc[g][v] = v16_setzero_ps();
         for (int64_t l = 0; l < L; l++) {
             const uint16_t* vr = vc + ((tables[s * B + l / P] * P + l % P) * KV + h) * D;
-            __m512 vv[8];
+            v16f vv[8];
             for (int v = 0; v < vn; v++) vv[v] = load16_f32(vr, 1, 16 * v);
             for (int g = 0; g < gn; g++) {
-                const __m512 p = _mm512_set1_ps(sc[g * L + l]);
-                for (int v = 0; v < vn; v++) acc[g][v] = _mm512_fmadd_ps(p, vv[v], acc[g][v]);
+                const v16f p = v16_set1_ps(sc[g * L + l]);
+                for (int v = 0; v < vn; v++) acc[g][v] = v16_fmadd_ps(p, vv[v], acc[g][v]);
             }
         }
         for (int g = 0; g < gn; g++)
             for (int v = 0; v < vn; v++) {
                 const int64_t at = (s * N + h * G + g) * D + 16 * v;
-                if (out_bf16) _mm256_storeu_si256((__m256i*)((uint16_t*)out + at), (__m256i)_mm512_cvtneps_pbh(acc[g][v]));
-                else _mm512_storeu_ps((float*)out + at, acc[g][v]);
+                if (out_bf16) v16h_storeu(((uint16_t*)out + at), v16_cvtneps_bh(acc[g][v]));
+                else v16_storeu_ps((float*)out + at, acc[g][v]);
             }
         free(sc);
     }

@@ -7,32 +7,32 @@
 static inline __attribute__((always_inline)) void brow(const uint16_t* wr, const int MT_, int64_t n, int64_t m0,
                                                        const uint16_t* x, int64_t K, int64_t N, void* out,
                                                        int out_bf16) {
-    __m512 acc[MT];
-    for (int i = 0; i < MT_; i++) acc[i] = _mm512_setzero_ps();
+    v16f acc[MT];
+    for (int i = 0; i < MT_; i++) acc[i] = v16_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void*)(wr + k));
+        v16bh w0 = v16_as_bh(v16_loadu_si((const void*)(wr + k)));
         for (int i = 0; i < MT_; i++)
-            acc[i] = _mm512_dpbf16_ps(acc[i], w0, (__m512bh)_mm512_loadu_si512((const void*)(x + (m0 + i) * K + k)));
+            acc[i] = v16_dpbf16_ps(acc[i], w0, v16_as_bh(v16_loadu_si((const void*)(x + (m0 + i) * K + k))));
     }
-    for (int i = 0; i < MT_; i++) store_out(out, out_bf16, (m0 + i) * N + n, _mm512_reduce_add_ps(acc[i]));
+    for (int i = 0; i < MT_; i++) store_out(out, out_bf16, (m0 + i) * N + n, v16_reduce_add_ps(acc[i]));
 }
 
 // 4 weight rows x 4 x rows: each loaded vector serves four dot products, so 16 x rows that no longer fit L1
 // are read from L2 a quarter as often as by brow. Same per-pair sums as brow.
 static inline void btile(const uint16_t* w, int64_t n, int64_t m0, const uint16_t* x, int64_t K, int64_t N, void* out,
                          int out_bf16) {
-    __m512 acc[4][4];
+    v16f acc[4][4];
     for (int j = 0; j < 4; j++)
-        for (int i = 0; i < 4; i++) acc[j][i] = _mm512_setzero_ps();
+        for (int i = 0; i < 4; i++) acc[j][i] = v16_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
-        __m512bh wv[4], xv[4];
-        for (int j = 0; j < 4; j++) wv[j] = (__m512bh)_mm512_loadu_si512((const void*)(w + (n + j) * K + k));
-        for (int i = 0; i < 4; i++) xv[i] = (__m512bh)_mm512_loadu_si512((const void*)(x + (m0 + i) * K + k));
+        v16bh wv[4], xv[4];
+        for (int j = 0; j < 4; j++) wv[j] = v16_as_bh(v16_loadu_si((const void*)(w + (n + j) * K + k)));
+        for (int i = 0; i < 4; i++) xv[i] = v16_as_bh(v16_loadu_si((const void*)(x + (m0 + i) * K + k)));
         for (int j = 0; j < 4; j++)
-            for (int i = 0; i < 4; i++) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], wv[j], xv[i]);
+            for (int i = 0; i < 4; i++) acc[j][i] = v16_dpbf16_ps(acc[j][i], wv[j], xv[i]);
     }
     for (int j = 0; j < 4; j++)
-        for (int i = 0; i < 4; i++) store_out(out, out_bf16, (m0 + i) * N + n + j, _mm512_reduce_add_ps(acc[j][i]));
+        for (int i = 0; i < 4; i++) store_out(out, out_bf16, (m0 + i) * N + n + j, v16_reduce_add_ps(acc[j][i]));
 }
 
 static void bmatmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, const uint16_t* w, void* out, int out_bf16,

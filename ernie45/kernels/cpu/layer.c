@@ -25,8 +25,7 @@ static int qset_apply(const QSet* s, const uint16_t* x, int64_t M, int64_t K, ui
 
 static void add_bf16(uint16_t* h, const uint16_t* y, int64_t n) {  // h = bf16(h + y), n % 16 == 0
     for (int64_t i = 0; i < n; i += 16)
-        _mm256_storeu_si256((__m256i*)(h + i),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(bf16x16_load(h + i), bf16x16_load(y + i))));
+        v16h_storeu((h + i), v16_cvtneps_bh(v16_add_ps(bf16x16_load(h + i), bf16x16_load(y + i))));
 }
 
 // SwiGLU of T rows: y = down(bf16(bf16(silu(gate)) * up)), gate and up from one call (the outputs one after another).

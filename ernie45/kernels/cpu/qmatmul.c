@@ -11,24 +11,27 @@ static inline __attribute__((always_inline)) void qrow(
     const int64_t* xrow, const void* scales, const void* zeros, void* out, int out_bf16) {
     const int P = BITS == 6 ? 2 : 8 / BITS;  // 6 bits: the 4-bit part's planes (the 2-bit part has 4)
     const int64_t nb = K / 64, nx = nb / BPX;
-    const __m512i mask = _mm512_set1_epi8((char)(BITS == 6 ? 15 : (1 << BITS) - 1)), mask2 = _mm512_set1_epi8(0x30);
+    const v16i mask = v16_set1_epi8((char)(BITS == 6 ? 15 : (1 << BITS) - 1)), mask2 = v16_set1_epi8(0x30);
 
     const uint16_t* s16 = (const uint16_t*)scales + n * ng;
     const float* s32 = (const float*)scales + n * ng;
     const int8_t* xm[MT];
     const float* sxm[MT];
-    __m512 acc[MT][2];  // even and odd activation blocks: two FMA chains per row of x
+    v16f acc[MT][2];  // even and odd activation blocks: two FMA chains per row of x
     for (int i = 0; i < MT_; i++) {
         const int64_t r = xrow ? xrow[m0 + i] : m0 + i;  // the x row (output row m0 + i)
         xm[i] = xq + r * K;
         sxm[i] = sx + r * nx;
-        acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+        acc[i][0] = acc[i][1] = v16_setzero_ps();
     }
     // Codes of 64-column sub-block b (0 <= b < nb): plane b % P of the span b / P.
 #define CODES(b)                                                                                             \
-    (P == 1 ? _mm512_loadu_si512((const void*)(wr + (b) * 64))                                               \
-            : _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512((const void*)(wr + ((b) / P) * 64)),     \
+    (P == 1 ? v16_loadu_si((const void*)(wr + (b) * 64))                                               \
+            : v16_and_si(v16_srli_epi16(v16_loadu_si((const void*)(wr + ((b) / P) * 64)),     \
                                                  ((b) % P) * BITS), mask))
+    // Codes below 128 (2/4/6 bits) take the AVX2 build's shorter exact u8 x s8 dot product (simd.h); the same
+    // instruction in the AVX-512 build.
+#define DPBUSD(A, U, S) (BITS == 8 ? v16_dpbusd_epi32((A), (U), (S)) : v16_dpbusd_u7_epi32((A), (U), (S)))
     // Activation block X (sub-blocks X*BPX ..) with its codes C0 (and C1 when BPX == 2), into chain J.
 #define XBLOCK(X, C0, C1, J)                                                                                 \
     do {                                                                                                     \
@@ -36,9 +39,9 @@ static inline __attribute__((always_inline)) void qrow(
         const float ws_ = SB ? bf16_to_f32(s16[g_]) : s32[g_];                                              \
         for (int i = 0; i < MT_; i++) {                                                                      \
             const int8_t* xp_ = xm[i] + (X) * BPX * 64;                                                      \
-            __m512i d_ = _mm512_dpbusd_epi32(_mm512_setzero_si512(), (C0), _mm512_loadu_si512((const void*)xp_)); \
-            if (BPX == 2) d_ = _mm512_dpbusd_epi32(d_, (C1), _mm512_loadu_si512((const void*)(xp_ + 64)));   \
-            acc[i][J] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d_), _mm512_set1_ps(ws_ * sxm[i][X]), acc[i][J]);  \
+            v16i d_ = DPBUSD(v16_setzero_si(), (C0), v16_loadu_si((const void*)xp_));                      \
+            if (BPX == 2) d_ = DPBUSD(d_, (C1), v16_loadu_si((const void*)(xp_ + 64)));                     \
+            acc[i][J] = v16_fmadd_ps(v16_cvtepi32_ps(d_), v16_set1_ps(ws_ * sxm[i][X]), acc[i][J]);  \
         }                                                                                                    \
     } while (0)
     // Main loop: 4 sub-blocks (256 columns) an iteration, whole spans, even/odd activation blocks alternating.
@@ -48,17 +51,17 @@ static inline __attribute__((always_inline)) void qrow(
         // Sub-block j of this iteration: span it * (4 / P) + j / P, plane j % P (constants after unrolling, so
         // each span is loaded once and shifted by immediates).
 #define LOCODES(j, B)                                                                                        \
-    (P == 1 ? _mm512_loadu_si512((const void*)(wr + (b0 + (j)) * 64))                                        \
-            : _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512((const void*)(wr + (it * (BITS == 6 ? 3 : 4 / P) \
+    (P == 1 ? v16_loadu_si((const void*)(wr + (b0 + (j)) * 64))                                        \
+            : v16_and_si(v16_srli_epi16(v16_loadu_si((const void*)(wr + (it * (BITS == 6 ? 3 : 4 / P) \
                                                                                            + (j) / P) * 64)),  \
                                                  ((j) % P) * (B)), mask))
     // 6 bits: plane j of the high part moved to bits 4-5 of each byte (a 16-bit shift; what crosses into the
     // neighbouring byte lands outside 0x30), then (hi & 0x30) | lo in one ternary-logic op.
-#define HISHIFT(j) ((j) == 0 ? _mm512_slli_epi16(hs, 4) : (j) == 1 ? _mm512_slli_epi16(hs, 2) \
-                    : (j) == 2 ? hs : _mm512_srli_epi16(hs, 2))
-#define ITCODES(j) (BITS == 6 ? _mm512_ternarylogic_epi32(HISHIFT(j), mask2, LOCODES(j, 4), 0xEA) : LOCODES(j, BITS))
-        const __m512i hs = BITS == 6 ? _mm512_loadu_si512((const void*)(wr + it * 192 + 128)) : _mm512_setzero_si512();
-        const __m512i c0 = ITCODES(0), c1 = ITCODES(1), c2 = ITCODES(2), c3 = ITCODES(3);
+#define HISHIFT(j) ((j) == 0 ? v16_slli_epi16(hs, 4) : (j) == 1 ? v16_slli_epi16(hs, 2) \
+                    : (j) == 2 ? hs : v16_srli_epi16(hs, 2))
+#define ITCODES(j) (BITS == 6 ? v16_andor_si(HISHIFT(j), mask2, LOCODES(j, 4)) : LOCODES(j, BITS))
+        const v16i hs = BITS == 6 ? v16_loadu_si((const void*)(wr + it * 192 + 128)) : v16_setzero_si();
+        const v16i c0 = ITCODES(0), c1 = ITCODES(1), c2 = ITCODES(2), c3 = ITCODES(3);
 #undef ITCODES
 #undef HISHIFT
 #undef LOCODES
@@ -73,23 +76,24 @@ static inline __attribute__((always_inline)) void qrow(
         }
     }
     for (int64_t x = iters * 4 / BPX; x < nx; x++) {  // rows whose length is not a multiple of 256
-        const __m512i c0 = CODES(x * BPX), c1 = BPX == 2 ? CODES(x * BPX + 1) : c0;
+        const v16i c0 = CODES(x * BPX), c1 = BPX == 2 ? CODES(x * BPX + 1) : c0;
         XBLOCK(x, c0, c1, 0);
     }
 #undef XBLOCK
+#undef DPBUSD
 #undef CODES
     // The codes' offset (mid) and the zeros, per group: sum_g (zero - mid * scale) * X[m, g], 16 groups at a time.
-    const __m512 mid = _mm512_set1_ps((float)(1 << (BITS - 1)));
+    const v16f mid = v16_set1_ps((float)(1 << (BITS - 1)));
     for (int i = 0; i < MT_; i++) {
-        __m512 t = _mm512_add_ps(acc[i][0], acc[i][1]);
+        v16f t = v16_add_ps(acc[i][0], acc[i][1]);
         const float* xs = xsum_g + (xrow ? xrow[m0 + i] : m0 + i) * ng;
         for (int64_t g = 0; g < ng; g += 16) {
-            const __mmask16 k = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
-            __m512 sc = load16_masked(scales, SB, n * ng + g, k);
-            __m512 z = zeros ? load16_masked(zeros, SB, n * ng + g, k) : _mm512_setzero_ps();
-            t = _mm512_fmadd_ps(_mm512_fnmadd_ps(mid, sc, z), _mm512_maskz_loadu_ps(k, xs + g), t);
+            const vmask16 k = ng - g >= 16 ? (vmask16)0xFFFF : (vmask16)((1u << (ng - g)) - 1);
+            v16f sc = load16_masked(scales, SB, n * ng + g, k);
+            v16f z = zeros ? load16_masked(zeros, SB, n * ng + g, k) : v16_setzero_ps();
+            t = v16_fmadd_ps(v16_fnmadd_ps(mid, sc, z), v16_maskz_loadu_ps(k, xs + g), t);
         }
-        store_out(out, out_bf16, (m0 + i) * N + n, _mm512_reduce_add_ps(t));
+        store_out(out, out_bf16, (m0 + i) * N + n, v16_reduce_add_ps(t));
     }
 }
 

@@ -5,10 +5,10 @@
 // The per-layer elementwise work of a decode step, one call each instead of ten torch ops. Each one rounds where
 // the torch code it replaces rounds (the file is built with -ffp-contract=off, so a * b + c stays two roundings).
 
-static inline __m512 bf16x16_load(const uint16_t* p) { return load16_f32(p, 1, 0); }
+static inline v16f bf16x16_load(const uint16_t* p) { return load16_f32(p, 1, 0); }
 
-static inline __m512 bf16x16_round(__m512 v) {  // round to bf16 (nearest even) and back to fp32
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+static inline v16f bf16x16_round(v16f v) {  // round to bf16 (nearest even) and back to fp32
+    return v16_castsi_ps(v16_slli_epi32(v16_cvtepu16_epi32(v16_cvtneps_bh(v)), 16));
 }
 
 // RMSNorm of bf16 rows with a bf16 weight, as the module computes it (spec §2.3):
@@ -17,17 +17,16 @@ int ernie45_rmsnorm(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t
     if (H % 16 || T < 1) return -2;
     for (int64_t t = 0; t < T; t++) {
         const uint16_t* xr = x + t * H;
-        __m512 acc = _mm512_setzero_ps();
+        v16f acc = v16_setzero_ps();
         for (int64_t i = 0; i < H; i += 16) {
-            const __m512 v = bf16x16_load(xr + i);
-            acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
+            const v16f v = bf16x16_load(xr + i);
+            acc = v16_add_ps(acc, v16_mul_ps(v, v));
         }
-        const float r = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)H + eps);
-        const __m512 rv = _mm512_set1_ps(r);
+        const float r = 1.0f / sqrtf(v16_reduce_add_ps(acc) / (float)H + eps);
+        const v16f rv = v16_set1_ps(r);
         for (int64_t i = 0; i < H; i += 16) {
-            const __m512 y = bf16x16_round(_mm512_mul_ps(bf16x16_load(xr + i), rv));
-            _mm256_storeu_si256((__m256i*)(out + t * H + i),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(bf16x16_load(w + i), y)));
+            const v16f y = bf16x16_round(v16_mul_ps(bf16x16_load(xr + i), rv));
+            v16h_storeu((out + t * H + i), v16_cvtneps_bh(v16_mul_ps(bf16x16_load(w + i), y)));
         }
     }
     return 0;
@@ -62,14 +61,14 @@ int ernie45_router(const void* x, int x_bf16, const float* W, const float* bias,
     for (int64_t e = 0; e < E; e++) {
         const float* wr = W + e * H;
         for (int64_t t = 0; t < T; t++) {  // four chains (H % 64 == 0) or one: latency, not bandwidth, bounds one row
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            v16f acc[4] = {v16_setzero_ps(), v16_setzero_ps(), v16_setzero_ps(), v16_setzero_ps()};
             const int c = H % 64 ? 1 : 4;
             for (int64_t i = 0; i < H; i += 16 * c)
                 for (int j = 0; j < c; j++)
-                    acc[j] = _mm512_fmadd_ps(load16_f32(x, x_bf16, t * H + i + 16 * j), _mm512_loadu_ps(wr + i + 16 * j),
+                    acc[j] = v16_fmadd_ps(load16_f32(x, x_bf16, t * H + i + 16 * j), v16_loadu_ps(wr + i + 16 * j),
                                              acc[j]);
-            probs[t * E + e] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]),
-                                                                  _mm512_add_ps(acc[2], acc[3])));
+            probs[t * E + e] = v16_reduce_add_ps(v16_add_ps(v16_add_ps(acc[0], acc[1]),
+                                                                  v16_add_ps(acc[2], acc[3])));
         }
     }
     for (int64_t t = 0; t < T; t++) {
@@ -113,25 +112,25 @@ int ernie45_argmax(const void* x, int x_bf16, int64_t S, int64_t V, int64_t* out
     if (V < 1) return -2;
     for (int64_t s = 0; s < S; s++) {
         const int64_t base = s * V, full = V / 16 * 16;
-        __m512 best = _mm512_set1_ps(-INFINITY);
-        __m512i bidx = _mm512_set1_epi32(-1), cur = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+        v16f best = v16_set1_ps(-INFINITY);
+        v16i bidx = v16_set1_epi32(-1), cur = v16_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
                                                                         14, 15);
-        const __m512i step = _mm512_set1_epi32(16);
-        __mmask16 nan = 0;
+        const v16i step = v16_set1_epi32(16);
+        vmask16 nan = 0;
         for (int64_t i = 0; i < full; i += 16) {
-            const __m512 v = load16_f32(x, x_bf16, base + i);
-            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-            const __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) | (_mm512_cmp_epi32_mask(bidx, _mm512_set1_epi32(0), _MM_CMPINT_LT));
-            best = _mm512_mask_mov_ps(best, gt, v);
-            bidx = _mm512_mask_mov_epi32(bidx, gt, cur);
-            cur = _mm512_add_epi32(cur, step);
+            const v16f v = load16_f32(x, x_bf16, base + i);
+            nan |= v16_cmpunord_ps_mask(v, v);
+            const vmask16 gt = v16_cmpgt_ps_mask(v, best) | (v16_cmplt_epi32_mask(bidx, v16_set1_epi32(0)));
+            best = v16_mask_mov_ps(best, gt, v);
+            bidx = v16_mask_mov_epi32(bidx, gt, cur);
+            cur = v16_add_epi32(cur, step);
         }
         float bv = -INFINITY;
         int64_t bi = -1;
         float lanes[16];
         int32_t li[16];
-        _mm512_storeu_ps(lanes, best);
-        _mm512_storeu_si512(li, bidx);
+        v16_storeu_ps(lanes, best);
+        v16_storeu_si(li, bidx);
         for (int j = 0; j < 16; j++)
             if (li[j] >= 0 && (bi < 0 || lanes[j] > bv || (lanes[j] == bv && li[j] < bi))) { bv = lanes[j]; bi = li[j]; }
         for (int64_t i = full; i < V; i++) {
