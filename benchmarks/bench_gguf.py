@@ -289,7 +289,7 @@ def report_import(imp: dict) -> list[str]:
     llama = [r["llama"]["load_s"] for r in rounds]
     peak = [(r["ours"]["peak_rss"] - r["ours"]["rss_before"]) / r["ours"]["model_bytes"] for r in rounds]
     lines += ["", f"- our import time / llama.cpp's load time, paired per round: "
-              f"{median_range(paired_ratios(ours, llama, higher_is_better=False), '{:.1f}', 'x')} "
+              f"{median_range(paired_ratios(ours, llama), '{:.1f}', 'x')} "
               f"(ours {median_range(ours, '{:.1f}', ' s')}, llama.cpp {median_range(llama, '{:.1f}', ' s')})",
               f"- our peak above the process before loading / loaded weights: {median_range(peak, '{:.3f}')}"]
     if all("before" in r for r in rounds):
@@ -297,7 +297,7 @@ def report_import(imp: dict) -> list[str]:
         bpeak = [(r["before"]["peak_rss"] - r["before"]["rss_before"]) / r["before"]["model_bytes"] for r in rounds]
         lines.append(f"- before this change: {median_range(before, '{:.1f}', ' s')}, peak / weights "
                      f"{median_range(bpeak, '{:.3f}')}; speed-up paired per round "
-                     f"{median_range(paired_ratios(before, ours, higher_is_better=False), '{:.1f}', 'x')}")
+                     f"{median_range(paired_ratios(before, ours), '{:.1f}', 'x')}")
     lines.append(f"- scheme on import: {rounds[0]['ours']['scheme']}")
     return lines + [""]
 
