@@ -11,7 +11,13 @@ Parts (each in its own process; a child's peak RSS is its own):
   file (``use_mmap=False``, so its weights count in its RSS too), and the error of our weights against
   ``gguf.quants.dequantize`` of every tensor, by ggml type, with bf16 (default) and fp32 scales.
 
+- ``import``: an existing GGUF (``--gguf PATH``, e.g. the mid-4L Q4_K_M the ``mid4l`` part or ``bench_quant``
+  made), without the export and quantize: per round, in fresh processes, our import, llama.cpp's load and (with
+  ``--compare DIR``) the import of another ernie45 checkout (the code before a change), alternating.
+
     flock /tmp/ernie45-heavy.lock python benchmarks/bench_gguf.py [--parts llama mid4l] [--workdir DIR]
+    flock /tmp/ernie45-heavy.lock python benchmarks/bench_gguf.py --parts import --gguf X.gguf [--rounds 3]
+        [--compare /path/to/other/checkout]
 
 Needs ``pip install 'ernie45[gguf]' llama-cpp-python==0.3.36`` (llama.cpp built AVX-512, AMX off: its AMX path
 crashes on this VM).
@@ -165,6 +171,29 @@ def child_errors(path: str) -> dict:
     return out
 
 
+def run_child(what: str, path: str, script: str = __file__) -> dict:
+    """One measurement in a fresh process (its own VmHWM); ``script``: this file, or another checkout's copy."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(script)))
+    env = dict(os.environ, PYTHONPATH=root)
+    run = subprocess.run([sys.executable, script, "--_child", what, path], capture_output=True, text=True, env=env)
+    if run.returncode:
+        raise SystemExit(f"child {what} ({script}) failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def part_import(path: str, rounds: int, compare: str | None) -> dict:
+    """Rounds of (ours, llama.cpp[, the other checkout]) on one file, each in a fresh process, alternating."""
+    out: dict = {"file": os.path.basename(path), "rounds": []}
+    other = os.path.join(compare, "benchmarks", "bench_gguf.py") if compare else None
+    for r in range(rounds):
+        got = {"ours": run_child("import", path), "llama": run_child("llama_load", path)}
+        if other:
+            got["before"] = run_child("import", path, other)
+        out["rounds"].append(got)
+        print(f"round {r}: {json.dumps(got)}", file=sys.stderr, flush=True)
+    return out
+
+
 def part_mid4l(work: str) -> dict:
     from ernie45.formats.gguf import export_gguf
 
@@ -193,7 +222,10 @@ def part_mid4l(work: str) -> dict:
 # --------------------------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", nargs="+", default=["llama", "mid4l"], choices=["llama", "mid4l"])
+    ap.add_argument("--parts", nargs="+", default=["llama", "mid4l"], choices=["llama", "mid4l", "import"])
+    ap.add_argument("--gguf", help="part import: the GGUF file to import")
+    ap.add_argument("--rounds", type=int, default=3, help="part import: rounds (odd: the median is a round)")
+    ap.add_argument("--compare", metavar="DIR", help="part import: also import with the ernie45 checkout in DIR")
     ap.add_argument("--workdir", default=None, help="where the mid-4L GGUFs go (~7 GB)")
     ap.add_argument("--_part", help=argparse.SUPPRESS)
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
@@ -214,7 +246,11 @@ def main() -> None:
     from common import write_result
 
     results = {}
-    for part in args.parts:
+    if "import" in args.parts:
+        if not args.gguf:
+            ap.error("--parts import needs --gguf PATH")
+        results["import"] = part_import(args.gguf, args.rounds, args.compare)
+    for part in (p for p in args.parts if p != "import"):
         cmd = [sys.executable, __file__, "--_part", part] + (["--workdir", args.workdir] if args.workdir else [])
         t0 = time.perf_counter()
         run = subprocess.run(cmd, capture_output=True, text=True)
@@ -226,13 +262,52 @@ def main() -> None:
     text = report(results)
     print(text)
     if not SMOKE:
-        print("wrote", write_result("gguf", text))
+        print("wrote", write_result("gguf-import" if args.parts == ["import"] else "gguf", text))
+
+
+def report_import(imp: dict) -> list[str]:
+    from common import median_range, paired_ratios
+
+    gib = 2**30
+    rounds = imp["rounds"]
+    lines = [f"## Import of {imp['file']}: ours against llama.cpp's load, {len(rounds)} alternating rounds", "",
+             "| round | loader | time | peak RSS | RSS before | loaded weights | (peak - before) / weights |",
+             "|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rounds):
+        for who in ("ours", "before", "llama"):
+            if who not in r:
+                continue
+            v = r[who]
+            size = r["ours"]["model_bytes"] if who != "llama" else r["ours"]["file_bytes"]
+            secs = v["import_s"] if who != "llama" else v["load_s"]
+            label = {"ours": "ours", "before": "ours before this change", "llama": "llama.cpp (use_mmap=False)"}[who]
+            lines.append(f"| {i} | {label} | {secs:.1f} s | {v['peak_rss'] / gib:.2f} GiB | "
+                         f"{v['rss_before'] / gib:.2f} GiB | {size / gib:.2f} GiB"
+                         f"{' (file)' if who == 'llama' else ''} | "
+                         f"{(v['peak_rss'] - v['rss_before']) / size:.3f} |")
+    ours = [r["ours"]["import_s"] for r in rounds]
+    llama = [r["llama"]["load_s"] for r in rounds]
+    peak = [(r["ours"]["peak_rss"] - r["ours"]["rss_before"]) / r["ours"]["model_bytes"] for r in rounds]
+    lines += ["", f"- our import time / llama.cpp's load time, paired per round: "
+              f"{median_range(paired_ratios(ours, llama), '{:.1f}', 'x')} "
+              f"(ours {median_range(ours, '{:.1f}', ' s')}, llama.cpp {median_range(llama, '{:.1f}', ' s')})",
+              f"- our peak above the process before loading / loaded weights: {median_range(peak, '{:.3f}')}"]
+    if all("before" in r for r in rounds):
+        before = [r["before"]["import_s"] for r in rounds]
+        bpeak = [(r["before"]["peak_rss"] - r["before"]["rss_before"]) / r["before"]["model_bytes"] for r in rounds]
+        lines.append(f"- before this change: {median_range(before, '{:.1f}', ' s')}, peak / weights "
+                     f"{median_range(bpeak, '{:.3f}')}; speed-up paired per round "
+                     f"{median_range(paired_ratios(before, ours), '{:.1f}', 'x')}")
+    lines.append(f"- scheme on import: {rounds[0]['ours']['scheme']}")
+    return lines + [""]
 
 
 def report(r: dict) -> str:
     gib = 2**30
     lines = ["llama.cpp: llama-cpp-python 0.3.36 built with GGML_NATIVE=OFF, AVX-512 (+VNNI, BF16), AMX off (its AMX "
              "path crashes on this VM); 2 threads.", ""]
+    if "import" in r:
+        lines += report_import(r["import"])
     if "llama" in r:
         lines += ["## llama.cpp runs our exports (tiny random MoE, 16 tokens)", "",
                   "| type | file bytes | logits max rel. diff (worst position) | median position |",

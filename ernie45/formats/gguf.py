@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -101,25 +102,63 @@ class GGUFTensor:
 
 
 class GGUFFile:
-    """The metadata and tensor table of a GGUF file (the data is read on demand with ``read``)."""
+    """The metadata and tensor table of a GGUF file (the data is read on demand with ``read``).
+
+    The header is parsed here, not by gguf-py's ``GGUFReader``: that one builds a numpy view per part of every
+    field (two per vocabulary entry: seconds for a 100k-token vocabulary) and maps the whole file. We read the
+    header bytes once, keep numeric arrays as numpy and decode the strings in one pass (GGUF v2/v3, little
+    endian: ``gguf-py/gguf/gguf_reader.py`` and ``ggml/src/gguf.cpp`` define the layout)."""
 
     def __init__(self, path: str) -> None:
-        gguf = _require_gguf()
         self.path = path
         try:
-            self.reader = gguf.GGUFReader(path)
-        except (ValueError, OSError, IndexError) as e:
+            with open(path, "rb") as f:
+                self.file_size = os.fstat(f.fileno()).st_size
+                self._parse(_HeaderReader(f, path))
+        except OSError as e:
             raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
-        self.fields = self.reader.fields
-        self.tensors: dict[str, GGUFTensor] = {}
-        for t in self.reader.tensors:
-            shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # ggml lists the fastest dim first
-            self.tensors[t.name] = GGUFTensor(t.name, int(t.tensor_type), shape, int(t.data_offset), int(t.n_bytes))
         self.arch = self.get("general.architecture")
 
+    def _parse(self, r: _HeaderReader) -> None:
+        if r.take(4) != b"GGUF":
+            raise CheckpointError(f"{self.path}: not a GGUF file (no GGUF magic at the start)")
+        version = r.scalar("<I")
+        if version not in (2, 3):
+            swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+            hint = " (a big-endian file: convert it on a big-endian machine)" if swapped in (2, 3) else ""
+            raise CheckpointError(f"{self.path}: GGUF version {version} is not supported (2 and 3 are){hint}")
+        n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
+        self.fields: dict[str, object] = {}
+        for _ in range(n_kv):
+            key = r.string()
+            self.fields[key] = r.value(r.scalar("<I"), key)
+        align = self.fields.get("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise CheckpointError(f"{self.path}: general.alignment={align!r} is not a power of two")
+        infos = []
+        for _ in range(n_tensors):
+            name = r.string()
+            dims = [r.scalar("<Q") for _ in range(r.scalar("<I"))]
+            infos.append((name, dims, r.scalar("<I"), r.scalar("<Q")))
+        data = -(-r.pos // align) * align
+        self.tensors: dict[str, GGUFTensor] = {}
+        for name, dims, qtype, offset in infos:
+            count = int(np.prod(dims)) if dims else 1
+            block, size = _block(qtype, self.path, name)
+            if dims[0] % block:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has rows of {dims[0]}, not a multiple of its "
+                                      f"ggml type's block of {block}")
+            t = GGUFTensor(name, qtype, tuple(reversed(dims)), data + offset, count // block * size)
+            if t.start + t.nbytes > self.file_size:
+                raise CheckpointError(f"{self.path}: tensor {name!r} ends at byte {t.start + t.nbytes} but the file "
+                                      f"has {self.file_size}: the file is truncated")
+            self.tensors[name] = t
+
     def get(self, key: str, default=None):  # noqa: ANN001, ANN201 - any metadata value
-        f = self.fields.get(key)
-        return default if f is None else f.contents()
+        value = self.fields.get(key)
+        if value is None:
+            return default
+        return value.tolist() if isinstance(value, np.ndarray) else value
 
     def need(self, key: str):  # noqa: ANN201
         value = self.get(key)
@@ -128,19 +167,90 @@ class GGUFFile:
                                   f"{self.arch} model")
         return value
 
-    def read(self, t: GGUFTensor, f, index: int | None = None) -> torch.Tensor:  # noqa: ANN001 - open file
-        """Raw bytes of a tensor (or of slice ``index`` of its first dim), [rows, bytes per row] uint8."""
-        first = t.shape[0] if len(t.shape) == 3 else 1
-        per = t.nbytes // first
-        start = t.start + (0 if index is None else index * per)
-        size = t.nbytes if index is None else per
-        rows = t.shape[-2] if len(t.shape) >= 2 else 1
-        lead = (first,) if index is None and len(t.shape) == 3 else ()
-        out = torch.empty(size, dtype=torch.uint8)
-        f.seek(start)
-        if f.readinto(out.numpy()) != size:
+    def read(self, t: GGUFTensor, f, index: int | None = None, count: int | None = None,  # noqa: ANN001
+             rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Raw bytes of a tensor, [rows, bytes per row] uint8: the whole tensor, slice ``index`` of its first dim
+        (``count`` slices from ``index``: [count, rows, bytes]), or rows [r0, r1) of a 2-D tensor."""
+        n_rows = t.shape[-2] if len(t.shape) >= 2 else 1
+        if len(t.shape) == 3:
+            first = t.shape[0]
+            per = t.nbytes // first
+            start, size = (t.start, t.nbytes) if index is None else (t.start + index * per, (count or 1) * per)
+            lead = (first,) if index is None else () if count is None else (count,)
+        else:
+            per = t.nbytes // n_rows
+            r0, r1 = rows if rows is not None else (0, n_rows)
+            start, size, lead, n_rows = t.start + r0 * per, (r1 - r0) * per, (), r1 - r0
+        buf = torch.empty(size, dtype=torch.uint8)
+        got = f.seek(start) == start and f.readinto(memoryview(buf.numpy())) == size
+        if not got:
             raise CheckpointError(f"{self.path}: truncated while reading tensor {t.name!r}")
-        return out.reshape(*lead, rows, -1)
+        return buf.reshape(*lead, n_rows, -1)
+
+
+_VALUE = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+"""GGUF metadata value types (GGUFValueType) with a fixed size, as struct / numpy formats; 8 string, 9 array."""
+
+
+class _HeaderReader:
+    """Sequential reads of a GGUF header from a file, in chunks (the header, vocabulary included, is a few MB)."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, f, path: str) -> None:  # noqa: ANN001 - open binary file
+        self.f, self.path, self.buf, self.base, self.pos = f, path, b"", 0, 0
+
+    def take(self, n: int) -> memoryview:
+        end = self.pos + n
+        if end - self.base > len(self.buf):  # keep the unread tail, read on in whole chunks
+            tail = self.buf[self.pos - self.base:]
+            more = self.f.read(max(self.CHUNK, n - len(tail)))
+            self.buf, self.base = tail + more, self.pos
+            if end - self.base > len(self.buf):
+                raise CheckpointError(f"{self.path}: the GGUF header is truncated (the file ends at byte "
+                                      f"{self.base + len(self.buf)})")
+        out = memoryview(self.buf)[self.pos - self.base:end - self.base]
+        self.pos = end
+        return out
+
+    def scalar(self, fmt: str):  # noqa: ANN201
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        raw = self.take(self.scalar("<Q"))
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.path}: a GGUF string near byte {self.pos} is not UTF-8") from None
+
+    def value(self, vtype: int, key: str):  # noqa: ANN201 - int, float, bool, str, list[str] or numpy array
+        if vtype in _VALUE:
+            return self.scalar(_VALUE[vtype])
+        if vtype == 8:
+            return self.string()
+        if vtype != 9:
+            raise CheckpointError(f"{self.path}: metadata key {key!r} has unknown GGUF value type {vtype}")
+        itype, n = self.scalar("<I"), self.scalar("<Q")
+        if itype in _VALUE:
+            dt = np.dtype(_VALUE[itype])
+            return np.frombuffer(self.take(n * dt.itemsize), dtype=dt).copy()
+        if itype == 8:
+            return [self.string() for _ in range(n)]
+        return [self.value(itype, key) for _ in range(n)]  # arrays of arrays: rare, small
+
+
+def _block(qtype: int, path: str, name: str) -> tuple[int, int]:
+    """(weights, bytes) of one block of ggml type ``qtype`` (F32/F16/BF16: one weight)."""
+    if qtype in (ggml.F32, ggml.F16, ggml.BF16):
+        return 1, 4 if qtype == ggml.F32 else 2
+    if qtype in ggml.BLOCK:
+        return ggml.BLOCK[qtype]
+    sizes = _require_gguf().GGML_QUANT_SIZES
+    try:
+        return sizes[_require_gguf().GGMLQuantizationType(qtype)]
+    except (ValueError, KeyError):
+        raise CheckpointError(f"{path}: tensor {name!r} has ggml type {qtype}, which this gguf package does not "
+                              f"know (pip install -U gguf)") from None
 
 
 def gguf_config(g: GGUFFile) -> ModelConfig:
@@ -309,16 +419,15 @@ def load_gguf(path: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat16
             mod = modules.get(owner)
             if isinstance(mod, QuantExperts):
                 qw: QWeight = getattr(mod, native.rpartition(".")[2])
-                for e in range(config.moe_num_experts):
-                    _set_weight(qw, e, [parts[p] for p in ("gate", "up") if p in parts] or [parts[None]], g, f)
+                _fill_quant(qw, [parts[p] for p in ("gate", "up") if p in parts] or [parts[None]], g, f)
             elif isinstance(mod, QuantLinear) and native.endswith(".weight"):
-                _set_weight(mod, None, [parts[None]], g, f)
+                _fill_quant(mod, [parts[None]], g, f)
             else:
                 _fill_float(params[native], parts, g, f)
             bar.update(sum(t.nbytes for t in parts.values()))
             if native == "model.embed_tokens.weight" and config.tie_word_embeddings \
                     and isinstance(model.lm_head, QuantLinear):
-                _set_weight(model.lm_head, None, [parts[None]], g, f)  # the head is token_embd's own codes
+                _fill_quant(model.lm_head, [parts[None]], g, f)  # the head is token_embd's own codes
     bar.close()
     if not isinstance(model.lm_head, QuantLinear):
         model.tie_weights()
@@ -327,35 +436,84 @@ def load_gguf(path: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat16
     return to_device(model, device) if qconfig else (model.to(device) if torch.device(device).type != "cpu" else model)
 
 
-def _set_weight(qw, i: int | None, tensors: list[GGUFTensor], g: GGUFFile, f) -> None:  # noqa: ANN001
-    """Fill quantized weight ``i`` from one GGUF tensor (or the gate and up halves): the file's own codes and
-    scales when the type is exact for the module's scheme, else dequantize and requantize."""
-    raws = [g.read(t, f, i) for t in tensors]
-    exact = all(ggml.EXACT.get(t.qtype) == qw.scheme for t in tensors)
-    if exact:
-        parts = [ggml.decode(r, t.qtype, t.shape[-1]) for r, t in zip(raws, tensors)]
-        codes, scales, zeros = (torch.cat(p) for p in zip(*parts))
-        qw.set_stored(i, codes, scales.to(qw.dtype), zeros.to(qw.dtype))
+CHUNK = 1 << 22
+"""Weights converted per step (4M): a large 2-D tensor goes in row blocks of about this size, an expert stack in
+runs of whole experts up to it (at least one). The temporaries of a step (raw blocks, codes, fp32 scales or a
+dequantized block) are a few times this many bytes, so the import's peak is the model plus tens of MB."""
+
+
+def _steps(t: GGUFTensor, rows_of: int) -> Iterator[dict]:
+    """``g.read`` arguments covering tensor ``t`` (``rows_of``: rows per expert or of the matrix, with gate and
+    up together for a stacked gate_up) a chunk at a time: runs of experts, or blocks of a multiple of 64 rows."""
+    k = t.shape[-1]
+    if len(t.shape) == 3:
+        step = max(1, CHUNK // (rows_of * k))
+        for e in range(0, t.shape[0], step):
+            yield {"index": e, "count": min(step, t.shape[0] - e)}
         return
-    shape = lambda t: tuple(t.shape[-2:])  # noqa: E731
-    w = torch.cat([ggml.to_float(r.numpy(), t.qtype, shape(t)) for r, t in zip(raws, tensors)])
-    qw.quantize_(i, w)
+    n = t.shape[0] if len(t.shape) == 2 else 1
+    step = n if n * k <= CHUNK else max(64, CHUNK // k // 64 * 64)
+    for r in range(0, n, step):
+        yield {"rows": (r, min(n, r + step))}
+
+
+def _to_float(raw: torch.Tensor, t: GGUFTensor) -> torch.Tensor:
+    """Raw blocks [..., rows, bytes] -> fp32 [..., rows, K] by gguf-py's dequantize (ggml's own arithmetic: our
+    middle-code form reorders the K-quants' d * sc * q - dmin * m, which can differ in the last bit)."""
+    return ggml.to_float(raw.numpy(), t.qtype, (*raw.shape[:-1], t.shape[-1]))
+
+
+def _fill_quant(qw, tensors: list[GGUFTensor], g: GGUFFile, f) -> None:  # noqa: ANN001
+    """Fill a quantized weight (a QuantLinear, or an expert stack from one GGUF tensor or the gate and up halves)
+    a chunk at a time, straight into its buffers: the file's own codes and scales when the type is exact for the
+    module's scheme (no float round trip), else dequantized and requantized."""
+    from ernie45.quant.modules import quantize_tensor
+
+    exact = all(ggml.EXACT.get(t.qtype) == qw.scheme for t in tensors)
+    stacked = len(tensors[0].shape) == 3
+    rows = sum(t.shape[-2] for t in tensors)
+    for at in _steps(tensors[0], rows):
+        raws = [g.read(t, f, **at) for t in tensors]
+        if exact:
+            parts = [ggml.decode(r, t.qtype, t.shape[-1]) for r, t in zip(raws, tensors)]
+            codes, scales, zeros = (torch.cat(p, dim=-2) for p in zip(*parts))
+            scales, zeros = scales.to(qw.dtype), zeros.to(qw.dtype)
+            if not stacked:
+                qw.set_stored(None, codes, scales, zeros, slice(*at.get("rows", (0, qw.n))))
+                continue
+            for j in range(codes.shape[0]):
+                qw.set_stored(at["index"] + j, codes[j], scales[j], zeros[j])
+            continue
+        w = torch.cat([_to_float(r, t) for r, t in zip(raws, tensors)], dim=-2)
+        if not stacked:
+            qw.set(None, *quantize_tensor(w, qw.scheme), slice(*at.get("rows", (0, qw.n))))
+            continue
+        for j in range(w.shape[0]):
+            qw.quantize_(at["index"] + j, w[j])
 
 
 def _fill_float(param: torch.Tensor, parts: dict, g: GGUFFile, f) -> None:  # noqa: ANN001
-    if None in parts:
-        t = parts[None]
-        if len(t.shape) == 3:  # a full-precision expert stack, one expert at a time
-            for e in range(t.shape[0]):
-                param[e].copy_(ggml.to_float(g.read(t, f, e).numpy(), t.qtype, t.shape[1:]))
-            return
-        param.copy_(ggml.to_float(g.read(t, f).numpy(), t.qtype, t.shape).reshape(param.shape))
-        return
-    half = param.shape[1] // 2  # gate_up_proj [E, 2I, H] from ffn_gate_exps and ffn_up_exps
-    for e in range(param.shape[0]):
+    """A full-precision parameter (the embedding, norms, router, or a float expert stack) a chunk at a time."""
+    if None not in parts:  # gate_up_proj [E, 2I, H] from ffn_gate_exps and ffn_up_exps
+        half = param.shape[1] // 2
         for p, rows in (("gate", slice(0, half)), ("up", slice(half, None))):
             t = parts[p]
-            param[e, rows].copy_(ggml.to_float(g.read(t, f, e).numpy(), t.qtype, t.shape[1:]))
+            for at in _steps(t, half):
+                e = at["index"]
+                param[e:e + at["count"], rows].copy_(_to_float(g.read(t, f, **at), t))
+        return
+    t = parts[None]
+    if len(t.shape) == 3:
+        for at in _steps(t, t.shape[1]):
+            e = at["index"]
+            param[e:e + at["count"]].copy_(_to_float(g.read(t, f, **at), t))
+        return
+    if len(t.shape) < 2 or tuple(param.shape) != t.shape:  # 1-D, or a vector that llama.cpp stores as [1, n]
+        param.copy_(_to_float(g.read(t, f), t).reshape(param.shape))
+        return
+    for at in _steps(t, t.shape[0]):
+        r0, r1 = at["rows"]
+        param[r0:r1].copy_(_to_float(g.read(t, f, **at), t))
 
 
 # ----------------------------------------------------------------------------------------- tokenizer

@@ -74,19 +74,27 @@ class QWeight(nn.Module):
 
     # ------------------------------------------------------------------------ portable <-> kernel layout
     @torch.no_grad()
-    def set(self, i: int | None, codes_NK: torch.Tensor, scales_NG: torch.Tensor, offsets_NG: torch.Tensor) -> None:
+    def set(self, i: int | None, codes_NK: torch.Tensor, scales_NG: torch.Tensor, offsets_NG: torch.Tensor,
+            rows: slice = slice(None)) -> None:
         """Store weight ``i`` of a stack (None: the only one) from a quantizer's codes, scales and offsets
         (w = code * scale + offset); the zero is rounded to the compute dtype after the shift."""
         mid = 2 ** (self.bits - 1)
         zeros = offsets_NG.float() + mid * scales_NG.float()
-        self.set_stored(i, codes_NK, scales_NG.to(self.dtype), zeros.to(self.dtype))
+        self.set_stored(i, codes_NK, scales_NG.to(self.dtype), zeros.to(self.dtype), rows)
 
     @torch.no_grad()
-    def set_stored(self, i: int | None, codes_NK: torch.Tensor, scales_NG: torch.Tensor, zeros_NG: torch.Tensor
-                   ) -> None:
-        """Store weight ``i`` from the portable form (codes [N, K] uint8, scales/zeros [N, G], middle-code)."""
+    def set_stored(self, i: int | None, codes_NK: torch.Tensor, scales_NG: torch.Tensor, zeros_NG: torch.Tensor,
+                   rows: slice = slice(None)) -> None:
+        """Store weight ``i`` from the portable form (codes [N, K] uint8, scales/zeros [N, G], middle-code).
+        rows: only that range of output rows, given as [rows, K] (a start on a multiple of 64 rows: the int4
+        layout interleaves blocks of 64 rows), so a large weight can be filled piece by piece."""
+        if rows != slice(None):
+            start, stop, step = rows.indices(self.n)
+            if step != 1 or start % 64 or codes_NK.shape[-2] != stop - start:
+                raise ValueError(f"rows {rows} of a [{self.n}, {self.k}] weight: a contiguous range starting on a "
+                                 f"multiple of 64 rows, matching the {codes_NK.shape[-2]} rows given")
         self.version += 1
-        self.format.store(self, i, codes_NK, scales_NG, zeros_NG)
+        self.format.store(self, i, codes_NK, scales_NG, zeros_NG, rows)
 
     def stored(self, i: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The portable (codes [N, K] uint8, scales [N, G], zeros [N, G]) of weight ``i``, bit-exact."""

@@ -29,9 +29,9 @@ class AtenInt4Format(WeightFormat):
         return qw.scale_zeros.dtype
 
     def store(self, qw: nn.Module, i: int | None, codes_NK: torch.Tensor, scales_NG: torch.Tensor,
-              zeros_NG: torch.Tensor) -> None:
-        at(qw.qweight, i).copy_(qm.to_int4_kernel_layout(codes_NK))
-        at(qw.scale_zeros, i).copy_(qm.int4_scale_zeros(scales_NG, zeros_NG))
+              zeros_NG: torch.Tensor, rows: slice = slice(None)) -> None:
+        at(qw.qweight, i)[rows].copy_(qm.to_int4_kernel_layout(codes_NK))  # whole blocks of 64 rows
+        at(qw.scale_zeros, i)[:, rows].copy_(qm.int4_scale_zeros(scales_NG, zeros_NG))
 
     def load(self, qw: nn.Module, i: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s, z = qm.int4_split_scale_zeros(at(qw.scale_zeros, i))

@@ -24,10 +24,10 @@ class AtenInt8Format(WeightFormat):
                 "scales": torch.empty(*self.lead, self.n, dtype=dtype, device=device)}
 
     def store(self, qw: nn.Module, i: int | None, codes_NK: torch.Tensor, scales_NG: torch.Tensor,
-              zeros_NG: torch.Tensor) -> None:
+              zeros_NG: torch.Tensor, rows: slice = slice(None)) -> None:
         # symmetric: the zero is 0, so the signed value is code - 128.
-        at(qw.qweight, i).copy_((codes_NK.to(torch.int16) - 128).to(torch.int8))
-        at(qw.scales, i).copy_(scales_NG.reshape(self.n))
+        at(qw.qweight, i)[rows].copy_((codes_NK.to(torch.int16) - 128).to(torch.int8))
+        at(qw.scales, i)[rows].copy_(scales_NG.reshape(-1))
 
     def load(self, qw: nn.Module, i: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = at(qw.scales, i)[:, None]

@@ -38,8 +38,9 @@ class WeightFormat:
         raise NotImplementedError
 
     def store(self, qw: nn.Module, i: int | None, codes_NK: torch.Tensor, scales_NG: torch.Tensor,
-              zeros_NG: torch.Tensor) -> None:
-        """Write weight ``i`` of the stack (None: the only one) from the portable form."""
+              zeros_NG: torch.Tensor, rows: slice = slice(None)) -> None:
+        """Write weight ``i`` of the stack (None: the only one) from the portable form; ``rows``: only those output
+        rows (a converter filling a large weight a few rows at a time; starts on a multiple of 64 rows)."""
         raise NotImplementedError
 
     def load(self, qw: nn.Module, i: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

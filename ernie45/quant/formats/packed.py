@@ -25,11 +25,11 @@ class PackedFormat(WeightFormat):
                 "zeros": torch.empty(*self.lead, self.n, g, dtype=dtype, device=device)}
 
     def store(self, qw: nn.Module, i: int | None, codes_NK: torch.Tensor, scales_NG: torch.Tensor,
-              zeros_NG: torch.Tensor) -> None:
-        at(qw.qweight, i).copy_(self.pack(codes_NK))
-        at(qw.scales, i).copy_(scales_NG)
+              zeros_NG: torch.Tensor, rows: slice = slice(None)) -> None:
+        at(qw.qweight, i)[rows].copy_(self.pack(codes_NK))
+        at(qw.scales, i)[rows].copy_(scales_NG)
         if qw.zeros is not None:
-            at(qw.zeros, i).copy_(zeros_NG)
+            at(qw.zeros, i)[rows].copy_(zeros_NG)
 
     def load(self, qw: nn.Module, i: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = at(qw.scales, i)
