@@ -16,45 +16,66 @@ import sys
 import time
 
 sys.path.insert(0, "scripts")
-from make_upo_task import make_digits
-from ernie45.train.recipe import TrainConfig
-from ernie45.train.upo import UPOTrainer
-name, op, length, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-over = dict(a.split("=", 1) for a in sys.argv[5:])
-out = f"/tmp/upo_runs/{name}"; os.makedirs(out, exist_ok=True)
-chat = os.environ.get("CHAT")
-if chat:
-    train = [json.loads(l) for l in open(f"{chat}/train.jsonl")]
-    held = [json.loads(l) for l in open(f"{chat}/held.jsonl")]
-else:
-    train, held = make_digits(op, length, 20 if length == 2 else 100, 0)
-with open(f"{out}/train.jsonl", "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in train)
-cfg = TrainConfig.from_yaml("recipes/upo.yaml", output_dir=out + "/run")
-cfg.data = [f"{out}/train.jsonl"]
-cfg.upo["rewards"] = [{"type": "python", "function": "scripts/make_upo_task.py:digit_match", "weight": 1.0}]
-cfg.upo["max_new_tokens"] = length + 2
-cfg.max_steps = steps; cfg.plot = False
-for k, v in over.items():
-    v = json.loads(v)
-    if k.startswith("upo."): cfg.upo[k[4:]] = v
-    else: setattr(cfg, k, v)
-tr = UPOTrainer(cfg)
-def evaluate():
-    enc = lambda p: tr.tokenizer.encode(p if isinstance(p, str) else tr.tokenizer.apply_chat_template(p, add_generation_prompt=True), add_special_tokens=False)
-    groups, _ = tr.rollout.generate([enc(r["prompt"]) for r in held], 1,
-                                    [0] * len(held), max_new_tokens=length + 2, temperature=0.0, stop=["\n"])
-    ans = [g[0].text.strip() for g in groups]
-    return sum(a == r["answer"] for a, r in zip(ans, held)) / len(held), ans[:8]
-print("before", evaluate(), flush=True)
-t0 = time.time(); rows = []
-for s in range(steps):
-    r = tr.train_step(); rows.append(r)
-    if (s + 1) % 10 == 0:
-        w = rows[-10:]
-        print(s + 1, round(time.time() - t0), "R %.3f gstd %.3f len %.2f kl %.3f" % (
-            sum(x["reward_mean"] for x in w) / 10, sum(x["reward_group_std"] for x in w) / 10,
-            sum(x["completion_len"] for x in w) / 10, sum(x.get("kl", 0) for x in w) / 10), flush=True)
-    if (s + 1) % 50 == 0:
-        print("eval", evaluate(), flush=True)
-print("after", evaluate(), flush=True)
+from make_upo_task import make_digits  # noqa: E402
+
+from ernie45.train.recipe import TrainConfig  # noqa: E402
+from ernie45.train.upo import UPOTrainer  # noqa: E402
+
+
+def read(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main() -> None:
+    name, op, length, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    over = dict(a.split("=", 1) for a in sys.argv[5:])
+    out = f"/tmp/upo_runs/{name}"
+    os.makedirs(out, exist_ok=True)
+    chat = os.environ.get("CHAT")
+    if chat:
+        train, held = read(f"{chat}/train.jsonl"), read(f"{chat}/held.jsonl")
+    else:
+        train, held = make_digits(op, length, 20 if length == 2 else 100, 0)
+    with open(f"{out}/train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in train)
+    cfg = TrainConfig.from_yaml("recipes/upo.yaml", output_dir=out + "/run")
+    cfg.data = [f"{out}/train.jsonl"]
+    cfg.upo["rewards"] = [{"type": "python", "function": "scripts/make_upo_task.py:digit_match", "weight": 1.0}]
+    cfg.upo["max_new_tokens"] = length + 2
+    cfg.max_steps, cfg.plot = steps, False
+    for k, v in over.items():
+        if k.startswith("upo."):
+            cfg.upo[k[4:]] = json.loads(v)
+        else:
+            setattr(cfg, k, json.loads(v))
+    tr = UPOTrainer(cfg)
+    tok = tr.tokenizer
+
+    def encode(p: str | list[dict]) -> list[int]:
+        text = p if isinstance(p, str) else tok.apply_chat_template(p, add_generation_prompt=True)
+        return tok.encode(text, add_special_tokens=False)
+
+    def evaluate() -> tuple[float, list[str]]:  # greedy exact match on the held-out prompts
+        groups, _ = tr.rollout.generate([encode(r["prompt"]) for r in held], 1, [0] * len(held),
+                                        max_new_tokens=length + 2, temperature=0.0, stop=["\n"])
+        ans = [g[0].text.strip() for g in groups]
+        return sum(a == r["answer"] for a, r in zip(ans, held)) / len(held), ans[:8]
+
+    print("before", evaluate(), flush=True)
+    t0, rows = time.time(), []
+    for s in range(steps):
+        rows.append(tr.train_step())
+        if (s + 1) % 10 == 0:
+            w = rows[-10:]
+            mean = {k: sum(x.get(k, 0.0) for x in w) / len(w)
+                    for k in ("reward_mean", "reward_group_std", "completion_len", "kl")}
+            print(s + 1, round(time.time() - t0), f"R {mean['reward_mean']:.3f} gstd {mean['reward_group_std']:.3f} "
+                  f"len {mean['completion_len']:.2f} kl {mean['kl']:.3f}", flush=True)
+        if (s + 1) % 50 == 0:
+            print("eval", evaluate(), flush=True)
+    print("after", evaluate(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
