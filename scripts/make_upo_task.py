@@ -56,6 +56,60 @@ def closeness(prompt: str, completion: str, record: dict) -> float:
     return credit if completion.strip() == m.group(1) else credit / 2
 
 
+DIGITS_TEMPLATE = "{op}: {digits}\nAnswer: "
+
+
+def digit_match(prompt: str, completion: str, record: dict) -> float:
+    """Per-position credit for a digit-string answer: the share of positions where the stripped completion
+    has the answer's character, over the longer of the two (an extra or a missing character costs its share).
+    A constant or random answer scores 1/10 per position on average, whatever it is."""
+    got, want = completion.strip(), str(record["answer"])
+    if not got:
+        return 0.0
+    return sum(a == b for a, b in zip(got, want)) / max(len(got), len(want))
+
+
+def make_digits(op: str, length: int, holdout: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Every ``length``-digit string (leading zeros included) as a prompt ``"Copy: 371\nAnswer: "`` -> ``"371"``
+    (op copy) or ``"Reverse: 371\nAnswer: "`` -> ``"173"`` (op reverse); a seeded random ``holdout`` of them
+    is set aside for evaluation. Returns (train, held out)."""
+    if op not in ("copy", "reverse"):
+        raise ValueError(f"--op {op!r}: choose copy or reverse")
+    if not 1 <= length <= 4:
+        raise ValueError(f"--length {length}: choose 1..4")
+    strings = [str(i).zfill(length) for i in range(10 ** length)]
+    if not 0 <= holdout < len(strings):
+        raise ValueError(f"--holdout {holdout}: choose 0..{len(strings) - 1} (there are {len(strings)} strings)")
+    random.Random(seed).shuffle(strings)
+    rows = [{"prompt": DIGITS_TEMPLATE.format(op=op.capitalize(), digits=s),
+             "answer": s if op == "copy" else s[::-1]} for s in strings]
+    return rows[holdout:], rows[:holdout]
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def write_digits_chat(out_dir: str, op: str, length: int, holdout: int, seed: int) -> None:
+    """The copy/reverse demo as chat prompts: ``train.jsonl`` / ``held.jsonl`` (UPO prompts and held-out
+    evaluation) and ``warmup.jsonl``, SFT chats that teach only the answer *format*: each training prompt
+    answered with a random digit string of the right length (seed + 1), so after the warm-up the model
+    answers in the format at chance level on the task (1/10 per digit)."""
+    train, held = make_digits(op, length, holdout, seed)
+    def chat(r: dict) -> list[dict]:
+        return [{"role": "user", "content": r["prompt"].split("\n")[0]}]
+    rng = random.Random(seed + 1)
+    write_jsonl(os.path.join(out_dir, "train.jsonl"), [{"prompt": chat(r), "answer": r["answer"]} for r in train])
+    write_jsonl(os.path.join(out_dir, "held.jsonl"), [{"prompt": chat(r), "answer": r["answer"]} for r in held])
+    rand = [str(rng.randrange(10 ** length)).zfill(length) for _ in train]
+    write_jsonl(os.path.join(out_dir, "warmup.jsonl"),
+                [{"messages": chat(r) + [{"role": "assistant", "content": a}]} for r, a in zip(train, rand)])
+
+
 def make_add(max_operand: int) -> list[dict]:
     if not 1 <= max_operand <= 99:
         raise ValueError(f"--max-operand {max_operand}: choose 1..99")
@@ -92,7 +146,10 @@ def evaluate(model: str, path: str, samples: int = 8) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--task", choices=["add", "copy"], default="add")
+    ap.add_argument("--task", choices=["add", "copy", "digits"], default="add")
+    ap.add_argument("--op", choices=["copy", "reverse"], default="copy", help="--task digits: copy or reverse")
+    ap.add_argument("--length", type=int, default=2, help="--task digits: digits per string")
+    ap.add_argument("--holdout", type=int, default=20, help="--task digits: strings kept for evaluation")
     ap.add_argument("--out", default="data/upo_add.jsonl")
     ap.add_argument("--max-operand", type=int, default=4)
     ap.add_argument("--words", type=int, default=len(WORDS))
@@ -101,6 +158,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.eval:
         print(json.dumps(evaluate(args.eval, args.out), ensure_ascii=False))
+        return
+    if args.task == "digits":  # --out is a folder: train.jsonl, held.jsonl, warmup.jsonl
+        write_digits_chat(args.out, args.op, args.length, args.holdout, args.seed)
+        print(f"{args.op} {args.length} digits -> {args.out}/{{train,held,warmup}}.jsonl")
         return
     rows = make_add(args.max_operand) if args.task == "add" else make(args.words, args.seed)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

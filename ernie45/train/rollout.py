@@ -50,6 +50,9 @@ class RolloutEngine:
                                 max_num_batched_tokens=max(max_num_batched_tokens, max_model_len),
                                 kv_cache_memory=kv_cache_memory, enable_prefix_caching=False)
         model.train(was_training)  # LLMEngine puts its model in eval mode
+        # a chat prompt's answer ends with <|end_of_sentence|>, not the checkpoint's EOS: stop on every stop id
+        # of the tokenizer, as LLM.chat does
+        self.stop_token_ids = list(getattr(tokenizer, "stop_token_ids", None) or [])
         self._counter = 0
         self.tokens_total = 0
         self.seconds_total = 0.0
@@ -70,7 +73,8 @@ class RolloutEngine:
                 rid = f"rollout-{self._counter}"
                 self._counter += 1
                 params = SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        top_k=top_k, seed=seed, logprobs=0, stop=list(stop or []) or None)
+                                        top_k=top_k, seed=seed, logprobs=0, stop=list(stop or []) or None,
+                                        stop_token_ids=self.stop_token_ids or None)
                 self.engine.add_request(rid, p, params)
                 ids.append(rid)
             final = {}

@@ -146,3 +146,21 @@ def test_cli_refuses_several_ranks_for_upo(tmp_path, prompts, tok_dir):
     args.task = "sft"
     with pytest.raises(ValueError, match="is a 'upo' recipe"):
         cmd_train(args)
+
+
+def test_rollout_stops_on_the_chat_end_token(tmp_path, prompts, tok_dir, tok):
+    """A chat answer ends with <|end_of_sentence|>, which is not the checkpoint's EOS: rollouts must stop on
+    every stop id of the tokenizer (before the fix they ran on to max_new_tokens)."""
+    end = tok.token_to_id("<|end_of_sentence|>")
+    tr = UPOTrainer(_cfg(tmp_path, prompts, tok_dir))
+    assert end in tr.rollout.stop_token_ids and end != tr.model.config.eos_token_id
+
+    def favour_end(module, args, logits):  # noqa: ANN001, ANN202 - the end token becomes the certain choice
+        logits = logits.clone()
+        logits[..., end] += 1e4
+        return logits
+
+    tr.model.lm_head.register_forward_hook(favour_end)
+    groups, _ = tr.rollout.generate([tr.dataset[0].ids], 2, [0], max_new_tokens=6)
+    for c in groups[0]:
+        assert c.token_ids == [end] and c.finish_reason == "stop"
