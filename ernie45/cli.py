@@ -50,7 +50,10 @@ def _info_backend(args: argparse.Namespace) -> int:
     print("features: " + " ".join(f for f, on in info["features"].items() if on))
     for name, why in info["backends"].items():
         print(f"backend {name}: {why}")
-    print(f"native kernels: {info['native_kernels']}")
+    print(f"native kernels: {info['native_kernels']}"
+          + (f", the {info['active_isa']} build active" if info.get("active_isa") else ""))
+    for isa, why in info["kernel_builds"].items():
+        print(f"  {isa} build: {why}")
     if "choice" in info:
         c = info["choice"]
         print(f"kernel choice per family and rows (N native, t torch), {c['source']}"

@@ -133,6 +133,7 @@ def describe(measure: bool = False) -> dict:
         "torch": torch.__version__,
         "backends": {name: b.why_unusable() or "usable" for name, b in BACKENDS.items()},
         "native_kernels": "built" if kernels.available() else f"unavailable: {kernels.why_unavailable()}",
+        "kernel_builds": {isa: kernels.isa_why_not(isa) or "runs here" for isa in kernels.ISAS},
     }
     if kernels.available():
         c = choice.ensure("measure" if measure else None)
@@ -141,4 +142,5 @@ def describe(measure: bool = False) -> dict:
                                          for f in choice.FAMILIES},
                          "timings_us": c.timings}
         out["choice_table"] = c.table()
+        out["active_isa"] = kernels.active_isa()
     return out

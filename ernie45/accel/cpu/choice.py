@@ -8,6 +8,11 @@ and the faster one is recorded. The result is cached per CPU model, flags, threa
 source under ``$ERNIE45_CACHE`` (default ``~/.cache/ernie45/calibration``), so the calibration (a few seconds) runs
 once per machine; ``ernie45 info --backend`` shows the table and where it came from.
 
+Where the CPU runs more than one build of the kernels (AVX-512 and AVX2: ``kernels.ISAS``), the faster build at
+one row is measured first and made active (``$ERNIE45_ISA`` forces one instead). AMX tiles are reached through
+torch's side: oneDNN runs bf16 and int8 matmuls on them on CPUs that have them (it requests the Linux tile permission
+itself), so on such a CPU the measurement decides per bucket between our AVX-512 kernels and oneDNN's AMX path.
+
 Families (the module that consults each):
 
 - ``blinear``: bf16 linears (``NativeLinear``, the bf16 experts' per-expert matmuls): ``kernels.bgemm`` or
@@ -75,11 +80,18 @@ class Choice:
     """Per family, per bucket measured: {"rows", "native_us", "torch_us"}."""
     cpu: str = ""
     path: str = ""
+    isa: str | None = None
+    """The kernel build measured fastest (``kernels.ISAS``: AVX-512 or AVX2) and made active; None: the default."""
+    isa_us: dict[str, float] = field(default_factory=dict)
+    """Per build this CPU runs: the summed one-row time of the quantized, bf16 and MoE kernels."""
     """The cache file (measured or read)."""
 
     def table(self) -> list[str]:
         """One line per family: the rows where each implementation runs, with the measured times."""
         lines = []
+        if self.isa_us:
+            lines.append("      isa  " + ", ".join(f"{k} {v:.1f} us" for k, v in self.isa_us.items())
+                         + f" (one row of qlinear4 + blinear + qexperts): {self.isa}")
         for fam in FAMILIES:
             flags = self.native.get(fam)
             if flags is None:
@@ -149,7 +161,9 @@ def _read(path: Path) -> Choice | None:
         native_ = {f: tuple(bool(x) for x in data["native"][f]) for f in FAMILIES}
         if any(len(v) != len(BUCKETS) for v in native_.values()) or data.get("buckets") != list(BUCKETS):
             return None
-        return Choice(native_, "cache", data.get("timings", {}), data.get("cpu", ""), str(path))
+        isa = data.get("isa")
+        return Choice(native_, "cache", data.get("timings", {}), data.get("cpu", ""), str(path),
+                      isa if isa in kernels.ISAS else None, data.get("isa_us", {}))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -176,7 +190,10 @@ def ensure(mode: str | None = None) -> Choice:
                 got = calibrate()
                 got.path = str(path)
                 atomic_write_text(path, json.dumps({"version": VERSION, "cpu": got.cpu, "buckets": list(BUCKETS),
-                                                    "native": got.native, "timings": got.timings}, indent=1))
+                                                    "native": got.native, "timings": got.timings, "isa": got.isa,
+                                                    "isa_us": got.isa_us}, indent=1))
+    if got.isa and not os.environ.get("ERNIE45_ISA") and not kernels.isa_why_not(got.isa):
+        kernels.set_isa(got.isa)
     set_choice(got)
     log.info("CPU kernel choice (%s, %s):\n%s", got.source, got.path, "\n".join(got.table()))
     return got
@@ -331,6 +348,21 @@ def calibrate(reps: int = 5, families: tuple[str, ...] = FAMILIES) -> Choice:
     builders = _families(gen)
     native_: dict[str, tuple[bool, ...]] = {}
     timings: dict[str, list[dict[str, float]]] = {}
+    isa, isa_us = None, {}
+    runs = [i for i in kernels.ISAS if not kernels.isa_why_not(i)]
+    if len(runs) > 1 and not os.environ.get("ERNIE45_ISA"):  # several builds run here: the faster one
+        with torch.inference_mode():
+            calls = {i: [builders[f][0](1) for f in ("qlinear4", "blinear", "qexperts")] for i in runs}
+
+            def under(i: str, fns: list) -> Callable:
+                def run() -> None:
+                    with kernels.use_isa(i):
+                        for fn in fns:
+                            fn()
+                return run
+            isa_us = {k: round(v, 1) for k, v in _median_us({i: under(i, calls[i]) for i in runs}, reps).items()}
+        isa = min(isa_us, key=isa_us.get)
+        kernels.set_isa(isa)
     with torch.inference_mode():
         for fam in families:
             flags, timings[fam] = _measure(*builders[fam], BUCKETS, reps)
@@ -338,4 +370,4 @@ def calibrate(reps: int = 5, families: tuple[str, ...] = FAMILIES) -> Choice:
     for fam in FAMILIES:  # families not measured keep the defaults
         native_.setdefault(fam, DEFAULTS.native[fam])
     log.info("CPU kernel calibration took %.1f s", time.perf_counter() - t0)
-    return Choice(native_, "measured", timings, kernels._cpu_info()[0])
+    return Choice(native_, "measured", timings, kernels._cpu_info()[0], isa=isa, isa_us=isa_us)
