@@ -11,9 +11,11 @@ meanwhile (its CPU seconds during the turn are recorded). Token counts are the c
 the streamed text and the prompt encoded with the checkpoint's tokenizer (servers report `usage` differently or
 not at all; each server's own count is kept beside it as a check). The benchmark's checkpoint declares the
 tokenizer the way transformers must read it to match ours (LlamaTokenizer, legacy, no BOS), so both servers see
-the same prompt tokens. Figures: the median round's, range over rounds; ratios: the median of per-round ratios.
+the same prompt tokens. Each round sends new prompts (the same to both servers), so no round is served from the other
+rounds' prefix cache. Figures: the median round's, range over rounds; ratios: the median of per-round ratios.
 
     flock /tmp/ernie45-heavy.lock python benchmarks/bench_serving.py                  # 0.3B-shaped model
+    (the peer needs `pip install accelerate`: transformers serve refuses to load without it)
     flock /tmp/ernie45-heavy.lock python benchmarks/bench_serving.py --model demo --no-peer
 
 Writes benchmarks/results/<date>-serving.md.
@@ -224,7 +226,9 @@ def main() -> None:
     if not args.no_peer and args.model != "demo":
         port = free_port()
         cb = [] if args.peer_no_cb else ["--continuous-batching"]
-        servers.append(("transformers", ["transformers", "serve", model, "--port", str(port), "--device", "cpu",
+        cli = os.path.join(os.path.dirname(sys.executable), "transformers")  # the venv's, not whatever is on PATH
+        cli = cli if os.path.exists(cli) else "transformers"
+        servers.append(("transformers", [cli, "serve", model, "--port", str(port), "--device", "cpu",
                                          "--dtype", "bfloat16", "--model-timeout", "86400", *cb], port, model))
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:
@@ -235,8 +239,10 @@ def main() -> None:
                                   args.max_tokens))
         stopped: set[str] = set()
         for c in levels:
-            texts = prompts(n_prompts[c], args.words, seed=c)  # the same requests for every server and round
             for rnd in range(args.rounds):
+                # The same requests for every server within a round, new ones each round: a repeated prompt would
+                # be served from ernie45's prefix cache (the peer has none), which is not what this measures.
+                texts = prompts(n_prompts[c], args.words, seed=1000 * c + rnd)
                 for name, _, port, served in running:
                     if name in stopped:
                         continue
@@ -252,7 +258,8 @@ def main() -> None:
                     if row["note"]:
                         stopped.add(name)  # higher concurrency would only take longer
             write_report(args, rows, model, float("nan"), 0)  # partial results survive a failing peer
-    offline = offline_ceiling(model, prompts(n_prompts[levels[-1]], args.words, seed=levels[-1]), args.max_tokens)
+    offline = offline_ceiling(model, prompts(n_prompts[levels[-1]], args.words, seed=1000 * levels[-1]),
+                              args.max_tokens)
     print(f"offline LLM.generate, {n_prompts[levels[-1]]} prompts at once: {offline:.1f} out tok/s", flush=True)
     write_report(args, rows, model, offline, n_prompts[levels[-1]])
 
