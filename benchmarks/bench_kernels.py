@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import machine, write_result  # noqa: E402
+from benchmarks.common import machine, median, median_range, paired_ratios, write_result  # noqa: E402
 from ernie45 import kernels  # noqa: E402
 from ernie45.quant import math as qm  # noqa: E402
 
@@ -35,16 +35,23 @@ torch.set_num_threads(2)
 N, K = 3072, 2560
 
 
-def per_call_ms(fn, experts: int, repeat: int = 5) -> float:  # noqa: ANN001
-    """Best of ``repeat`` sweeps over all experts, per call."""
-    fn(0)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for e in range(experts):
-            fn(e)
-        best = min(best, (time.perf_counter() - t0) / experts)
-    return best * 1e3
+def sweep_ms(fn, experts: int) -> float:  # noqa: ANN001
+    """One sweep over all experts: milliseconds per call."""
+    t0 = time.perf_counter()
+    for e in range(experts):
+        fn(e)
+    return (time.perf_counter() - t0) / experts * 1e3
+
+
+def paired_sweeps(ours, peer, experts: int, rounds: int) -> tuple[list[float], list[float]]:  # noqa: ANN001
+    """``rounds`` sweeps of each, alternating ours then the peer (after one warm-up sweep each), so that the
+    machine's bandwidth drift hits both sides of a pair alike."""
+    sweep_ms(ours, experts), sweep_ms(peer, experts)
+    t_ours, t_peer = [], []
+    for _ in range(rounds):
+        t_ours.append(sweep_ms(ours, experts))
+        t_peer.append(sweep_ms(peer, experts))
+    return t_ours, t_peer
 
 
 def main() -> None:
@@ -52,6 +59,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--only", nargs="+", default=None, help="weights to run: bf16 int8 int4 int2")
+    ap.add_argument("--rounds", type=int, default=7, help="alternating sweeps of each side (odd: a median round)")
     args = ap.parse_args()
     if not kernels.available():
         sys.exit(f"native kernels unavailable: {kernels.why_unavailable()}")
@@ -94,14 +102,19 @@ def main() -> None:
             continue
         for m in args.rows:
             x = torch.randn(m, K, generator=g).bfloat16()
-            t_ours = per_call_ms(lambda i, x=x, f=ours: f(x, i), e)
-            t_peer = per_call_ms(lambda i, x=x, f=peer: f(x, i), e, repeat=2 if name.startswith("int2") else 5)
-            line = (f"| {name} | {m} | {t_ours:.3f} | {nbytes / t_ours / 1e6:.1f} | {peer_name[name]} | "
-                    f"{t_peer:.3f} | {nbytes / t_peer / 1e6:.1f} | {t_peer / t_ours:.2f}x |")
+            t_ours, t_peer = paired_sweeps(lambda i, x=x, f=ours: f(x, i), lambda i, x=x, f=peer: f(x, i), e,
+                                           3 if name.startswith("int2") else args.rounds)
+            ratio = median_range(paired_ratios(t_ours, t_peer, higher_is_better=False), unit="x")
+            line = (f"| {name} | {m} | {median_range(t_ours, '{:.3f}')} | {nbytes / median(t_ours) / 1e6:.1f} | "
+                    f"{peer_name[name]} | {median_range(t_peer, '{:.3f}')} | {nbytes / median(t_peer) / 1e6:.1f} | "
+                    f"{ratio} |")
             print(line, flush=True)
             rows.append(line)
     text = (f"Weights: {e} experts of [{N}, {K}] (an ERNIE-4.5-21B-A3B gate_up projection), cycled so every call "
-            f"reads DRAM; best of 5 sweeps. GB/s = weight bytes (codes + scales/zeros) per second.\n"
+            f"reads DRAM; {args.rounds} sweeps of each side alternating (3 for int2, whose peer is slow). "
+            f"ms: the median sweep's, the range in brackets; GB/s = weight bytes (codes + scales/zeros) per second "
+            f"at the median; "
+            f"torch / ours: the median over the pairs of back-to-back sweeps, the range in brackets.\n"
             f"Machine: {machine()}.\n\n" + "\n".join(rows))
     print(f"\nwritten to {write_result('kernels', text)}")
 

@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import median_range, paired_ratios, write_result  # noqa: E402
 from ernie45 import ModelConfig, init_weights, load_model, save_model  # noqa: E402
 from ernie45.model.model import ErnieForCausalLM  # noqa: E402
 from ernie45.train.losses import masked_cross_entropy  # noqa: E402
@@ -148,18 +148,22 @@ def main() -> None:
                     ref()
                     t_ref.append(time.perf_counter() - t1)
                     t_ours.append(t1 - t0)
-                mo, mr = statistics.median(t_ours), statistics.median(t_ref)
+                ratios = paired_ratios(t_ours, t_ref, higher_is_better=False)
                 row = ("LoRA r=8" if lora else "full", "bf16 autocast" if bf16 else "fp32", n_ours, n_ref,
-                       tokens / mo, tokens / mr, mr / mo, first[0], first[1])
+                       median_range([tokens / t for t in t_ours], "{:.0f}"),
+                       median_range([tokens / t for t in t_ref], "{:.0f}"),
+                       median_range(ratios, unit="x"), first[0], first[1])
                 rows.append(row)
                 print(row, flush=True)
     table = ["| mode | precision | trainable ours / transformers | ours tok/s | transformers tok/s | ratio | "
              "step-0 loss ours / transformers |", "|---|---|---|---|---|---|---|"]
-    table += [f"| {m} | {p} | {a:,} / {b:,} | {o:.0f} | {r:.0f} | **{x:.2f}x** | {lo:.4f} / {lr:.4f} |"
+    table += [f"| {m} | {p} | {a:,} / {b:,} | {o} | {r} | **{x}** | {lo:.4f} / {lr:.4f} |"
               for m, p, a, b, o, r, x, lo, lr in rows]
     text = (f"Demo-model shape ({cfg.num_params():,} params; layer 0 dense, 3 MoE layers of 8 experts top-2 + 1 "
-            f"shared), batch {args.batch}x{args.seq} = {tokens} tokens per step, AdamW + clip, median of "
-            f"{args.steps} alternating steps. Ratio = our tokens/s over transformers' (> 1: we are faster). "
+            f"shared), batch {args.batch}x{args.seq} = {tokens} tokens per step, AdamW + clip, {args.steps} steps of "
+            f"each, alternating (ours, then transformers). tok/s: the median step's, the range over steps in "
+            f"brackets; ratio: the median over the steps of transformers' step time / ours in the same pair "
+            f"(> 1: we are faster), its range in brackets. "
             f"transformers uses its default attention (sdpa) and fused experts; LoRA r=8 on attention, MLP and "
             f"routed-expert weights in both (peft for transformers; its counts include its own expert layout).\n\n"
             + "\n".join(table))
