@@ -26,6 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.common import median_range, paired_ratios  # noqa: E402
 from ernie45.tokenizer import Tokenizer  # noqa: E402
 from ernie45.utils import atomic_write_text  # noqa: E402
 from tests.test_tokenizer import OFFICIAL, OFFICIAL_FIRST_ADDED_ID  # noqa: E402
@@ -61,13 +62,19 @@ def build_tokenizer(folder: str, texts: list[str], vocab: int) -> None:
         shutil.copy(os.path.join(OFFICIAL, name), folder)
 
 
-def best(fn, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def seconds(fn) -> float:  # noqa: ANN001
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def paired(ours, theirs, rounds: int = 5) -> tuple[list[float], list[float]]:  # noqa: ANN001
+    """``rounds`` timings of each, alternating ours then theirs, so machine noise hits both sides of a pair."""
+    t_ours, t_theirs = [], []
+    for _ in range(rounds):
+        t_ours.append(seconds(ours))
+        t_theirs.append(seconds(theirs))
+    return t_ours, t_theirs
 
 
 def main() -> None:
@@ -79,15 +86,14 @@ def main() -> None:
 
     texts = corpus_texts()
     nbytes = sum(len(t.encode()) for t in texts)
-    rows: list[tuple[str, float, float, str]] = []  # (what, ours, transformers, unit)
+    rows: list[tuple[str, list[float], list[float], str]] = []  # (what, ours, transformers, unit)
     with tempfile.TemporaryDirectory() as folder:
         t = time.perf_counter()
         build_tokenizer(folder, texts, args.vocab)
         train_s = time.perf_counter() - t
 
-        ours_load = best(lambda: Tokenizer.from_pretrained(folder), 3)
-        hf_load = best(lambda: transformers.LlamaTokenizer.from_pretrained(
-            folder, legacy=True, add_bos_token=False, add_prefix_space=False), 1)
+        ours_load, hf_load = paired(lambda: Tokenizer.from_pretrained(folder), lambda: transformers.LlamaTokenizer
+                                    .from_pretrained(folder, legacy=True, add_bos_token=False, add_prefix_space=False))
         rows.append(("load (s)", ours_load, hf_load, "s"))
         ours = Tokenizer.from_pretrained(folder)
         hf = transformers.LlamaTokenizer.from_pretrained(folder, legacy=True, add_bos_token=False,
@@ -97,15 +103,19 @@ def main() -> None:
         hf_ids = [hf.encode(x, add_special_tokens=False) for x in texts]
         mismatches = sum(a != b for a, b in zip(ours_ids, hf_ids))
         ntok = sum(map(len, ours_ids))
-        t_ours = best(lambda: [ours.encode(x) for x in texts])
-        t_hf = best(lambda: [hf.encode(x, add_special_tokens=False) for x in texts])
-        t_hf_batch = best(lambda: hf(texts, add_special_tokens=False)["input_ids"])
-        rows.append(("encode, one doc per call (MB/s)", nbytes / t_ours / 1e6, nbytes / t_hf / 1e6, "MB/s"))
-        rows.append(("encode, transformers batched call (MB/s)", nbytes / t_ours / 1e6, nbytes / t_hf_batch / 1e6,
-                     "MB/s"))
-        t_ours = best(lambda: [ours.decode(x) for x in ours_ids])
-        t_hf = best(lambda: [hf.decode(x, skip_special_tokens=True) for x in ours_ids])
-        rows.append(("decode, one doc per call (Mtok/s)", ntok / t_ours / 1e6, ntok / t_hf / 1e6, "Mtok/s"))
+        def mbs(ts: list[float]) -> list[float]:
+            return [nbytes / t / 1e6 for t in ts]
+
+        t_ours, t_hf = paired(lambda: [ours.encode(x) for x in texts],
+                              lambda: [hf.encode(x, add_special_tokens=False) for x in texts])
+        rows.append(("encode, one doc per call (MB/s)", mbs(t_ours), mbs(t_hf), "MB/s"))
+        t_ours, t_hf_batch = paired(lambda: [ours.encode(x) for x in texts],
+                                    lambda: hf(texts, add_special_tokens=False)["input_ids"])
+        rows.append(("encode, transformers batched call (MB/s)", mbs(t_ours), mbs(t_hf_batch), "MB/s"))
+        t_ours, t_hf = paired(lambda: [ours.decode(x) for x in ours_ids],
+                              lambda: [hf.decode(x, skip_special_tokens=True) for x in ours_ids])
+        rows.append(("decode, one doc per call (Mtok/s)", [ntok / t / 1e6 for t in t_ours],
+                     [ntok / t / 1e6 for t in t_hf], "Mtok/s"))
         dec_mismatch = sum(ours.decode(x) != hf.decode(x, skip_special_tokens=True) for x in ours_ids)
 
         # One long "generation": corpus tokens back to back, detokenized one token per step.
@@ -141,12 +151,16 @@ def main() -> None:
             return text
 
         assert ours_stream() == hf_stream() == window_stream() and ours.decode(stream).startswith(ours_stream())
-        t_ours, t_hf, t_win = best(ours_stream, 1), best(hf_stream, 1), best(window_stream, 1)
         n = len(stream)
-        rows.append((f"streaming detok, {n} tokens, vs TextStreamer (us/token)", t_ours / n * 1e6, t_hf / n * 1e6,
+
+        def us(ts: list[float]) -> list[float]:
+            return [t / n * 1e6 for t in ts]
+
+        t_ours, t_hf = paired(ours_stream, hf_stream, 3)  # TextStreamer takes ~12 s a run
+        rows.append((f"streaming detok, {n} tokens, vs TextStreamer (us/token)", us(t_ours), us(t_hf), "us/token"))
+        t_ours, t_win = paired(ours_stream, window_stream)
+        rows.append((f"streaming detok, {n} tokens, vs vLLM/TGI offset window (us/token)", us(t_ours), us(t_win),
                      "us/token"))
-        rows.append((f"streaming detok, {n} tokens, vs vLLM/TGI offset window (us/token)", t_ours / n * 1e6,
-                     t_win / n * 1e6, "us/token"))
 
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
@@ -160,11 +174,16 @@ def main() -> None:
         f"{train_s:.1f} s on data/corpus ({len(texts)} docs, {nbytes / 1e6:.2f} MB, {ntok} tokens)",
         f"- encode parity with transformers: {len(texts) - mismatches}/{len(texts)} docs identical; "
         f"decode parity: {len(texts) - dec_mismatch}/{len(texts)}", "",
-        "| work | ernie45 | transformers | ratio (ours/theirs, higher = ours better) |", "|---|---|---|---|",
+        "- method: each figure is timed in 5 rounds (3 against TextStreamer), ours then transformers back to back; "
+        "the figures are the median round's with the range over rounds in brackets, the ratio is the median of the "
+        "per-round ratios with its range", "",
+        "| work | ernie45 | transformers | ratio (higher = ours better), median of paired rounds (range) |",
+        "|---|---|---|---|",
     ]
     for what, a, b, unit in rows:
-        better = b / a if unit in ("s", "us/token") else a / b
-        lines.append(f"| {what} | {a:.3g} | {b:.3g} | {better:.2f}x |")
+        ratios = paired_ratios(a, b, higher_is_better=unit not in ("s", "us/token"))
+        lines.append(f"| {what} | {median_range(a, '{:.3g}')} | {median_range(b, '{:.3g}')} | "
+                     f"{median_range(ratios, unit='x')} |")
     report = "\n".join(lines) + "\n"
     print(report)
     out = os.path.join(ROOT, "benchmarks", "results", f"{datetime.date.today()}-tokenizer.md")
