@@ -54,6 +54,8 @@ def _info_backend(args: argparse.Namespace) -> int:
           + (f", the {info['active_isa']} build active" if info.get("active_isa") else ""))
     for isa, why in info["kernel_builds"].items():
         print(f"  {isa} build: {why}")
+    print(f"torch's bf16 matmul (the torch side of the choice; AMX comes through it): oneDNN "
+          f"{info['onednn_bf16_matmul']}")
     if "choice" in info:
         c = info["choice"]
         print(f"kernel choice per family and rows (N native, t torch), {c['source']}"

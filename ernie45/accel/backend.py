@@ -123,7 +123,7 @@ def describe(measure: bool = False) -> dict:
     """What ``ernie45 info --backend`` prints: the CPU and its features, each backend and why it cannot run, and the
     CPU backend's per-family table (measured now with ``measure``, else the cached one, measuring once if none)."""
     from ernie45 import kernels
-    from ernie45.accel.cpu import choice
+    from ernie45.accel.cpu import choice, onednn
 
     model, flags = kernels._cpu_info()
     out: dict = {
@@ -135,6 +135,10 @@ def describe(measure: bool = False) -> dict:
         "native_kernels": "built" if kernels.available() else f"unavailable: {kernels.why_unavailable()}",
         "kernel_builds": {isa: kernels.isa_why_not(isa) or "runs here" for isa in kernels.ISAS},
     }
+    try:
+        out["onednn_bf16_matmul"] = onednn.matmul_impl()["impl"] or "not used (torch's own kernels)"
+    except RuntimeError as e:  # the probe runs in a child process; a failure there is reported, not raised
+        out["onednn_bf16_matmul"] = f"unknown: {e}"
     if kernels.available():
         c = choice.ensure("measure" if measure else None)
         out["choice"] = {"source": c.source, "file": c.path,

@@ -206,6 +206,9 @@ def test_info_backend_names_the_cpu_features_and_the_table() -> None:
                          text=True, check=True, env={**__import__("os").environ, "ERNIE45_CALIBRATION": "defaults"})
     info = json.loads(out.stdout)
     assert set(info["backends"]) >= {"torch", "cpu"} and info["features"].keys() >= {"avx2", "avx512_bf16", "amx_bf16"}
+    # the torch side of the choice names oneDNN's implementation (AMX on an AMX CPU: tests/accel/test_onednn.py)
+    want = "amx" if info["features"]["amx_bf16"] else "avx512_core_bf16" if info["features"]["avx512_bf16"] else "not"
+    assert want in info["onednn_bf16_matmul"], info["onednn_bf16_matmul"]
     if kernels.available():
         assert info["choice"]["source"] == "defaults"
         assert info["choice"]["native_rows"]["qlinear4"] == [1, 2, 4, 8, 16]
