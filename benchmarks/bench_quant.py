@@ -143,6 +143,44 @@ def head_to_head(model, gguf: str | None, prompt_len: int, tokens: int) -> dict:
             "bandwidth_rounds": [max(a, b) for a, b in zip(bws, bws[1:])]}
 
 
+def prefill_head_to_head(model, gguf: str, prompt_len: int) -> dict:  # noqa: ANN001
+    """Prefill of a ``prompt_len``-token prompt (one chunk, to its first token), ours and llama.cpp alternating,
+    ROUNDS each after one untimed prefill each; a new random prompt every round (no cache reuse on either side)."""
+    from llama_cpp import Llama
+
+    from ernie45.engine import LLMEngine, SamplingParams
+
+    eng = LLMEngine(model, max_num_seqs=1, kv_cache_memory="256MB", max_model_len=prompt_len + 8,
+                    max_num_batched_tokens=prompt_len, enable_prefix_caching=False)
+    llm = Llama(model_path=gguf, n_ctx=prompt_len + 16, n_threads=2, n_threads_batch=2, n_batch=prompt_len,
+                n_ubatch=prompt_len, verbose=False)
+    g = torch.Generator().manual_seed(2)
+    vocab = min(model.config.vocab_size, llm.n_vocab())
+
+    def ours(i: int) -> float:
+        ids = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
+        t0 = time.perf_counter()
+        eng.add_request(f"p{i}", ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        while eng.has_unfinished_requests():
+            eng.step()
+        return prompt_len / (time.perf_counter() - t0)
+
+    def theirs() -> float:
+        ids = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        return prompt_len / (time.perf_counter() - t0)
+
+    ours(-1), theirs()
+    r_ours, r_peer = [], []
+    for i in range(ROUNDS):
+        r_ours.append(ours(i))
+        r_peer.append(theirs())
+    llm.close()
+    return {"ours_rounds": r_ours, "peer_rounds": r_peer}
+
+
 def roofline(h: dict, bytes_per_token: int) -> tuple[float, float, float]:
     """(fraction of the roofline, roofline tok/s, bandwidth) of the median round: each round of ours against the
     bandwidth measured around it (one round alone can read over 100%: the bandwidth swings within seconds)."""
@@ -205,6 +243,8 @@ def real_shape(layers: int | None = None) -> ModelConfig:
 
 
 SMOKE = bool(os.environ.get("BENCH_QUANT_SMOKE"))
+PREFILL = 0
+"""Prompt tokens of the prefill comparison on mid-4L (``--prefill``; 0: none)."""
 
 
 PAIRS = (("int8", {}, "Q8_0"), ("int4", {}, "Q4_K_M"), ("int4-head6", {"head_bits": 6}, "Q4_K_M"),
@@ -243,6 +283,9 @@ def part_mid4l(tokens: int, prompt: int, work: str) -> dict:
             out[f"{quant}_bytes_per_token"] = bytes_per_token(model)
             loaded = quant
         out[f"{quant}|{ftype}"] = head_to_head(model, os.path.join(work, f"mid4l-{ftype}.gguf"), prompt, tokens)
+        if PREFILL:
+            out[f"{quant}|{ftype}|prefill"] = prefill_head_to_head(model, os.path.join(work, f"mid4l-{ftype}.gguf"),
+                                                                   PREFILL)
     return out
 
 
@@ -279,8 +322,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="decode steps timed")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (prefill, not timed)")
     ap.add_argument("--workdir", default=None, help="where the mid-4L checkpoint and GGUFs go (~17 GB)")
+    ap.add_argument("--prefill", type=int, default=256,
+                    help="mid-4L: also time the prefill of a prompt this long against llama.cpp's (0: skip)")
     ap.add_argument("--_part", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global PREFILL
+    PREFILL = args.prefill
     if args._part:  # child process: one part, JSON on the last line
         if args._part == "check":
             res = part_check(8)
@@ -295,7 +342,8 @@ def main() -> None:
 
     results = {}
     for part in args.parts:
-        cmd = [sys.executable, __file__, "--_part", part, "--tokens", str(args.tokens), "--prompt", str(args.prompt)]
+        cmd = [sys.executable, __file__, "--_part", part, "--tokens", str(args.tokens), "--prompt", str(args.prompt),
+               "--prefill", str(args.prefill)]
         if args.workdir:
             cmd += ["--workdir", args.workdir]
         t0 = time.perf_counter()
@@ -331,6 +379,18 @@ def report(r: dict, args: argparse.Namespace) -> str:
                          f"({bw / 1e9:.1f} GB/s) | {frac:.0%} | llama.cpp {peer} "
                          f"({m[f'llama_{peer}_bytes'] / 2**30:.2f} GiB) | {median_range(h['peer_rounds'], '{:.1f}')} | "
                          f"{median_range(paired_ratios(h['ours_rounds'], h['peer_rounds']), unit='x')} |")
+    if "mid4l" in r and args.prefill:
+        m = r["mid4l"]
+        lines += ["", f"Prefill of a {args.prefill}-token prompt (one chunk, to the first token; a new random prompt "
+                  f"each round), mid-4L, {ROUNDS} rounds of each alternating after one untimed each:", "",
+                  "| ours | tok/s | llama.cpp | tok/s | ours / llama.cpp, paired rounds |", "|---|---|---|---|---|"]
+        for quant, _, peer in PAIRS:
+            h = m.get(f"{quant}|{peer}|prefill")
+            if h:
+                lines.append(f"| {quant} | {median_range(h['ours_rounds'], '{:.0f}')} | {peer} | "
+                             f"{median_range(h['peer_rounds'], '{:.0f}')} | "
+                             f"{median_range(paired_ratios(h['ours_rounds'], h['peer_rounds']), unit='x')} |")
+        lines.append("")
     if "full" in r:
         f = r["full"]
         h = f["int4"]
