@@ -112,18 +112,40 @@ def verify(logits_JV: torch.Tensor, seq, draft: Draft) -> tuple[int, list[int]]:
     return k, draft.tokens + [last]
 
 
-def draft_tokens(logits_SV: torch.Tensor, seqs: list) -> tuple[list[int], list[torch.Tensor | None]]:
-    """One draft token per sequence from MTP logits: the argmax for greedy requests, else a draw from the request's
-    own temperature/top-k/top-p/min-p distribution (its generator). Returns (tokens, the q rows or None)."""
-    tokens, qs = [], []
-    logits_SV = logits_SV.float()
-    for i, seq in enumerate(seqs):
-        if seq.params.greedy:
-            tokens.append(int(logits_SV[i].argmax()))
-            qs.append(None)
-            continue
-        q_V = random_probs(logits_SV[i:i + 1], [seq.params])[0]
-        gen = seq.state.sampling.generator if seq.state is not None else None
-        tokens.append(_draw(q_V, gen))
-        qs.append(q_V)
-    return tokens, qs
+def plain_greedy(seq) -> bool:  # noqa: ANN001 - a Sequence
+    """Greedy with nothing that reads the history (no penalties, logit processors or logprobs; min_tokens reached):
+    the token at every verified position is the argmax of the raw logits, so verification is a comparison."""
+    p = seq.params
+    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1 and not p.presence_penalty
+            and not p.frequency_penalty and not (seq.state is not None and seq.state.sampling.processors)
+            and (seq.num_output_tokens >= p.min_tokens or seq.state is None or not seq.state.sampling.stop_ids))
+
+
+def verify_greedy(best: list[int], drafts: list[int]) -> tuple[int, list[int]]:
+    """:func:`verify` for a :func:`plain_greedy` sequence from the argmax of each verified row (``best``, k + 1
+    entries): the drafts up to the first that is not the argmax, then the argmax there."""
+    for j, d in enumerate(drafts):
+        if best[j] != d:
+            return j, drafts[:j] + [best[j]]
+    return len(drafts), drafts + [best[len(drafts)]]
+
+
+def draft_tokens(logits_SV: torch.Tensor, seqs: list, argmax=None  # noqa: ANN001 - the backend's argmax or None
+                 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """One draft token per sequence from MTP logits: the argmax for greedy requests (all greedy rows in one call,
+    ``argmax`` the backend's when given), else a draw from the request's own temperature/top-k/top-p/min-p
+    distribution (its generator). Returns (tokens int64 [S], the q rows or None)."""
+    greedy = [seq.params.greedy for seq in seqs]
+    tokens_S = argmax(logits_SV) if argmax is not None else None
+    if tokens_S is None:
+        tokens_S = logits_SV.argmax(-1)
+    qs: list[torch.Tensor | None] = [None] * len(seqs)
+    if all(greedy):
+        return tokens_S, qs
+    rand = [i for i, g in enumerate(greedy) if not g]
+    q_RV = random_probs(logits_SV[rand].float(), [seqs[i].params for i in rand])
+    for n, i in enumerate(rand):
+        gen = seqs[i].state.sampling.generator if seqs[i].state is not None else None
+        tokens_S[i] = _draw(q_RV[n], gen)
+        qs[i] = q_RV[n]
+    return tokens_S, qs
