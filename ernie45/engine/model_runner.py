@@ -175,7 +175,9 @@ class ModelRunner:
             num_decodes=sum(small))
         h = self.model.mtp_hidden(torch.cat(hidden)[None], torch.tensor([ids], device=self.device),
                                   torch.tensor([pos], device=self.device), cache=self.attention.step(meta))[0]
-        out_IH = h[torch.tensor(last, device=self.device)]
+        one_each = len(ids) == len(items) and order == list(range(len(items)))  # row i is item i's last pair
+        out_IH = h if one_each else h[torch.tensor(last, device=self.device)]
         want = [i for i, it in enumerate(items) if it.want_logits]
-        logits = self.model.lm_head(out_IH[torch.tensor(want, device=self.device)]) if want else None
-        return out_IH, logits
+        if len(want) < len(items):
+            return out_IH, self.model.lm_head(out_IH[torch.tensor(want, device=self.device)]) if want else None
+        return out_IH, self.model.lm_head(out_IH)
