@@ -5,8 +5,10 @@ for ``x_{t+2}``. It is a decoder layer with its own KV cache (the engine's layer
 ``t`` for every pair whose ``h_t`` the main model has computed: after each step the engine runs the block over the
 pairs of the positions that step made valid (a prefill chunk, a decode token, the accepted part of a
 verification). The last pair gives draft 1; draft ``j + 1`` applies the block again to its own normalised output
-and draft ``j`` (the recursion the MTP head was not trained for beyond one step, so later drafts are accepted less
-often; the output stays exact whatever the drafts are).
+and draft ``j``, at the next position of the slot, attending to the verified pairs and the chain's earlier drafts
+(a head trained only one step deep accepts later drafts less often: the trainer's ``mtp_depth`` trains the block for
+this recursion; the output stays exact whatever the drafts are). All sequences of a step draft together: one MTP
+forward per depth, one decode row per sequence (``ModelRunner.mtp_draft``), greedy drafts one argmax call.
 
 Verification (standard speculative sampling, Leviathan et al. 2023 / Chen et al. 2023). The target model scores
 the last token and the k drafts in one forward (k + 1 query positions of the sequence over its paged cache). Draft
@@ -16,7 +18,8 @@ min-p, penalties and min_tokens over the history including the accepted drafts: 
 At the first rejection the token is drawn from ``normalise(max(0, p_j - q_j))`` and the step ends; if all k are
 accepted a bonus token is drawn from ``p_{k+1}``. Each emitted token is then distributed exactly as without
 speculation. Greedy rows have one-hot ``p`` and ``q``: a draft is accepted iff it is the argmax, so greedy output
-is token-identical to plain decoding.
+is token-identical to plain decoding; for greedy requests with nothing reading the history (:func:`plain_greedy`)
+the engine takes the argmax of all their verified rows in one call and compares (:func:`verify_greedy`).
 """
 
 from __future__ import annotations
