@@ -186,9 +186,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--pairs", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads (1 on a machine whose cores other work shares: 2 threads then spin at "
+                         "barriers and a step can take 10x longer)")
     ap.add_argument("--note", default="", help="a line for the results file (e.g. what else ran on the machine)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     res = {"load_before": [round(x, 2) for x in os.getloadavg()]}
     if "demo" in args.parts:
         res["demo"] = part_demo(args.rounds, args.max_tokens)
