@@ -12,6 +12,8 @@
   the experts of one token (up to 32 of 64 per layer), which decode streams from memory, so this bound depends on
   how often consecutive tokens share experts in a real model.
 
+  ``--draft-quant int8`` adds k = 1..4 with the MTP block quantized (``speculative_draft_quant``): on the CPU
+  backend a draft's decoder layer then runs as one native call.
 - ``accept``: greedy acceptance at k = 1..4 of one or more MTP heads (``--accept-models``: model folders) on
   held-out prompts, to compare heads.
 
@@ -70,35 +72,40 @@ def run_demo(engine: LLMEngine, prompts: list[str], max_tokens: int) -> tuple[fl
         "mean_accepted_length": (acc + steps) / steps if steps else None}
 
 
-def part_demo(rounds: int, max_tokens: int) -> dict:
+def part_demo(rounds: int, max_tokens: int, draft_quant: str | None = None) -> dict:
+    """Settings k0 (plain) .. k4, and with ``draft_quant`` also k1_<scheme> .. k4_<scheme> (the MTP block quantized:
+    ``speculative_draft_quant``), in alternating rounds."""
     out: dict = {}
-    ks = [0, 1, 2, 3, 4]
-    engines = {k: LLMEngine("demo", kv_cache_memory="256MB", speculative_tokens=k) for k in ks}
+    settings = [(f"k{k}", k, None) for k in range(5)]
+    if draft_quant:
+        settings += [(f"k{k}_{draft_quant}", k, draft_quant) for k in range(1, 5)]
+    engines = {name: LLMEngine("demo", kv_cache_memory="256MB", speculative_tokens=k, speculative_draft_quant=q)
+               for name, k, q in settings}
     for batch in (1, 8):
         prompts = demo_prompts(batch)
-        for k in ks:  # warm-up
-            run_demo(engines[k], prompts, 8)
-        rates: dict[int, list[float]] = {k: [] for k in ks}
-        acc: dict[int, list] = {k: [] for k in ks}
+        for name in engines:  # warm-up
+            run_demo(engines[name], prompts, 8)
+        rates: dict[str, list[float]] = {name: [] for name in engines}
+        acc: dict[str, list] = {name: [] for name in engines}
         ref_tokens = None
-        same: dict[int, list[float]] = {k: [] for k in ks}
+        same: dict[str, list[float]] = {name: [] for name in engines}
         for _ in range(rounds):
-            for k in ks:
-                r, toks, st = run_demo(engines[k], prompts, max_tokens)
+            for name in engines:
+                r, toks, st = run_demo(engines[name], prompts, max_tokens)
                 if ref_tokens is None:
                     ref_tokens = toks
                 # bf16: a verify forward may round differently from a one-token step, so near-ties can flip
-                same[k].append(sum(a == b for a, b in zip(toks, ref_tokens)) / len(toks))
-                rates[k].append(r)
-                acc[k].append(st)
-        for k in ks:
-            ratios = [a / b for a, b in zip(rates[k], rates[0])]
-            out[f"b{batch}_k{k}"] = {
-                "tok_s": statistics.median(rates[k]), "tok_s_all": [round(x, 1) for x in rates[k]],
+                same[name].append(sum(a == b for a, b in zip(toks, ref_tokens)) / len(toks))
+                rates[name].append(r)
+                acc[name].append(st)
+        for name in engines:
+            ratios = [a / b for a, b in zip(rates[name], rates["k0"])]
+            out[f"b{batch}_{name}"] = {
+                "tok_s": statistics.median(rates[name]), "tok_s_all": [round(x, 1) for x in rates[name]],
                 "speedup_median": statistics.median(ratios), "speedup_range": [min(ratios), max(ratios)],
-                "acceptance": acc[k][-1]["acceptance"], "mean_accepted_length": acc[k][-1]["mean_accepted_length"],
-                "identical_outputs": min(same[k])}
-            print(f"batch {batch} k={k}: {out[f'b{batch}_k{k}']}", flush=True)
+                "acceptance": acc[name][-1]["acceptance"],
+                "mean_accepted_length": acc[name][-1]["mean_accepted_length"], "identical_outputs": min(same[name])}
+            print(f"batch {batch} {name}: {out[f'b{batch}_{name}']}", flush=True)
     return out
 
 
@@ -186,6 +193,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--pairs", type=int, default=20)
+    ap.add_argument("--draft-quant", default=None,
+                    help="also run k=1..4 with the MTP block quantized with this preset (speculative_draft_quant)")
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads (1 on a machine whose cores other work shares: 2 threads then spin at "
                          "barriers and a step can take 10x longer)")
@@ -194,7 +203,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     res = {"load_before": [round(x, 2) for x in os.getloadavg()]}
     if "demo" in args.parts:
-        res["demo"] = part_demo(args.rounds, args.max_tokens)
+        res["demo"] = part_demo(args.rounds, args.max_tokens, args.draft_quant)
     if "accept" in args.parts:
         res["accept"] = part_accept(args.accept_models)
     if "verify" in args.parts:

@@ -14,7 +14,6 @@ import collections
 import time
 
 import torch
-
 from bench_spec import demo_prompts, run_demo  # noqa: E402 - benchmarks/ is the script's folder
 
 from ernie45.engine.llm import LLMEngine

@@ -69,9 +69,14 @@ class LLMEngine:
                  kv_cache_memory: int | str | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, max_waiting: int | None = None,
                  runner: type[ModelRunner] = ModelRunner, max_logprobs: int = 20, strict_max_tokens: bool = False,
-                 speculative_tokens: int = 0, backend: str = "auto", **load_options) -> None:
+                 speculative_tokens: int = 0, speculative_draft_quant: str | None = None, backend: str = "auto",
+                 **load_options) -> None:
         """speculative_tokens: draft this many tokens a step with the model's MTP block and verify them in one
         forward (``engine/speculative.py``; 0 = off, the output is the same either way).
+        speculative_draft_quant: quantize the model's MTP block (its decoder layer and input projection) in place
+        with this preset ("int8", "int4": ``ernie45.quant``) before the backend is applied, so that a draft runs
+        the backend's quantized kernels (the CPU backend: the whole layer as one native call). Only the drafts
+        change (their acceptance may); the output stays exact. None keeps the block as loaded.
         max_logprobs: the most top logprobs a request may ask for (OpenAI's and vLLM's 20).
         strict_max_tokens: refuse a request whose prompt plus ``max_tokens`` exceeds ``max_model_len`` (the
         OpenAI server's rule) instead of ending it there with finish_reason "length".
@@ -94,6 +99,8 @@ class LLMEngine:
             if tokenizer is None:
                 tokenizer = _load_tokenizer(folder)
         self.model.eval()
+        if speculative_draft_quant is not None:
+            self._quantize_draft(speculative_tokens, speculative_draft_quant)
         accelerate(self.model, backend)  # the last pass: build -> quantize swap -> load -> shard -> accelerate
         accel = backend_of(self.model)
         self.backend: str = accel.name
@@ -148,6 +155,22 @@ class LLMEngine:
         self.spec_verify_steps = 0       # verifications (one sequence, one step)
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         self.output = OutputProcessor(tokenizer, eos if eos is not None else self.config.eos_token_id, max_model_len)
+
+    def _quantize_draft(self, speculative_tokens: int, scheme: str) -> None:
+        """``speculative_draft_quant``: the MTP block's linears quantized in place (before ``accelerate``)."""
+        from ernie45.quant.quantize import quantize_model
+        from ernie45.quant.scheme import QuantConfig
+
+        if not speculative_tokens or not self.model.has_mtp:
+            raise ValueError(f"speculative_draft_quant={scheme!r} quantizes the MTP block that drafts; it needs "
+                             f"speculative_tokens > 0 and a model with an MTP block")
+        try:
+            config = QuantConfig.from_name(scheme)
+        except ValueError as e:
+            raise ValueError(f"speculative_draft_quant: {e}") from None
+        with torch.no_grad():
+            for part in (self.model.model.mtp_linear_proj, self.model.model.mtp_block):
+                quantize_model(part, config, progress=False)
 
     @property
     def eos_token_id(self) -> int | None:

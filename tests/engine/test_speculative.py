@@ -267,3 +267,28 @@ def test_batched_drafting_equals_each_sequence_drafted_alone(monkeypatch):
     assert len(seen) > 10 and {len(d) for _, d in seen} >= {1, 2, 3}  # budgets cut near max_tokens
     for tokens, drafts in seen:
         assert drafts == _reference_drafts(model, tokens, len(drafts)), tokens
+
+
+def test_quantized_draft_block_keeps_the_output_exact():
+    """speculative_draft_quant quantizes only the MTP block (its layer and input projection): the drafts change a
+    little (the forced-agreement head, whose weights int8 holds exactly, still agrees), the output not at all, and the
+    main model's weights are untouched."""
+    from ernie45.quant.modules import QuantLinear
+    model = _forced(agree=True)
+    main_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".mtp_" not in n}
+    ps = prompts(CFG.vocab_size, [8, 15], seed=14)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    plain, _ = run(model, ps, params, 0)
+    spec, eng = run(model, ps, params, 3, speculative_draft_quant="int8")
+    assert spec == plain
+    m = model.model
+    assert isinstance(m.mtp_block[0].self_attn.q_proj, QuantLinear) and isinstance(m.mtp_linear_proj[0], QuantLinear)
+    assert not isinstance(m.layers[0].self_attn.q_proj, QuantLinear)
+    for n, p in model.named_parameters():
+        if n in main_before:
+            assert torch.equal(p, main_before[n]), n
+    assert eng.stats()["spec_acceptance_rate"] > 0.95
+    with pytest.raises(ValueError, match="speculative_draft_quant"):
+        LLMEngine(mtp_model(), kv_cache_memory="1MB", speculative_tokens=2, speculative_draft_quant="int5")
+    with pytest.raises(ValueError, match="speculative_tokens > 0"):
+        LLMEngine(mtp_model(), kv_cache_memory="1MB", speculative_draft_quant="int8")
