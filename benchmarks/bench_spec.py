@@ -12,13 +12,19 @@
   the experts of one token (up to 32 of 64 per layer), which decode streams from memory, so this bound depends on
   how often consecutive tokens share experts in a real model.
 
-    flock /tmp/ernie45-heavy.lock python benchmarks/bench_spec.py [--parts demo verify] [--rounds 3]
+  ``--draft-quant int8`` adds k = 1..4 with the MTP block quantized (``speculative_draft_quant``): on the CPU
+  backend a draft's decoder layer then runs as one native call.
+- ``accept``: greedy acceptance at k = 1..4 of one or more MTP heads (``--accept-models``: model folders) on
+  held-out prompts, to compare heads.
+
+    flock /tmp/ernie45-heavy.lock python benchmarks/bench_spec.py [--parts demo verify accept] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -66,35 +72,60 @@ def run_demo(engine: LLMEngine, prompts: list[str], max_tokens: int) -> tuple[fl
         "mean_accepted_length": (acc + steps) / steps if steps else None}
 
 
-def part_demo(rounds: int, max_tokens: int) -> dict:
+def part_demo(rounds: int, max_tokens: int, draft_quant: str | None = None) -> dict:
+    """Settings k0 (plain) .. k4, and with ``draft_quant`` also k1_<scheme> .. k4_<scheme> (the MTP block quantized:
+    ``speculative_draft_quant``), in alternating rounds."""
     out: dict = {}
-    ks = [0, 1, 2, 3, 4]
-    engines = {k: LLMEngine("demo", kv_cache_memory="256MB", speculative_tokens=k) for k in ks}
+    settings = [(f"k{k}", k, None) for k in range(5)]
+    if draft_quant:
+        settings += [(f"k{k}_{draft_quant}", k, draft_quant) for k in range(1, 5)]
+    engines = {name: LLMEngine("demo", kv_cache_memory="256MB", speculative_tokens=k, speculative_draft_quant=q)
+               for name, k, q in settings}
     for batch in (1, 8):
         prompts = demo_prompts(batch)
-        for k in ks:  # warm-up
-            run_demo(engines[k], prompts, 8)
-        rates: dict[int, list[float]] = {k: [] for k in ks}
-        acc: dict[int, list] = {k: [] for k in ks}
+        for name in engines:  # warm-up
+            run_demo(engines[name], prompts, 8)
+        rates: dict[str, list[float]] = {name: [] for name in engines}
+        acc: dict[str, list] = {name: [] for name in engines}
         ref_tokens = None
-        same: dict[int, list[float]] = {k: [] for k in ks}
+        same: dict[str, list[float]] = {name: [] for name in engines}
         for _ in range(rounds):
-            for k in ks:
-                r, toks, st = run_demo(engines[k], prompts, max_tokens)
+            for name in engines:
+                r, toks, st = run_demo(engines[name], prompts, max_tokens)
                 if ref_tokens is None:
                     ref_tokens = toks
                 # bf16: a verify forward may round differently from a one-token step, so near-ties can flip
-                same[k].append(sum(a == b for a, b in zip(toks, ref_tokens)) / len(toks))
-                rates[k].append(r)
-                acc[k].append(st)
-        for k in ks:
-            ratios = [a / b for a, b in zip(rates[k], rates[0])]
-            out[f"b{batch}_k{k}"] = {
-                "tok_s": statistics.median(rates[k]), "tok_s_all": [round(x, 1) for x in rates[k]],
+                same[name].append(sum(a == b for a, b in zip(toks, ref_tokens)) / len(toks))
+                rates[name].append(r)
+                acc[name].append(st)
+        for name in engines:
+            ratios = [a / b for a, b in zip(rates[name], rates["k0"])]
+            out[f"b{batch}_{name}"] = {
+                "tok_s": statistics.median(rates[name]), "tok_s_all": [round(x, 1) for x in rates[name]],
                 "speedup_median": statistics.median(ratios), "speedup_range": [min(ratios), max(ratios)],
-                "acceptance": acc[k][-1]["acceptance"], "mean_accepted_length": acc[k][-1]["mean_accepted_length"],
-                "identical_outputs": min(same[k])}
-            print(f"batch {batch} k={k}: {out[f'b{batch}_k{k}']}", flush=True)
+                "acceptance": acc[name][-1]["acceptance"],
+                "mean_accepted_length": acc[name][-1]["mean_accepted_length"], "identical_outputs": min(same[name])}
+            print(f"batch {batch} {name}: {out[f'b{batch}_{name}']}", flush=True)
+    return out
+
+
+def part_accept(models: list[str], n: int = 24, max_tokens: int = 64) -> dict:
+    """Greedy acceptance at k = 1..4 of each model folder's MTP head on prompts its training text left out (fortune
+    records i % 97 == 50: ``scripts/demo_mtp_data.py``), all prompts in one batch."""
+    ps = []
+    with open("data/corpus/en_fortunes.jsonl", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i % 97 == 50:
+                ps.append(json.loads(line)["text"].split("\n")[0][:60])
+    out = {}
+    for folder in models:
+        row = {}
+        for k in (1, 2, 3, 4):
+            eng = LLMEngine(folder, kv_cache_memory="256MB", speculative_tokens=k)
+            _, _, st = run_demo(eng, ps[:n], max_tokens)
+            row[f"k{k}"] = st
+        out[folder] = row
+        print(folder, row, flush=True)
     return out
 
 
@@ -156,19 +187,32 @@ def part_verify(pairs: int, context: int = 256, k: int = 3) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["demo", "verify"], choices=["demo", "verify"])
+    ap.add_argument("--parts", nargs="+", default=["demo", "verify"], choices=["demo", "verify", "accept"])
+    ap.add_argument("--accept-models", nargs="+", default=["demo"],
+                    help="model folders whose MTP heads the accept part compares (e.g. an older demo's)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--pairs", type=int, default=20)
+    ap.add_argument("--draft-quant", default=None,
+                    help="also run k=1..4 with the MTP block quantized with this preset (speculative_draft_quant)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads (1 on a machine whose cores other work shares: 2 threads then spin at "
+                         "barriers and a step can take 10x longer)")
+    ap.add_argument("--note", default="", help="a line for the results file (e.g. what else ran on the machine)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    res = {}
+    torch.set_num_threads(args.threads)
+    res = {"load_before": [round(x, 2) for x in os.getloadavg()]}
     if "demo" in args.parts:
-        res["demo"] = part_demo(args.rounds, args.max_tokens)
+        res["demo"] = part_demo(args.rounds, args.max_tokens, args.draft_quant)
+    if "accept" in args.parts:
+        res["accept"] = part_accept(args.accept_models)
     if "verify" in args.parts:
         res["verify"] = part_verify(args.pairs)
         print(res["verify"], flush=True)
-    lines = ["| setting | tok/s (median) | speed-up vs plain, median of paired rounds [range] | acceptance | "
+    res["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    lines = [f"load average (1, 5, 15 min) before {res['load_before']}, after {res['load_after']} "
+             f"(2 cores: above ~2 other work shared them)." + (f" {args.note}" if args.note else ""), "",
+             "| setting | tok/s (median) | speed-up vs plain, median of paired rounds [range] | acceptance | "
              "mean tokens a verification | outputs identical to plain |", "|---|---|---|---|---|---|"]
     for key, r in res.get("demo", {}).items():
         acc = "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%"
@@ -176,6 +220,14 @@ def main() -> None:
         lines.append(f"| demo {key} | {r['tok_s']:.1f} | {r['speedup_median']:.2f}x "
                      f"[{r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}] | {acc} | {mal} | "
                      f"{100 * r['identical_outputs']:.0f}% |")
+    if "accept" in res:
+        lines += ["", "greedy acceptance on held-out prompts (24 fortune records i % 97 == 50, 64 tokens, one batch): "
+                      "acceptance / mean tokens a verification", "", "| MTP head | k=1 | k=2 | k=3 | k=4 |",
+                  "|---|---|---|---|---|"]
+        for folder, row in res["accept"].items():
+            lines.append(f"| {folder} | " + " | ".join(
+                f"{100 * row[f'k{k}']['acceptance']:.0f}% / {row[f'k{k}']['mean_accepted_length']:.2f}"
+                for k in (1, 2, 3, 4)) + " |")
     if "verify" in res:
         v = res["verify"]
         lines += ["", f"mid-4L int4, batch 1, 256-token context: plain decode step {v['plain_ms']:.1f} ms, verify "

@@ -26,7 +26,7 @@ from ernie45.engine.sampler import Sampler, SeqSampling, make_generator, raw_log
 from ernie45.engine.sampling_params import SamplingParams
 from ernie45.engine.scheduler import Scheduler
 from ernie45.engine.sequence import Sequence, SequenceStatus
-from ernie45.engine.speculative import Draft, draft_tokens, verify
+from ernie45.engine.speculative import Draft, draft_tokens, plain_greedy, verify, verify_greedy
 from ernie45.engine.structured import build_processors
 from ernie45.model.model import ErnieForCausalLM
 from ernie45.utils import resolve_dtype
@@ -69,9 +69,14 @@ class LLMEngine:
                  kv_cache_memory: int | str | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, max_waiting: int | None = None,
                  runner: type[ModelRunner] = ModelRunner, max_logprobs: int = 20, strict_max_tokens: bool = False,
-                 speculative_tokens: int = 0, backend: str = "auto", **load_options) -> None:
+                 speculative_tokens: int = 0, speculative_draft_quant: str | None = None, backend: str = "auto",
+                 **load_options) -> None:
         """speculative_tokens: draft this many tokens a step with the model's MTP block and verify them in one
         forward (``engine/speculative.py``; 0 = off, the output is the same either way).
+        speculative_draft_quant: quantize the model's MTP block (its decoder layer and input projection) in place
+        with this preset ("int8", "int4": ``ernie45.quant``) before the backend is applied, so that a draft runs
+        the backend's quantized kernels (the CPU backend: the whole layer as one native call). Only the drafts
+        change (their acceptance may); the output stays exact. None keeps the block as loaded.
         max_logprobs: the most top logprobs a request may ask for (OpenAI's and vLLM's 20).
         strict_max_tokens: refuse a request whose prompt plus ``max_tokens`` exceeds ``max_model_len`` (the
         OpenAI server's rule) instead of ending it there with finish_reason "length".
@@ -94,6 +99,8 @@ class LLMEngine:
             if tokenizer is None:
                 tokenizer = _load_tokenizer(folder)
         self.model.eval()
+        if speculative_draft_quant is not None:
+            self._quantize_draft(speculative_tokens, speculative_draft_quant)
         accelerate(self.model, backend)  # the last pass: build -> quantize swap -> load -> shard -> accelerate
         accel = backend_of(self.model)
         self.backend: str = accel.name
@@ -148,6 +155,22 @@ class LLMEngine:
         self.spec_verify_steps = 0       # verifications (one sequence, one step)
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         self.output = OutputProcessor(tokenizer, eos if eos is not None else self.config.eos_token_id, max_model_len)
+
+    def _quantize_draft(self, speculative_tokens: int, scheme: str) -> None:
+        """``speculative_draft_quant``: the MTP block's linears quantized in place (before ``accelerate``)."""
+        from ernie45.quant.quantize import quantize_model
+        from ernie45.quant.scheme import QuantConfig
+
+        if not speculative_tokens or not self.model.has_mtp:
+            raise ValueError(f"speculative_draft_quant={scheme!r} quantizes the MTP block that drafts; it needs "
+                             f"speculative_tokens > 0 and a model with an MTP block")
+        try:
+            config = QuantConfig.from_name(scheme)
+        except ValueError as e:
+            raise ValueError(f"speculative_draft_quant: {e}") from None
+        with torch.no_grad():
+            for part in (self.model.model.mtp_linear_proj, self.model.model.mtp_block):
+                quantize_model(part, config, progress=False)
 
     @property
     def eos_token_id(self) -> int | None:
@@ -313,15 +336,35 @@ class LLMEngine:
                 seq.draft = None
                 self._append(seq, tok, lp)
         kept: dict[int, int] = {}
-        for seq in seqs:
+        spec = [s for s in seqs if nspec[s.seq_id]]
+        # Plain greedy sequences: one argmax over all their verified rows, then a comparison per sequence.
+        fast = [s for s in spec if plain_greedy(s)]
+        best: dict[int, list[int]] = {}
+        if fast:
+            n_rows = sum(nspec[s.seq_id] + 1 for s in fast)
+            if n_rows == logits.shape[0]:  # every row: no gather (rows of one sequence are contiguous, in order)
+                fast_logits = logits
+                order = sorted(fast, key=lambda s: rows[s.seq_id])
+            else:
+                order = fast
+                fast_logits = logits[torch.tensor([r for s in fast for r in range(
+                    rows[s.seq_id], rows[s.seq_id] + nspec[s.seq_id] + 1)], device=logits.device)]
+            top = self.sampler.argmax(fast_logits) if self.sampler.argmax is not None else None
+            top = (top if top is not None else fast_logits.argmax(-1)).tolist()
+            start = 0
+            for s in order:
+                best[s.seq_id] = top[start:start + nspec[s.seq_id] + 1]
+                start += nspec[s.seq_id] + 1
+        for seq in spec:
             k = nspec[seq.seq_id]
-            if not k:
-                continue
             r = rows[seq.seq_id]
             full = seq.draft
             seq.draft = None
-            draft = Draft(full.tokens[:k], full.probs[:k] if full.probs is not None else None)
-            a, toks = verify(logits[r:r + k + 1], seq, draft)
+            if seq.seq_id in best:
+                a, toks = verify_greedy(best[seq.seq_id], full.tokens[:k])
+            else:
+                draft = Draft(full.tokens[:k], full.probs[:k] if full.probs is not None else None)
+                a, toks = verify(logits[r:r + k + 1], seq, draft)
             self.spec_draft_tokens += k
             self.spec_accepted_tokens += a
             self.spec_verify_steps += 1
@@ -374,23 +417,40 @@ class LLMEngine:
             return
         with torch.inference_mode():
             hidden_IH, logits = self.runner.mtp(items)
-            drafting = [(it, k, hidden_IH[i:i + 1]) for i, (it, k) in enumerate(zip(items, budgets)) if k > 0]
-            if not drafting:
+            which = [i for i, k in enumerate(budgets) if k > 0]
+            if not which:
                 return
-            toks, qs = draft_tokens(logits, [it.seq for it, _, _ in drafting])
-            drafts = [([t], [q]) for t, q in zip(toks, qs)]
-            for j in range(2, max(k for _, k, _ in drafting) + 1):
-                live = [i for i, (_, k, _) in enumerate(drafting) if k >= j]
-                step = [MTPItem(drafting[i][0].seq, drafting[i][0].seq.num_tokens + j - 3, drafting[i][2],
-                                [drafts[i][0][-1]], True) for i in live]
-                hidden_IH, logits = self.runner.mtp(step)
-                toks, qs = draft_tokens(logits, [it.seq for it in step])
-                for n, i in enumerate(live):
-                    drafting[i] = (drafting[i][0], drafting[i][1], hidden_IH[n:n + 1])
-                    drafts[i][0].append(toks[n])
-                    drafts[i][1].append(qs[n])
-        for (it, _, _), (tokens, q_list) in zip(drafting, drafts):
-            it.seq.draft = Draft(tokens, None if q_list[0] is None else torch.stack(q_list))
+            seqs = [items[i].seq for i in which]
+            ks = [budgets[i] for i in which]
+            if len(which) < len(items):
+                hidden_IH = hidden_IH[torch.tensor(which, device=hidden_IH.device)]
+            argmax = self.sampler.argmax
+            tok_S, q = draft_tokens(logits, seqs, argmax)
+            tokens, q_rows = [tok_S], [q]
+            kmax = max(ks)
+            if kmax > 1:  # drafts 2..k: the block on its own output and draft, one decode row per sequence
+                at = self.runner.draft_positions(seqs, kmax - 1)
+                live, rows = list(range(len(seqs))), None
+                for j in range(2, kmax + 1):
+                    if any(ks[n] < j for n in live):  # some sequences have drafted all they may
+                        keep = [m for m, n in enumerate(live) if ks[n] >= j]
+                        live = [live[m] for m in keep]
+                        idx = torch.tensor(keep, device=hidden_IH.device)
+                        hidden_IH, tok_S = hidden_IH[idx], tok_S[idx]
+                        rows = torch.tensor(live, device=hidden_IH.device)
+                    hidden_IH, logits = self.runner.mtp_draft(at, j - 2, rows, hidden_IH, tok_S)
+                    tok_S, q = draft_tokens(logits, [seqs[n] for n in live], argmax)
+                    full = torch.zeros(len(seqs), dtype=tok_S.dtype, device=tok_S.device)
+                    full[torch.tensor(live, device=tok_S.device)] = tok_S
+                    q_full: list = [None] * len(seqs)
+                    for m, n in enumerate(live):
+                        q_full[n] = q[m]
+                    tokens.append(full if len(live) < len(seqs) else tok_S)
+                    q_rows.append(q_full if len(live) < len(seqs) else q)
+            table = torch.stack(tokens, 1).tolist()  # [S, kmax]
+        for n, seq in enumerate(seqs):
+            qs = [q_rows[j][n] for j in range(ks[n])]
+            seq.draft = Draft(table[n][:ks[n]], None if qs[0] is None else torch.stack(qs))
 
     def _append(self, seq: Sequence, tok: int, lp: dict | None) -> None:
         seq.append_token(tok)

@@ -46,6 +46,17 @@ class MTPItem:
     want_logits: bool
 
 
+@dataclass
+class DraftPositions:
+    """The MTP cache slots of a step's recursive drafts (``ModelRunner.draft_positions``): J depths x S sequences."""
+
+    tables_SB: torch.Tensor   # [S, B] int64 block tables, padded with 0
+    pos_JS: torch.Tensor      # [J, S] int64 position of each draft's pair
+    slots_JS: torch.Tensor    # [J, S] int64 its cache slot
+    lens_JS: torch.Tensor     # [J, S] int64 context length (position + 1)
+    mask_JSL: torch.Tensor    # [J, S, B * block_size] bool: key position < context length
+
+
 class ModelRunner:
     """Runs each step's forward on this process. ``LLMEngine(runner=...)`` takes this class or a subclass
     (``ernie45.parallel.runner.DistributedModelRunner`` for a model split over ranks)."""
@@ -110,12 +121,47 @@ class ModelRunner:
         self.last.hidden_TH = out.hidden_states[0]
         return sample_seqs, (out.logits if rows else None)
 
+    def draft_positions(self, seqs: list[Sequence], depths: int) -> DraftPositions:
+        """Where drafts 2 .. depths + 1 of each sequence go in the MTP cache slot (the positions after its last
+        verified pair, see :meth:`mtp_draft`): every depth's slots and context lengths built at once, so each
+        drafting forward only slices them. Their blocks are allocated already (the engine's lookahead)."""
+        bs = self.kv.block_size
+        tables = [s.block_table for s in seqs]
+        width = max(map(len, tables))
+        tables_SB = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device)
+        pos = [[s.num_tokens - 1 + j for s in seqs] for j in range(depths)]          # depth j + 2 of each sequence
+        slots_JS = torch.tensor([[t[p // bs] * bs + p % bs for t, p in zip(tables, row)] for row in pos],
+                                dtype=torch.long, device=self.device)
+        lens_JS = torch.tensor(pos, dtype=torch.long, device=self.device) + 1
+        mask_JSL = torch.arange(width * bs, device=self.device) < lens_JS[..., None]
+        return DraftPositions(tables_SB, torch.tensor(pos, dtype=torch.long, device=self.device), slots_JS, lens_JS,
+                              mask_JSL)
+
+    @torch.inference_mode()
+    def mtp_draft(self, at: DraftPositions, depth: int, rows: torch.Tensor | None, hidden_SH: torch.Tensor,
+                  tokens_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One recursive drafting forward of the MTP block: each sequence's previous output ``hidden_SH`` [S, H] and
+        last draft ``tokens_S`` [S] at its slot of ``depth`` (0 = the second draft), one decode row each, then the
+        head. ``rows``: the sequences of ``at`` still drafting (None = all). Returns (outputs [S, H], logits [S, V])."""
+        slots, lens, pos, mask = at.slots_JS[depth], at.lens_JS[depth], at.pos_JS[depth], at.mask_JSL[depth]
+        tables = at.tables_SB
+        if rows is not None:
+            slots, lens, pos, mask, tables = slots[rows], lens[rows], pos[rows], mask[rows], tables[rows]
+        n = tokens_S.shape[0]
+        meta = AttentionMetadata(slots, [1] * n, lens.tolist(), tables, num_decodes=n, num_decode_tokens=n,
+                                 decode_mask=mask[:, None, None], decode_lens=lens, decode_tables=tables)
+        h = self.model.mtp_hidden(hidden_SH[None], tokens_S[None], pos[None], cache=self.attention.step(meta))[0]
+        return h, self.model.lm_head(h)
+
     @torch.inference_mode()
     def mtp(self, items: list[MTPItem]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the MTP block over every item's pairs in one forward through its cache slot. Returns (the block's
         normalised output at each item's last pair [I, H], draft logits [R, V] for the items that want them, in
         item order)."""
-        order = sorted(range(len(items)), key=lambda i: len(items[i].next_ids) != 1)  # decodes first
+        # The pairs of a decode or of a verification's accepted part (at most 17: speculative_tokens <= 16) run as
+        # decode rows (one query each over the slot, as the verification itself does); prefill chunks as chunks.
+        small = [len(it.next_ids) <= 17 for it in items]
+        order = sorted(range(len(items)), key=lambda i: not small[i])  # decode rows first
         ids, pos, hidden, last = [], [], [], [0] * len(items)
         for i in order:
             it = items[i]
@@ -125,10 +171,13 @@ class ModelRunner:
             last[i] = len(ids) - 1
         meta = AttentionMetadata.build(
             [items[i].seq.block_table for i in order], [len(items[i].next_ids) for i in order],
-            [items[i].start + len(items[i].next_ids) for i in order], self.kv.block_size, self.device)
+            [items[i].start + len(items[i].next_ids) for i in order], self.kv.block_size, self.device,
+            num_decodes=sum(small))
         h = self.model.mtp_hidden(torch.cat(hidden)[None], torch.tensor([ids], device=self.device),
                                   torch.tensor([pos], device=self.device), cache=self.attention.step(meta))[0]
-        out_IH = h[torch.tensor(last, device=self.device)]
+        one_each = len(ids) == len(items) and order == list(range(len(items)))  # row i is item i's last pair
+        out_IH = h if one_each else h[torch.tensor(last, device=self.device)]
         want = [i for i, it in enumerate(items) if it.want_logits]
-        logits = self.model.lm_head(out_IH[torch.tensor(want, device=self.device)]) if want else None
-        return out_IH, logits
+        if len(want) < len(items):
+            return out_IH, self.model.lm_head(out_IH[torch.tensor(want, device=self.device)]) if want else None
+        return out_IH, self.model.lm_head(out_IH)

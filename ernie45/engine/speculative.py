@@ -5,8 +5,10 @@ for ``x_{t+2}``. It is a decoder layer with its own KV cache (the engine's layer
 ``t`` for every pair whose ``h_t`` the main model has computed: after each step the engine runs the block over the
 pairs of the positions that step made valid (a prefill chunk, a decode token, the accepted part of a
 verification). The last pair gives draft 1; draft ``j + 1`` applies the block again to its own normalised output
-and draft ``j`` (the recursion the MTP head was not trained for beyond one step, so later drafts are accepted less
-often; the output stays exact whatever the drafts are).
+and draft ``j``, at the next position of the slot, attending to the verified pairs and the chain's earlier drafts
+(a head trained only one step deep accepts later drafts less often: the trainer's ``mtp_depth`` trains the block for
+this recursion; the output stays exact whatever the drafts are). All sequences of a step draft together: one MTP
+forward per depth, one decode row per sequence (``ModelRunner.mtp_draft``), greedy drafts one argmax call.
 
 Verification (standard speculative sampling, Leviathan et al. 2023 / Chen et al. 2023). The target model scores
 the last token and the k drafts in one forward (k + 1 query positions of the sequence over its paged cache). Draft
@@ -16,7 +18,8 @@ min-p, penalties and min_tokens over the history including the accepted drafts: 
 At the first rejection the token is drawn from ``normalise(max(0, p_j - q_j))`` and the step ends; if all k are
 accepted a bonus token is drawn from ``p_{k+1}``. Each emitted token is then distributed exactly as without
 speculation. Greedy rows have one-hot ``p`` and ``q``: a draft is accepted iff it is the argmax, so greedy output
-is token-identical to plain decoding.
+is token-identical to plain decoding; for greedy requests with nothing reading the history (:func:`plain_greedy`)
+the engine takes the argmax of all their verified rows in one call and compares (:func:`verify_greedy`).
 """
 
 from __future__ import annotations
@@ -112,18 +115,40 @@ def verify(logits_JV: torch.Tensor, seq, draft: Draft) -> tuple[int, list[int]]:
     return k, draft.tokens + [last]
 
 
-def draft_tokens(logits_SV: torch.Tensor, seqs: list) -> tuple[list[int], list[torch.Tensor | None]]:
-    """One draft token per sequence from MTP logits: the argmax for greedy requests, else a draw from the request's
-    own temperature/top-k/top-p/min-p distribution (its generator). Returns (tokens, the q rows or None)."""
-    tokens, qs = [], []
-    logits_SV = logits_SV.float()
-    for i, seq in enumerate(seqs):
-        if seq.params.greedy:
-            tokens.append(int(logits_SV[i].argmax()))
-            qs.append(None)
-            continue
-        q_V = random_probs(logits_SV[i:i + 1], [seq.params])[0]
-        gen = seq.state.sampling.generator if seq.state is not None else None
-        tokens.append(_draw(q_V, gen))
-        qs.append(q_V)
-    return tokens, qs
+def plain_greedy(seq) -> bool:  # noqa: ANN001 - a Sequence
+    """Greedy with nothing that reads the history (no penalties, logit processors or logprobs; min_tokens reached):
+    the token at every verified position is the argmax of the raw logits, so verification is a comparison."""
+    p = seq.params
+    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1 and not p.presence_penalty
+            and not p.frequency_penalty and not (seq.state is not None and seq.state.sampling.processors)
+            and (seq.num_output_tokens >= p.min_tokens or seq.state is None or not seq.state.sampling.stop_ids))
+
+
+def verify_greedy(best: list[int], drafts: list[int]) -> tuple[int, list[int]]:
+    """:func:`verify` for a :func:`plain_greedy` sequence from the argmax of each verified row (``best``, k + 1
+    entries): the drafts up to the first that is not the argmax, then the argmax there."""
+    for j, d in enumerate(drafts):
+        if best[j] != d:
+            return j, drafts[:j] + [best[j]]
+    return len(drafts), drafts + [best[len(drafts)]]
+
+
+def draft_tokens(logits_SV: torch.Tensor, seqs: list, argmax=None  # noqa: ANN001 - the backend's argmax or None
+                 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """One draft token per sequence from MTP logits: the argmax for greedy requests (all greedy rows in one call,
+    ``argmax`` the backend's when given), else a draw from the request's own temperature/top-k/top-p/min-p
+    distribution (its generator). Returns (tokens int64 [S], the q rows or None)."""
+    greedy = [seq.params.greedy for seq in seqs]
+    tokens_S = argmax(logits_SV) if argmax is not None else None
+    if tokens_S is None:
+        tokens_S = logits_SV.argmax(-1)
+    qs: list[torch.Tensor | None] = [None] * len(seqs)
+    if all(greedy):
+        return tokens_S, qs
+    rand = [i for i, g in enumerate(greedy) if not g]
+    q_RV = random_probs(logits_SV[rand].float(), [seqs[i].params for i in rand])
+    for n, i in enumerate(rand):
+        gen = seqs[i].state.sampling.generator if seqs[i].state is not None else None
+        tokens_S[i] = _draw(q_RV[n], gen)
+        qs[i] = q_RV[n]
+    return tokens_S, qs

@@ -136,12 +136,15 @@ class ErnieForCausalLM(nn.Module):
         next_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         cache: AttentionCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The MTP block's output after the main model's final norm, [B, T, H]: what the head reads for the draft
         of token t+2, and what a recursive draft feeds back as the next hidden state. Inputs: the main model's
         final hidden state at t (after its last norm, as vLLM feeds it) and the token at t+1 (spec §3.4,
         FastDeploy's order): u = proj(cat[norm_e(E[x_{t+1}]), norm_h(h_t)]) -> MTP decoder layer -> final norm.
-        With a cache, the block attends over its own layer slot (index ``num_hidden_layers``).
+        With a cache, the block attends over its own layer slot (index ``num_hidden_layers``). ``mask``: without a
+        cache, which keys each query sees ([B or 1, 1, T, T], True = visible; default causal): the trainer's
+        recursive MTP loss (``ernie45.train.trainer.mtp_depth_logits``) lays several depths out in one row.
         """
         if not self.has_mtp:
             raise RuntimeError("this model has no MTP block (num_nextn_predict_layers=0 or no mtp tensors)")
@@ -149,7 +152,7 @@ class ErnieForCausalLM(nn.Module):
         e = m.mtp_emb_norm[0](m.embed_tokens(next_ids))
         u = m.mtp_linear_proj[0](torch.cat([e, m.mtp_hidden_norm[0](hidden_BTH)], dim=-1))
         cos, sin = m.rotary(self._positions(next_ids, position_ids))
-        u = m.mtp_block[0](u, cos, sin, None, cache, None)
+        u = m.mtp_block[0](u, cos, sin, mask, cache, None)
         return m.norm(u)
 
     def mtp_logits(

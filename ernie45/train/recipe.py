@@ -72,6 +72,11 @@ class TrainConfig:
     """Score the MTP block against the model's own next-position distribution (soft targets from the same forward,
     detached) instead of the data's tokens: what speculative decoding accepts is agreement with the model, so a
     head trained this way drafts more acceptable tokens. Needs mtp_loss_coef > 0."""
+    mtp_depth: int = 1
+    """How many times the MTP loss applies the block in a row, as speculative decoding drafts with it: depth d reads
+    depth d-1's output and token t+d and predicts token t+d+1, attending to what the engine's MTP cache holds when
+    draft d is made (``ernie45.train.trainer.mtp_depth_logits``). The loss is the mean over depths. 1 = ERNIE's
+    one-step MTP loss."""
     add_mtp: bool = False
     """Give a model without an MTP block a freshly initialised one (num_nextn_predict_layers = 1)."""
     train_only: list[str] | None = None
@@ -121,6 +126,10 @@ class TrainConfig:
             raise ValueError("data is empty: list at least one data file in the recipe")
         if self.data_repeat is not None and len(self.data_repeat) != len(self.data):
             raise ValueError(f"data_repeat has {len(self.data_repeat)} entries for {len(self.data)} data files")
+        if not isinstance(self.mtp_depth, int) or isinstance(self.mtp_depth, bool) or not 1 <= self.mtp_depth <= 8:
+            raise ValueError(f"mtp_depth={self.mtp_depth!r} must be an integer in [1, 8] (1 = one-step MTP loss)")
+        if self.mtp_depth > 1 and not self.mtp_loss_coef:
+            raise ValueError(f"mtp_depth={self.mtp_depth} shapes the MTP loss; it needs mtp_loss_coef > 0")
         if self.init_from is None and not self.model:
             raise ValueError("give init_from (a checkpoint folder or 'demo') or model (a preset and/or fields)")
         if self.lora and self.aux_free_rate:

@@ -66,6 +66,47 @@ def _with_new_mtp(model: nn.Module, std: float, seed: int) -> nn.Module:
     return new
 
 
+def mtp_chain_mask(seq_len: int, depth: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Which keys each query sees when depths 1..``depth`` of the MTP block are laid out in one row, depth by depth
+    (depth d holds chains t = 0 .. seq_len - d - 1). [L, L] bool, True = visible.
+
+    Query (d, t) sees the depth-1 pairs (1, s) for s <= t and its own chain's depths (d', t) for 2 <= d' <= d: when
+    the engine drafts token d of a step, its MTP cache slot holds the depth-1 pairs up to the last verified position
+    and the chain's own earlier drafts after it (``ernie45.engine.speculative``). Depth 1 alone is causal."""
+    dep = torch.cat([torch.full((seq_len - d,), d, device=device) for d in range(1, depth + 1)])      # [L]
+    chain = torch.cat([torch.arange(seq_len - d, device=device) for d in range(1, depth + 1)])        # [L]
+    dq, dk, cq, ck = dep[:, None], dep[None], chain[:, None], chain[None]
+    return ((dk == 1) & (ck <= cq)) | ((dk >= 2) & (dk <= dq) & (ck == cq))
+
+
+def mtp_depth_logits(model: ErnieForCausalLM, hidden_BTH: torch.Tensor, input_ids_BT: torch.Tensor, depth: int
+                     ) -> list[torch.Tensor]:
+    """Draft logits of the MTP block applied ``depth`` times in a row, as speculative decoding applies it: depth 1
+    reads (h_t, x_{t+1}) at position t; depth d reads depth d-1's output for the same t and the token x_{t+d}, at
+    position t+d-1 (teacher forcing: the drafts are the tokens of the text), attending as :func:`mtp_chain_mask`.
+    Each depth runs the block over the row of depths 1..d (the earlier depths' keys are what depth d attends to).
+
+    hidden_BTH: the main model's final hidden states; input_ids_BT: the tokens (right padding needs no mask: a
+    real query never sees a later position). Returns per depth d = 1..depth logits [B, T-d, V]: row t predicts
+    x_{t+d+1} (= labels[:, d:] of the shifted labels).
+    """
+    b, t, _ = hidden_BTH.shape
+    if depth == 1:
+        return [model.mtp_logits(hidden_BTH[:, :-1], input_ids_BT[:, 1:])]
+    dev = hidden_BTH.device
+    prev, hs, ids, pos, out = hidden_BTH, [], [], [], []
+    for d in range(1, depth + 1):
+        n = t - d
+        hs.append(prev[:, :n])
+        ids.append(input_ids_BT[:, d:d + n])
+        pos.append(torch.arange(d - 1, d - 1 + n, device=dev))
+        mask = mtp_chain_mask(t, d, dev)[None, None] if d > 1 else None
+        h_BLH = model.mtp_hidden(torch.cat(hs, 1), torch.cat(ids, 1), torch.cat(pos)[None].expand(b, -1), mask=mask)
+        prev = h_BLH[:, -n:]
+        out.append(model.lm_head(prev))
+    return out
+
+
 class Trainer:
     """Runs a TrainConfig. ``tokenizer`` may be passed in (tests); else it is loaded from the recipe."""
 
@@ -183,12 +224,17 @@ class Trainer:
                              return_router=self.num_experts > 0)
             loss_sum = losses.masked_cross_entropy(out.logits, batch["labels"], reduction="sum")
             mtp_sum = None
-            if self.cfg.mtp_loss_coef:  # pairs (h_t, x_{t+1}) predict x_{t+2} = labels[t + 1]
-                mtp_logits = self.model.mtp_logits(out.hidden_states[:, :-1], batch["input_ids"][:, 1:])
-                if self.cfg.mtp_distill:  # the model's own distribution at t + 1 is the target of pair t
-                    mtp_sum = losses.soft_cross_entropy(mtp_logits, out.logits[:, 1:].detach(), batch["labels"][:, 1:])
-                else:
-                    mtp_sum = losses.masked_cross_entropy(mtp_logits, batch["labels"][:, 1:], reduction="sum")
+            if self.cfg.mtp_loss_coef:  # pairs (h_t, x_{t+1}) predict x_{t+2} = labels[t + 1]; depth d: labels[t + d]
+                depths = mtp_depth_logits(self.model, out.hidden_states, batch["input_ids"], self.cfg.mtp_depth)
+                mtp_sum = 0
+                for d, mtp_logits in enumerate(depths, 1):
+                    if self.cfg.mtp_distill:  # the model's own distribution at t + d is the target of chain t
+                        mtp_sum = mtp_sum + losses.soft_cross_entropy(mtp_logits, out.logits[:, d:].detach(),
+                                                                      batch["labels"][:, d:])
+                    else:
+                        mtp_sum = mtp_sum + losses.masked_cross_entropy(mtp_logits, batch["labels"][:, d:],
+                                                                        reduction="sum")
+                mtp_sum = mtp_sum / len(depths)
         loss = loss_sum * token_scale
         rec = {"loss_sum": float(loss_sum.detach()), "tokens": int((batch["labels"] != -100).sum())}
         if mtp_sum is not None:

@@ -225,3 +225,70 @@ def test_block_manager_trim_releases_only_uncommitted_tail():
     assert len(seq.block_table) == 4 and bm.num_free_blocks == 4
     bm.trim(seq, 10)
     assert len(seq.block_table) == 3 and bm.num_free_blocks == 5
+
+
+def _reference_drafts(model, tokens: list[int], k: int) -> list[int]:  # noqa: ANN001
+    """Greedy drafts computed densely, without the engine: the main model over the sequence, the MTP block over
+    every (h_t, x_{t+1}) pair (causal), then k - 1 recursive applications appended to that row."""
+    with torch.no_grad():
+        x = torch.tensor([tokens])
+        h = model(x[:, :-1]).hidden_states                                # h_0 .. h_{N-2}
+        hs, ids = [h], [x[:, 1:]]
+        drafts = []
+        for _ in range(k):
+            hh, ii = torch.cat(hs, 1), torch.cat(ids, 1)
+            out = model.mtp_hidden(hh, ii, torch.arange(hh.shape[1])[None])[:, -1:]
+            d = int(model.lm_head(out)[0, -1].argmax())
+            drafts.append(d)
+            hs.append(out)
+            ids.append(torch.tensor([[d]]))
+    return drafts
+
+
+def test_batched_drafting_equals_each_sequence_drafted_alone(monkeypatch):
+    """The engine drafts all sequences of a step together (one MTP forward per depth, some sequences stopping
+    early at their max_tokens): every draft equals the one computed densely for that sequence alone."""
+    model = mtp_model(seed=11)
+    eng = LLMEngine(model, kv_cache_memory="4MB", speculative_tokens=3, block_size=4)
+    seen: list[tuple[list[int], list[int]]] = []
+    propose = eng._propose
+
+    def recording(kept):  # noqa: ANN001, ANN202
+        propose(kept)
+        for seq in eng.scheduler.running:
+            if seq.draft is not None:
+                seen.append((list(seq.token_ids), list(seq.draft.tokens)))
+
+    monkeypatch.setattr(eng, "_propose", recording)
+    for i, (p, n) in enumerate(zip(prompts(CFG.vocab_size, [7, 19, 12], seed=12), [9, 14, 20])):
+        eng.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert len(seen) > 10 and {len(d) for _, d in seen} >= {1, 2, 3}  # budgets cut near max_tokens
+    for tokens, drafts in seen:
+        assert drafts == _reference_drafts(model, tokens, len(drafts)), tokens
+
+
+def test_quantized_draft_block_keeps_the_output_exact():
+    """speculative_draft_quant quantizes only the MTP block (its layer and input projection): the drafts change a
+    little (the forced-agreement head, whose weights int8 holds exactly, still agrees), the output not at all, and the
+    main model's weights are untouched."""
+    from ernie45.quant.modules import QuantLinear
+    model = _forced(agree=True)
+    main_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".mtp_" not in n}
+    ps = prompts(CFG.vocab_size, [8, 15], seed=14)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    plain, _ = run(model, ps, params, 0)
+    spec, eng = run(model, ps, params, 3, speculative_draft_quant="int8")
+    assert spec == plain
+    m = model.model
+    assert isinstance(m.mtp_block[0].self_attn.q_proj, QuantLinear) and isinstance(m.mtp_linear_proj[0], QuantLinear)
+    assert not isinstance(m.layers[0].self_attn.q_proj, QuantLinear)
+    for n, p in model.named_parameters():
+        if n in main_before:
+            assert torch.equal(p, main_before[n]), n
+    assert eng.stats()["spec_acceptance_rate"] > 0.95
+    with pytest.raises(ValueError, match="speculative_draft_quant"):
+        LLMEngine(mtp_model(), kv_cache_memory="1MB", speculative_tokens=2, speculative_draft_quant="int5")
+    with pytest.raises(ValueError, match="speculative_tokens > 0"):
+        LLMEngine(mtp_model(), kv_cache_memory="1MB", speculative_draft_quant="int8")

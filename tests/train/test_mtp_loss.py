@@ -75,3 +75,82 @@ def test_mtp_settings_are_checked(tmp_path, corpus):
         Trainer(_cfg(tmp_path, corpus, add_mtp=True, mtp_distill=True))
     with pytest.raises(ValueError, match="train_only"):
         Trainer(_cfg(tmp_path, corpus, train_only=["model.nothing_"]))
+
+
+# ------------------------------------------------------------------------------------------ the recursive MTP loss
+def _tiny_mtp_model(seed: int = 0):
+    from ernie45 import ModelConfig
+    from ernie45.model.model import ErnieForCausalLM, init_weights
+    cfg = ModelConfig.from_name("tiny-moe").replace(num_nextn_predict_layers=1)
+    return init_weights(ErnieForCausalLM(cfg), std=0.1, seed=seed).eval()
+
+
+def _chain_reference(model, hidden_BTH, ids_BT, depth):  # noqa: ANN001, ANN202
+    """Each chain's depth-d draft computed alone, the way the engine makes it: one causal row holding the depth-1
+    pairs 0..t (positions 0..t), then the chain's own depths 2..d (positions t+1 .. t+d-1). No mask involved."""
+    b, t, _ = hidden_BTH.shape
+    out = [torch.empty(b, t - d, model.config.vocab_size) for d in range(1, depth + 1)]
+    for c in range(t - 1):
+        row_h = [hidden_BTH[:, :c + 1]]
+        row_ids = [ids_BT[:, 1:c + 2]]
+        prev = None
+        for d in range(1, depth + 1):
+            if c > t - d - 1:
+                break
+            if d > 1:
+                row_h.append(prev)
+                row_ids.append(ids_BT[:, c + d:c + d + 1])
+            hh, ii = torch.cat(row_h, 1), torch.cat(row_ids, 1)
+            pos = torch.arange(hh.shape[1])[None].expand(b, -1)
+            prev = model.mtp_hidden(hh, ii, pos)[:, -1:]  # [B, 1, H]: this chain's depth-d output
+            out[d - 1][:, c] = model.lm_head(prev)[:, 0]
+    return out
+
+
+def test_recursive_mtp_logits_match_each_chain_computed_alone():
+    from ernie45.train.trainer import mtp_depth_logits
+    model = _tiny_mtp_model()
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 9, model.config.hidden_size, generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=g)
+    with torch.no_grad():
+        got = mtp_depth_logits(model, h, ids, 3)
+        want = _chain_reference(model, h, ids, 3)
+        one = model.mtp_logits(h[:, :-1], ids[:, 1:])
+    assert [tuple(x.shape) for x in got] == [(2, 8, model.config.vocab_size), (2, 7, model.config.vocab_size),
+                                             (2, 6, model.config.vocab_size)]
+    torch.testing.assert_close(got[0], one, rtol=1e-5, atol=1e-5)  # depth 1 is ERNIE's one-step MTP
+    for g_d, w_d in zip(got, want):
+        torch.testing.assert_close(g_d, w_d, rtol=1e-4, atol=1e-4)
+    # the later depths depend on the earlier ones' outputs (a depth-2 row is not depth 1 shifted)
+    assert not torch.allclose(got[1], got[0][:, 1:], atol=1e-3)
+
+
+def test_trainer_mtp_depth_loss_is_the_mean_over_depths(tmp_path, corpus):
+    """The trainer's recorded MTP loss with mtp_depth=2 and distillation: the mean over depths of the soft
+    cross-entropy against the model's own distribution one position further each depth, summed over labels."""
+    from ernie45.train.data import pad_batch
+    no_mtp = dict(init_from=None, tokenizer="demo", model={"preset": "tiny-moe", "vocab_size": 6144})
+    cfg = _cfg(tmp_path, corpus, add_mtp=True, mtp_loss_coef=1.0, mtp_distill=True, mtp_depth=2,
+               train_only=["model.mtp_"], seq_len=16, **no_mtp)
+    tr = Trainer(cfg)
+    items = [tr.dataset[i] for i in range(2)]
+    b = pad_batch(items, tr.pad_id)
+    with torch.no_grad():
+        out = tr.model(b["input_ids"], attention_mask=b["attention_mask"])
+        ref = _chain_reference(tr.model, out.hidden_states, b["input_ids"], 2)
+        want = 0.0
+        for d, logits in enumerate(ref, 1):
+            for i in range(2):
+                for t in range(logits.shape[1]):
+                    if b["labels"][i, t + d] == IGNORE:
+                        continue
+                    p = out.logits[i, t + d].double().softmax(-1)
+                    want += float(-(p * logits[i, t].double().log_softmax(-1)).sum())
+        want /= 2
+    rec = tr.micro_step(items, 1.0)
+    assert abs(rec["mtp_loss_sum"] - want) < 1e-3 * abs(want)
+    with pytest.raises(ValueError, match="mtp_depth"):
+        _cfg(tmp_path, corpus, mtp_depth=2)
+    with pytest.raises(ValueError, match="mtp_depth"):
+        _cfg(tmp_path, corpus, mtp_loss_coef=1.0, mtp_depth=0)
