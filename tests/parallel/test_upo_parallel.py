@@ -21,7 +21,7 @@ from tests.train.conftest import ROOT, tiny_model
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 TIMING = {"rollout_s", "rollout_tokens_per_s", "rollout_share", "step_s", "tokens_per_s", "weight_sync_s"}
-COMPARED = ("loss", "grad_norm", "reward_mean", "reward_std", "reward_group_std", "reward_exact", "reward_regex",
+COMPARED = ("loss", "lr", "grad_norm", "reward_mean", "reward_std", "reward_group_std", "reward_exact", "reward_regex",
             "reward_python", "pg_loss", "clip_fraction", "kl", "dpo_loss", "dpo_margin", "dpo_pairs", "completion_len",
             "accepted_len", "truncated_frac", "expert_imbalance", "tokens", "rollout_tokens")
 
