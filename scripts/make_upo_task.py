@@ -132,16 +132,27 @@ def evaluate(model: str, path: str, samples: int = 8) -> dict:
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     llm = LLM(model, dtype="float32", enable_prefix_caching=False)
-    prompts = [r["prompt"] for r in rows]
-    greedy = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, stop=["\n"]))
-    sampled = llm.generate(prompts, [SamplingParams(max_tokens=6, temperature=1.0, n=samples, seed=i, stop=["\n"])
-                                     for i in range(len(prompts))])
+    tok = llm.engine.tokenizer
+    prompts, stop_ids, names = [], None, []
+    for r in rows:
+        if isinstance(r["prompt"], list):  # chat messages (--task digits): encoded as the UPO trainer does, and
+            # stopped on <|end_of_sentence|> as its rollouts are
+            text = tok.apply_chat_template(r["prompt"], add_generation_prompt=True)
+            prompts.append(tok.encode(text, add_special_tokens=False))
+            stop_ids = list(tok.stop_token_ids)
+            names.append(r["prompt"][-1]["content"])
+        else:
+            prompts.append(r["prompt"])
+            names.append(r["prompt"].strip())
+    greedy = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, stop=["\n"], stop_token_ids=stop_ids))
+    sampled = llm.generate(prompts, [SamplingParams(max_tokens=6, temperature=1.0, n=samples, seed=i, stop=["\n"],
+                                                    stop_token_ids=stop_ids) for i in range(len(prompts))])
     g = [o.outputs[0].text.strip() for o in greedy]
     return {"model": model, "prompts": len(rows),
             "greedy_exact": sum(a == r["answer"] for a, r in zip(g, rows)) / len(rows),
             "sampled_exact": sum(c.text.strip() == r["answer"] for o, r in zip(sampled, rows) for c in o.outputs)
             / (len(rows) * samples),
-            "greedy_answers": {r["prompt"].strip(): a for a, r in zip(g, rows)}}
+            "greedy_answers": dict(zip(names, g))}
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from ernie45.config import ModelConfig
 from ernie45.model.attention import Attention, AttentionCache, causal_padding_mask
 from ernie45.model.layers import Linear, RMSNorm, RotaryEmbedding, SwiGLU
-from ernie45.model.moe import MoE
+from ernie45.model.moe import MoE, RouterRecords
 
 
 class DecoderLayer(nn.Module):
@@ -29,7 +29,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: AttentionCache | None, router_records: list | None) -> torch.Tensor:
+                cache: AttentionCache | None, router_records: RouterRecords | None) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
         x = self.post_attention_layernorm(h)
         return h + (self.mlp(x, router_records) if self.is_moe else self.mlp(x))
@@ -117,7 +117,7 @@ class ErnieForCausalLM(nn.Module):
         mask = None
         if attention_mask is not None and cache is None and not bool(attention_mask.all()):
             mask = causal_padding_mask(attention_mask, h.dtype)
-        router: list | None = [] if return_router else None
+        router = RouterRecords() if return_router else None  # not a list: see RouterRecords
         for layer in m.layers:
             if m.gradient_checkpointing and self.training:
                 h = checkpoint(layer, h, cos, sin, mask, cache, router, use_reentrant=False)
@@ -128,7 +128,7 @@ class ErnieForCausalLM(nn.Module):
         if compute_logits:
             rows = h if logits_indices is None else h.reshape(-1, h.shape[-1])[logits_indices]
             logits = self.lm_head(rows)
-        return ModelOutput(logits=logits, hidden_states=h, router=router or [])
+        return ModelOutput(logits=logits, hidden_states=h, router=router.records if router is not None else [])
 
     def mtp_hidden(
         self,

@@ -87,6 +87,22 @@ class Experts(nn.Module):
         return acc_TH.index_add_(0, token_S, out_SH.float()).to(x_TH.dtype)
 
 
+class RouterRecords:
+    """The routers' (probs_TE, idx_TK) of one forward, appended by each MoE layer in layer order (``records``).
+
+    Not a list on purpose: a wrapper that rebuilds its module's list/tuple/dict arguments hands the layer a
+    copy, and what the layer appends to the copy is lost. FSDP2 does that: its pre-forward swaps each
+    grad-requiring tensor inside the arguments for a hooked one and rebuilds every container that held one
+    (from the second MoE layer on, the list holds the first layer's probs), so the expert loads of an
+    ``apply_fsdp`` model vanished. An object of its own type is passed through as it is."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def append(self, record: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.records.append(record)
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -97,7 +113,7 @@ class MoE(nn.Module):
             if config.moe_num_shared_experts else None
         )
 
-    def forward(self, x_BTH: torch.Tensor, router_records: list | None = None) -> torch.Tensor:
+    def forward(self, x_BTH: torch.Tensor, router_records: RouterRecords | None = None) -> torch.Tensor:
         shape = x_BTH.shape
         x_TH = x_BTH.reshape(-1, shape[-1])
         probs_TE, w_TK, idx_TK = self.gate(x_TH)

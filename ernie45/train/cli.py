@@ -15,8 +15,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.task != args.task:
         raise ValueError(f"{args.config} is a {cfg.task!r} recipe; run `ernie45 train {cfg.task} --config "
                          f"{args.config}` or set task: {args.task} in it")
-    if cfg.task == "upo" and (args.ep > 1 or args.fsdp > 1 or getattr(args, "pp", 1) > 1):
-        raise ValueError("train upo runs in one process (its rollout engine shares the module); drop --pp/--ep/--fsdp")
+    if cfg.task == "upo" and getattr(args, "pp", 1) > 1:
+        raise ValueError("train upo runs on one process or on --ep/--fsdp ranks, not on pipeline stages; drop --pp")
     if getattr(args, "pp", 1) > 1:  # pipeline stages x (ep, fsdp) ranks (ernie45.train.pipeline_trainer)
         from ernie45.parallel.launch import relaunch_with_torchrun, under_torchrun
         from ernie45.train.pipeline_trainer import PipelineTrainer, check_pipeline_layout
@@ -34,7 +34,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not under_torchrun():
             relaunch_with_torchrun(nproc, "ernie45.cli")  # `ernie45 train ...` again, as torchrun (exec)
 
-        trainer = DistributedTrainer(cfg, ep=args.ep, fsdp=args.fsdp)
+        if cfg.task == "upo":  # each rank rolls out on a plain replica synced from the shards
+            from ernie45.train.upo_distributed import DistributedUPOTrainer
+
+            trainer = DistributedUPOTrainer(cfg, ep=args.ep, fsdp=args.fsdp)
+        else:
+            trainer = DistributedTrainer(cfg, ep=args.ep, fsdp=args.fsdp)
     elif cfg.task == "upo":
         from ernie45.train.upo import UPOTrainer
 

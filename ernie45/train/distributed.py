@@ -12,6 +12,7 @@ training changes:
   count; rank 0 writes metrics and exports the HF model from the last checkpoint.
 
 Layout: world = data ranks = fsdp (or ep when fsdp is 1); ep divides it; dp = world / ep.
+Online UPO on these ranks: ``ernie45.train.upo_distributed`` (this trainer with UPO's step).
 Not supported (clear errors): DPO, LoRA, tp.
 """
 
@@ -37,6 +38,7 @@ from ernie45.train.trainer import Trainer, lr_at
 log = logging.getLogger(__name__)
 
 CKPT_DIR = "dcp_checkpoints"
+LORA_REFUSED = "multi-rank training with LoRA is not supported; drop --ep/--fsdp or the lora block"
 
 
 def train_layout(ep: int, fsdp: int, world: int) -> ParallelConfig:
@@ -68,6 +70,12 @@ def check_layout(cfg: TrainConfig, ep: int, fsdp: int) -> int:
     train_layout(ep, fsdp, world).validate(model, world)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} data ranks")
+    if cfg.lora:
+        raise ValueError(LORA_REFUSED)
+    if cfg.task == "upo":
+        from ernie45.train.upo_distributed import check_upo_split
+
+        check_upo_split(cfg, world)
     return world
 
 
@@ -78,7 +86,7 @@ class DistributedTrainer(Trainer):
         if cfg.task == "dpo":
             raise ValueError("multi-rank training supports pretrain and sft; run DPO on one process")
         if cfg.lora:
-            raise ValueError("multi-rank training with LoRA is not supported; drop --ep/--fsdp or the lora block")
+            raise ValueError(LORA_REFUSED)
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.sizes = train_layout(ep, fsdp, self.world)

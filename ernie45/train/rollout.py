@@ -1,8 +1,10 @@
 """Rollouts for online post-training from the trainer's own model through ``LLMEngine``.
 
-The engine is built over the *same module object* the optimizer updates: its parameters are the
-trainer's tensors (no copy, no file), so every optimizer step is visible to the next rollout without a
-sync. With LoRA the engine runs the LoRA-wrapped modules as they are (adapter applied on the fly, in
+On one process the engine is built over the *same module object* the optimizer updates: its parameters
+are the trainer's tensors (no copy, no file), so every optimizer step is visible to the next rollout without
+a sync. On several ranks (``ernie45.train.upo_distributed``) it runs a plain replica of the sharded policy
+that the trainer copies the gathered weights into, in place, after updates: the engine and its KV cache
+stay. With LoRA the engine runs the LoRA-wrapped modules as they are (adapter applied on the fly, in
 ``inference_mode``). Prefix caching is off: a cached prompt block computed before an update would hold
 the old weights' keys and values. The module is switched to ``eval()`` for a rollout and back after, so
 activation checkpointing (a training-only path) never runs inside the engine.
@@ -40,7 +42,8 @@ def rollout_seed(run_seed: int, step: int, index: int) -> int:
 
 
 class RolloutEngine:
-    """``generate(prompt_ids, n, seeds, ...)`` -> per prompt, its n completions; ``model`` is shared."""
+    """``generate(prompt_ids, n, seeds, ...)`` -> per prompt, its n completions; ``model`` is used as it is
+    (the trainer's module, or a replica the trainer keeps in sync)."""
 
     def __init__(self, model: nn.Module, tokenizer, *, max_num_seqs: int, max_model_len: int,  # noqa: ANN001
                  kv_cache_memory: int | str | None = None, max_num_batched_tokens: int = 2048) -> None:

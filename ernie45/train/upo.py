@@ -20,6 +20,9 @@ One step (one metrics row):
 4. MoE: the router load of the update forwards drives aux-loss-free balancing after each optimizer step,
    and ``aux_loss_coef`` adds the load-balancing loss, as in SFT.
 
+On --ep/--fsdp ranks the same step runs in ``ernie45.train.upo_distributed``: each rank takes its share of the
+prompts, the sums it needs go over the ranks through the seams below (identity on one process).
+
 Shape suffixes: P prompts, G samples per prompt, N completions of a micro-batch, T tokens.
 """
 
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from ernie45.train import balance, losses
 from ernie45.train.data import IGNORE, DataError, pad_batch, read_jsonl
@@ -197,7 +201,8 @@ class UPOTrainer(Trainer):
         super().__init__(cfg, tokenizer)
         self.rewards = Rewards.from_config(self.upo.rewards, self.tokenizer, cfg.device)
         longest = max(len(p.ids) for p in self.dataset.examples)
-        self.rollout = RolloutEngine(self.model, self.tokenizer, max_num_seqs=cfg.batch_size * self.upo.group_size,
+        slots = len(self.prompt_positions(cfg.batch_size)) * self.upo.group_size
+        self.rollout = RolloutEngine(self.rollout_module(), self.tokenizer, max_num_seqs=slots,
                                      max_model_len=longest + self.upo.max_new_tokens + 1,
                                      kv_cache_memory=self.upo.kv_cache_memory)
 
@@ -208,6 +213,36 @@ class UPOTrainer(Trainer):
         parts = [PromptDataset.from_file(p, self.tokenizer, self.upo.prompt_field, self.cfg.seq_len)
                  for p in self.cfg.data]
         return PromptDataset([ex for part in parts for ex in part.examples])
+
+    # ------------------------------------------------------------------------------------ the rank seams
+    # On one process these are the identity; ernie45.train.upo_distributed overrides them for --ep/--fsdp.
+    world = 1
+    """Data ranks the step's prompts are split over (the loss is scaled by it: ernie45.parallel.fsdp)."""
+
+    def prompt_positions(self, n: int) -> list[int]:
+        """Places in the step's batch of ``n`` prompts that this process samples and trains on (whole groups)."""
+        return list(range(n))
+
+    def rollout_module(self) -> nn.Module:
+        """The module the rollout engine runs: here the trainer's own (shared tensors, nothing to sync)."""
+        return self.model
+
+    def sync_rollout(self) -> None:
+        """Bring the rollout module to the trained weights before a rollout (shared module: nothing to do)."""
+
+    def _sum(self, *values: float) -> list[float]:
+        """Each value summed over the data ranks."""
+        return list(values)
+
+    def _sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t`` concatenated along dim 0, in rank order."""
+        return t
+
+    def _max(self, v: float) -> float:
+        return v
 
     # ------------------------------------------------------------------------------------ one step
     def _sequences(self, prompts: list[Prompt], groups: list[list[Completion]]) -> list[dict[str, torch.Tensor]]:
@@ -249,9 +284,12 @@ class UPOTrainer(Trainer):
     def train_step(self) -> dict[str, Any]:
         cfg, u = self.cfg, self.upo
         t0 = time.perf_counter()
-        prompts = [self.dataset[i] for i in self.sampler.next_indices()]
+        batch_idx = self.sampler.next_indices()  # the global batch, the same on every rank
+        mine = self.prompt_positions(len(batch_idx))  # this rank's share, whole groups
+        prompts = [self.dataset[batch_idx[i]] for i in mine]
         n_p, g = len(prompts), u.group_size
-        seeds = [rollout_seed(cfg.seed, self.step, i) for i in range(n_p)]
+        self.sync_rollout()
+        seeds = [rollout_seed(cfg.seed, self.step, i) for i in mine]  # by place in the global batch: any layout
         groups, rstats = self.rollout.generate([p.ids for p in prompts], g, seeds, max_new_tokens=u.max_new_tokens,
                                                temperature=u.temperature, top_p=u.top_p, top_k=u.top_k, stop=u.stop)
         comps = [c for grp in groups for c in grp]
@@ -271,13 +309,14 @@ class UPOTrainer(Trainer):
         minibatches = [self._micro_batches(list(range(m * per_mb, (m + 1) * per_mb)), items, adv_PG, keep_PG, pairs,
                                            need_old=u.updates_per_step > 1) for m in range(u.updates_per_step)]
         sums: dict[str, float] = {}
-        loads, norms, mb_losses = [], [], []
+        loads, norms, mb_losses, mb_aux = [], [], [], []
         logp_diff = 0.0
         lr = lr_at(self.step, cfg)
         for m, micro in enumerate(minibatches):
-            n_tok = sum(int(b["mask"].sum()) for b in micro)
-            n_pairs = sum(len(b["pairs"]) for b in micro)
-            mb_loss, mb_loads = 0.0, []
+            # the loss is normalised by the minibatch's tokens and pairs over every rank (the global minibatch)
+            n_tok, n_pairs = (int(v) for v in self._sum(sum(int(b["mask"].sum()) for b in micro),
+                                                         sum(len(b["pairs"]) for b in micro)))
+            mb_loss, aux_part, mb_loads = 0.0, 0.0, []
             for b in micro:
                 batch = b["batch"]
                 logp_NT, out = self._logps(self.model, batch, router=self.num_experts > 0)
@@ -285,51 +324,69 @@ class UPOTrainer(Trainer):
                     logp_diff = max(logp_diff, self._engine_diff(logp_NT, batch, b["rows"], comps))
                 old_NT = b["old"] if b["old"] is not None else logp_NT.detach()
                 loss, st = upo_loss(logp_NT, old_NT, b["ref"], b["adv"], b["mask"], b["pairs"], u, n_tok, n_pairs)
+                mb_loss += float(loss.detach())  # this rank's share of the minibatch's loss
+                if self.world > 1:  # the data-parallel reduction averages over ranks (ernie45.parallel.fsdp)
+                    loss = loss * self.world
                 rec = self._router_terms(out.router, batch["attention_mask"])
                 if "aux" in rec:
-                    loss = loss + cfg.aux_loss_coef * rec.pop("aux_t") / cfg.grad_accum
+                    aux = cfg.aux_loss_coef * rec.pop("aux_t") / cfg.grad_accum
+                    loss = loss + aux
+                    aux_part += float(aux.detach())
                     st["aux_sum"] = rec["aux"]
                 if "load" in rec:
                     mb_loads.append(rec["load"])
                 loss.backward()
-                mb_loss += float(loss.detach())
                 for k, v in st.items():
                     sums[k] = sums.get(k, 0.0) + v
             norms.append(self.optimizer_step())
             mb_losses.append(mb_loss)
+            mb_aux.append(aux_part)
             if mb_loads:
-                loads.extend(mb_loads)
+                load_LE = self._sum_tensor(sum(mb_loads))  # every rank's tokens: the bias stays the same on all
+                loads.append(load_LE)
                 if cfg.aux_free_rate and not cfg.freeze_correction_bias:
-                    balance.update_correction_bias(self.model, sum(mb_loads), cfg.aux_free_rate)
+                    balance.update_correction_bias(self.model, load_LE, cfg.aux_free_rate)
         self.step += 1
         dt = time.perf_counter() - t0
-        tok = max(1.0, sums.get("tokens", 0.0))
-        n_keep = int(keep_PG.sum())
+
+        # metrics of the global batch: sums over the ranks (identity on one process), rewards gathered
+        lens = [len(c.token_ids) for c in comps]
+        kept = [n for n, k in zip(lens, keep_PG.reshape(-1).tolist()) if k]
+        keys = ("pg_sum", "clip_count", "tokens", "kl_sum", "dpo_sum", "dpo_margin_sum", "aux_sum")
+        tot = self._sum(*(sums.get(k, 0.0) for k in keys), *mb_losses, *mb_aux, len(pairs), sum(lens), len(lens),
+                        sum(kept), len(kept), rstats["tokens"])
+        s = dict(zip(keys, tot))
+        n_mb = len(mb_losses)
+        losses_mb = [a + b / self.world for a, b in zip(tot[len(keys):len(keys) + n_mb], tot[len(keys) + n_mb:])]
+        n_pairs_all, len_sum, len_n, kept_sum, kept_n, roll_tok = tot[len(keys) + 2 * n_mb:]
+        rewards_all = self._gather(rewards_N)
+        roll_s = self._max(rstats["seconds"])
+        tok = max(1.0, s["tokens"])
         row: dict[str, Any] = {
-            "step": self.step, "loss": sum(mb_losses) / len(mb_losses), "lr": lr, "grad_norm": sum(norms) / len(norms),
-            "reward_mean": float(rewards_N.mean()), "reward_std": float(rewards_N.std()),
-            "reward_group_std": float(rewards_PG.std(-1).mean()),
-            **{f"reward_{k}": float(v.mean()) for k, v in parts.items()},
-            "pg_loss": sums.get("pg_sum", 0.0) / tok, "clip_fraction": sums.get("clip_count", 0.0) / tok,
-            "completion_len": sum(len(c.token_ids) for c in comps) / len(comps),
-            "accepted_len": sum(len(c.token_ids) for c, k in zip(comps, keep_PG.reshape(-1).tolist()) if k)
-            / max(1, n_keep),
-            "truncated_frac": float(truncated_PG.float().mean()),
+            "step": self.step, "loss": sum(losses_mb) / n_mb, "lr": lr, "grad_norm": sum(norms) / len(norms),
+            "reward_mean": float(rewards_all.mean()), "reward_std": float(rewards_all.std()),
+            "reward_group_std": float(self._gather(rewards_PG.std(-1)).mean()),
+            **{f"reward_{k}": float(self._gather(v).mean()) for k, v in parts.items()},
+            "pg_loss": s["pg_sum"] / tok, "clip_fraction": s["clip_count"] / tok,
+            "completion_len": len_sum / len_n,
+            "accepted_len": kept_sum / max(1, int(kept_n)),
+            "truncated_frac": float(self._gather(truncated_PG.reshape(-1).float()).mean()),
         }
-        if "kl_sum" in sums:
-            row["kl"] = sums["kl_sum"] / tok
+        if self.reference is not None:
+            row["kl"] = s["kl_sum"] / tok
         if u.dpo_coef:
-            row["dpo_pairs"] = len(pairs)
-            row["dpo_loss"] = sums.get("dpo_sum", 0.0) / len(pairs) if pairs else 0.0
-            row["dpo_margin"] = sums.get("dpo_margin_sum", 0.0) / len(pairs) if pairs else 0.0
+            n_pairs_all = int(n_pairs_all)
+            row["dpo_pairs"] = n_pairs_all
+            row["dpo_loss"] = s["dpo_sum"] / n_pairs_all if n_pairs_all else 0.0
+            row["dpo_margin"] = s["dpo_margin_sum"] / n_pairs_all if n_pairs_all else 0.0
         if loads:
             row["expert_imbalance"] = balance.imbalance(sum(loads))
             if "aux_sum" in sums:
-                row["aux_loss"] = sums["aux_sum"] / len(loads)
-        row.update(engine_logp_diff=logp_diff, rollout_tokens=rstats["tokens"], rollout_s=rstats["seconds"],
-                   rollout_tokens_per_s=rstats["tokens_per_s"], rollout_share=rstats["seconds"] / dt if dt else 0.0,
-                   step_s=dt, tokens=int(sums.get("tokens", 0)),
-                   tokens_per_s=sums.get("tokens", 0) / dt if dt else 0.0)
+                row["aux_loss"] = s["aux_sum"] / (self.world * sum(len(micro) for micro in minibatches))
+        row.update(engine_logp_diff=self._max(logp_diff), rollout_tokens=int(roll_tok), rollout_s=roll_s,
+                   rollout_tokens_per_s=roll_tok / roll_s if roll_s > 0 else 0.0,
+                   rollout_share=roll_s / dt if dt else 0.0, step_s=dt, tokens=int(s["tokens"]),
+                   tokens_per_s=s["tokens"] / dt if dt else 0.0)
         return row
 
     @staticmethod

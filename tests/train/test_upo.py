@@ -131,17 +131,28 @@ def test_upo_recipe_errors(tmp_path, prompts, tok_dir):
         _cfg(tmp_path, prompts, tok_dir, upo={"rewards": []})
 
 
-def test_cli_refuses_several_ranks_for_upo(tmp_path, prompts, tok_dir):
+def test_cli_takes_several_ranks_for_upo_and_refuses_what_it_cannot_run(tmp_path, prompts, tok_dir):
+    """--ep/--fsdp pass the pre-launch check (the run itself: tests/parallel/test_upo_parallel.py); LoRA on ranks,
+    a batch that does not split over the ranks and minibatches, and --pp are refused before any process starts."""
     import argparse
 
     from ernie45.train.cli import cmd_train
+    from ernie45.train.distributed import check_layout
 
+    raw = {"task": "upo", "output_dir": str(tmp_path / "run"), "tokenizer": tok_dir, "model": tiny_model(),
+           "data": [prompts], "batch_size": 4, "upo": {"rewards": [{"type": "exact"}], "updates_per_step": 2}}
+    assert check_layout(TrainConfig(**raw), 2, 1) == 2
+    assert check_layout(TrainConfig(**raw), 1, 2) == 2
+    with pytest.raises(ValueError, match="with LoRA is not supported; drop --ep/--fsdp or the lora block"):
+        check_layout(TrainConfig(**raw, lora={"r": 4}), 2, 1)
+    with pytest.raises(ValueError, match=r"batch_size=4 prompts must split evenly into upo.updates_per_step=2 x 4 "
+                                         r"data ranks x grad_accum=1 = 8 parts"):
+        check_layout(TrainConfig(**raw), 2, 4)
     recipe = tmp_path / "upo.yaml"
-    recipe.write_text(json.dumps({"task": "upo", "output_dir": str(tmp_path / "run"), "tokenizer": tok_dir,
-                                  "model": tiny_model(), "data": [prompts], "upo": {"rewards": [{"type": "exact"}]}}))
-    args = argparse.Namespace(config=str(recipe), output_dir=None, max_steps=None, task="upo", ep=2, fsdp=1,
+    recipe.write_text(json.dumps(raw))
+    args = argparse.Namespace(config=str(recipe), output_dir=None, max_steps=None, task="upo", ep=1, fsdp=1, pp=2,
                               resume=False)
-    with pytest.raises(ValueError, match="train upo runs in one process"):
+    with pytest.raises(ValueError, match="not on pipeline stages; drop --pp"):
         cmd_train(args)
     args.task = "sft"
     with pytest.raises(ValueError, match="is a 'upo' recipe"):
