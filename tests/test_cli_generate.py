@@ -179,6 +179,7 @@ def test_chat_stops_on_end_of_sentence(stop_model_dir, capsys, monkeypatch):
     (["generate", "MODEL", "word " * 400, "--max-model-len", "64"], "64"),
     (["chat", "MODEL", "--top-k", "-5"], "top_k"),
     (["generate", "MODEL", "hi", "--device", "gpu0"], "--device"),
+    (["generate", "MODEL", "hi", "--speculative-draft-quant", "int8"], "--speculative-tokens"),
 ])
 def test_clear_one_line_errors(model_dir, argv, match, capsys):
     argv = [model_dir if a == "MODEL" else a for a in argv]
@@ -221,3 +222,15 @@ def test_demo_is_the_default_model(capsys, monkeypatch):
     assert main(["chat", *flags]) == 0
     expected = llm.chat([{"role": "user", "content": "Hello!"}], _greedy(12))[0].outputs[0].text
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_generate_with_quantized_drafts_prints_the_plain_output(capsys):
+    """--speculative-tokens with --speculative-draft-quant on the demo (it has an MTP block): in fp32 the text is the
+    plain run's, and the closing line reports the drafting."""
+    argv = ["generate", "demo", "Fortune favours", "--temperature", "0", "--max-tokens", "16", *ENGINE_FLAGS]
+    assert main(argv) == 0
+    plain = capsys.readouterr()
+    assert main([*argv, "--speculative-tokens", "2", "--speculative-draft-quant", "int8"]) == 0
+    spec = capsys.readouterr()
+    assert spec.out == plain.out and plain.out.strip()
+    assert "speculative:" in spec.err and "drafts accepted" in spec.err, spec.err
