@@ -159,6 +159,8 @@ def _build(isa: str) -> ctypes.CDLL:
     lib.ernie45_decode_layer.argtypes = [ctypes.POINTER(LayerPlan), vp, i64, vp, vp, vp, vp, vp, i64, i64, vp, i64, vp,
                                          i32]
     lib.ernie45_decode_layer.restype = i32
+    lib.ernie45_stream_read.argtypes = [vp, i64, vp, i32]
+    lib.ernie45_stream_read.restype = i32
     lib.ernie45_qgemm_xblock.argtypes = [i64, i64]
     lib.ernie45_qgemm_xblock.restype = i32
     lib.ernie45_sizeof.argtypes = [ctypes.c_char_p]
@@ -643,6 +645,21 @@ def argmax(x_SV: torch.Tensor) -> torch.Tensor:
     out = torch.empty(s, dtype=torch.int64)
     _need().ernie45_argmax(x.data_ptr(), int(x.dtype == torch.bfloat16), s, v, out.data_ptr())
     return out
+
+
+def stream_read(buf: torch.Tensor) -> int:
+    """Read every byte of a contiguous CPU tensor once (a plain streaming read, all threads) and return the wrap-around
+    int32 sum of its 4-byte words: the bandwidth ceiling the decode matmuls are measured against
+    (benchmarks/bench_int4_bw.py). Its size in bytes must be a multiple of 256."""
+    nbytes = buf.numel() * buf.element_size()
+    if buf.device.type != "cpu" or not buf.is_contiguous() or nbytes % 256:
+        raise ValueError(f"stream_read takes a contiguous CPU tensor of a multiple of 256 bytes, got "
+                         f"{tuple(buf.shape)} {buf.dtype} on {buf.device} ({nbytes} bytes)")
+    out = ctypes.c_int64(0)
+    rc = _need().ernie45_stream_read(buf.data_ptr(), nbytes, ctypes.byref(out), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"ernie45_stream_read rejected its arguments (code {rc})")
+    return out.value
 
 
 # ------------------------------------------------------------------------------------ a whole decoder layer

@@ -21,6 +21,8 @@
 //
 // bgemm: y[M, N] = x[M, K] @ W^T for bf16 x and W (VDPBF16PS, fp32 accumulation), K % 32 == 0.
 //
+// stream_read: a plain read of a buffer, the bandwidth ceiling the matmuls are benchmarked against.
+//
 // Shape letters: M rows of x (tokens), N output features (weight rows), K input features, B = K / 64 blocks.
 
 #include <immintrin.h>
@@ -108,3 +110,4 @@ static inline v16f load16_masked(const void* p, int bf16, int64_t i, vmask16 k) 
 #include "cpu/attention.c"
 #include "cpu/small_ops.c"
 #include "cpu/layer.c"
+#include "cpu/stream.c"

@@ -81,4 +81,8 @@ int ernie45_decode_layer(const LayerPlan* L, uint16_t* h, int64_t T, const float
                          uint16_t* vc, const int64_t* slots, int64_t num_slots, int64_t P, const int64_t* tables,
                          int64_t B, const int64_t* lens, int nthreads);
 
+// ----------------------------------------------------------------------------------------- benchmarks
+// The int32 lanes of buf summed into *out, every byte read once (bytes % 256 == 0): a pure streaming read.
+int ernie45_stream_read(const void* buf, int64_t bytes, int64_t* out, int nthreads);
+
 #endif

@@ -270,7 +270,7 @@ def test_the_header_is_the_one_boundary() -> None:
     header = kernels.HEADER.read_text()
     protos = dict(re.findall(r"^(?:int|int64_t) (ernie45_\w+)\(([^;]*)\);", header, flags=re.M))
     lib = kernels.library()
-    assert len(protos) == 14 and "ernie45_decode_layer" in protos
+    assert len(protos) == 15 and "ernie45_decode_layer" in protos
     for name, params in protos.items():
         assert len(getattr(lib, name).argtypes) == len(params.split(",")), name
     for struct in (kernels.QSet, kernels.LayerPlan):
@@ -278,6 +278,19 @@ def test_the_header_is_the_one_boundary() -> None:
         assert lib.ernie45_sizeof(struct.__name__.encode()) == ctypes.sizeof(struct)
     assert lib.ernie45_sizeof(b"Nothing") == -1
     source = "\n".join(p.read_text() for p in (kernels.SOURCE, *kernels.PARTS))
-    assert len(kernels.PARTS) == 6  # split by concern, one translation unit
+    assert len(kernels.PARTS) == 7  # split by concern, one translation unit
     exported = set(re.findall(r"^(?:int|int64_t) (ernie45_\w+)\(", source, flags=re.M))
     assert exported == set(protos), exported ^ set(protos)  # nothing exported past the header
+
+
+@pytest.mark.parametrize("nbytes", [256, 4096 * 3 + 256, 1 << 20])
+def test_stream_read_reads_every_byte(nbytes: int) -> None:
+    """The bandwidth ceiling of benchmarks/bench_int4_bw.py: every 4-byte word summed (int32 wrap-around), so a
+    byte it skipped or read twice changes the result."""
+    buf = torch.randint(-2**31, 2**31 - 1, (nbytes // 4,), dtype=torch.int32)
+    want = int(buf.to(torch.int64).sum()) % 2**32
+    assert kernels.stream_read(buf) % 2**32 == want
+    buf[-1] += 1  # the last word too
+    assert kernels.stream_read(buf) % 2**32 == (want + 1) % 2**32
+    with pytest.raises(ValueError, match="multiple of 256"):
+        kernels.stream_read(buf[:-1])

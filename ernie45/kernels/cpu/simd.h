@@ -43,6 +43,11 @@ typedef __mmask16 vmask16;
 #define v16_setr_epi32 _mm512_setr_epi32
 #define v16_loadu_ps(p) _mm512_loadu_ps(p)
 #define v16_loadu_si(p) _mm512_loadu_si512(p)
+// The same 64 bytes as two 256-bit loads: a plain read streams from DRAM ~10% faster so on Zen 4 (stream_read, the
+// benchmarks' ceiling; benchmarks/results/2026-12-05-int4-bw.md); the matmuls' weight loads were slower so.
+#define v16_loadu2_si(p) \
+    _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(p))), \
+                       _mm256_loadu_si256((const __m256i*)(p) + 1), 1)
 #define v16_storeu_ps(p, a) _mm512_storeu_ps((p), (a))
 #define v16_storeu_si(p, a) _mm512_storeu_si512((p), (a))
 #define v16_maskz_loadu_ps(k, p) _mm512_maskz_loadu_ps((k), (p))
@@ -113,6 +118,7 @@ SIMD_FN v16f v16_loadu_ps(const float* p) { return v16f_make(_mm256_loadu_ps(p),
 SIMD_FN v16i v16_loadu_si(const void* p) {
     return v16i_make(_mm256_loadu_si256((const __m256i*)p), _mm256_loadu_si256((const __m256i*)p + 1));
 }
+#define v16_loadu2_si(p) v16_loadu_si(p)  // two 256-bit loads already
 SIMD_FN void v16_storeu_ps(float* p, v16f a) { _mm256_storeu_ps(p, a.lo); _mm256_storeu_ps(p + 8, a.hi); }
 SIMD_FN void v16_storeu_si(void* p, v16i a) {
     _mm256_storeu_si256((__m256i*)p, a.lo);
