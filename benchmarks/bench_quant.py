@@ -379,6 +379,13 @@ def report(r: dict, args: argparse.Namespace) -> str:
                          f"({bw / 1e9:.1f} GB/s) | {frac:.0%} | llama.cpp {peer} "
                          f"({m[f'llama_{peer}_bytes'] / 2**30:.2f} GiB) | {median_range(h['peer_rounds'], '{:.1f}')} | "
                          f"{median_range(paired_ratios(h['ours_rounds'], h['peer_rounds']), unit='x')} |")
+    if "full" in r:
+        f = r["full"]
+        h = f["int4"]
+        frac, roof, bw = roofline(h, f["int4_bytes_per_token"])
+        lines.append(f"| 21B-A3B, 28 layers | int4 ({f['int4_bytes'] / 2**30:.2f} GiB) | "
+                     f"{median_range(h['ours_rounds'], '{:.1f}')} | "
+                     f"{roof:.1f} ({bw / 1e9:.1f} GB/s) | {frac:.0%} | - | - | - |")
     if "mid4l" in r and args.prefill:
         m = r["mid4l"]
         lines += ["", f"Prefill of a {args.prefill}-token prompt (one chunk, to the first token; a new random prompt "
@@ -391,13 +398,6 @@ def report(r: dict, args: argparse.Namespace) -> str:
                              f"{median_range(h['peer_rounds'], '{:.0f}')} | "
                              f"{median_range(paired_ratios(h['ours_rounds'], h['peer_rounds']), unit='x')} |")
         lines.append("")
-    if "full" in r:
-        f = r["full"]
-        h = f["int4"]
-        frac, roof, bw = roofline(h, f["int4_bytes_per_token"])
-        lines.append(f"| 21B-A3B, 28 layers | int4 ({f['int4_bytes'] / 2**30:.2f} GiB) | "
-                     f"{median_range(h['ours_rounds'], '{:.1f}')} | "
-                     f"{roof:.1f} ({bw / 1e9:.1f} GB/s) | {frac:.0%} | - | - | - |")
     lines.append("")
     for part, vals in r.items():
         extra = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in vals.items()
