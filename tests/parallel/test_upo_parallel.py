@@ -17,6 +17,7 @@ from ernie45.train.recipe import TrainConfig
 from ernie45.train.upo import UPOTrainer
 from tests.parallel.launcher import assert_passed, run_checks
 from tests.train.conftest import ROOT, tiny_model
+from tests.train.test_upo import write_prompts
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -28,12 +29,7 @@ COMPARED = ("loss", "lr", "grad_norm", "reward_mean", "reward_std", "reward_grou
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("upo_mr") / "prompts.jsonl"
-    words = ["river", "moon", "stone", "light", "night", "water", "heart", "world"]
-    path.write_text("".join(json.dumps({"prompt": f"Repeat: {w} ->", "answer": w}) + "\n" for w in words))
-    (path.parent / "length_reward.py").write_text("def chars(prompt, completion, record):\n"
-                                                  "    return len(completion.strip()) / 10\n")
-    return str(path)
+    return write_prompts(tmp_path_factory.mktemp("upo_mr"))
 
 
 def _recipe(tmp_path, prompts: str, tok_dir: str, out: str) -> dict:

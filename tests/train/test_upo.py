@@ -18,7 +18,12 @@ TIMING = {"rollout_s", "rollout_tokens_per_s", "rollout_share", "step_s", "token
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("upo") / "prompts.jsonl"
+    return write_prompts(tmp_path_factory.mktemp("upo"))
+
+
+def write_prompts(folder) -> str:  # noqa: ANN001 - a pathlib.Path
+    """Eight 'Repeat: word ->' prompts and a length reward beside them (also tests/parallel/test_upo_parallel.py)."""
+    path = folder / "prompts.jsonl"
     words = ["river", "moon", "stone", "light", "night", "water", "heart", "world"]
     path.write_text("".join(json.dumps({"prompt": f"Repeat: {w} ->", "answer": w}) + "\n" for w in words))
     # a reward that varies within every group, so each step has a policy-gradient signal
