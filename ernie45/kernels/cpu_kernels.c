@@ -35,7 +35,18 @@
 
 #include "ernie45_kernels.h"  // the exported functions and structs
 
-#define MT 4  // rows of x handled together per weight row (the weight row is unpacked once per tile)
+// Rows of x handled together per weight row (the weight row is unpacked once per tile): 8 with AVX-512's 32
+// registers, 4 with AVX2's 16 (8 spills there: measured 1.1x slower on a 256-token int4 MoE layer).
+#ifndef MT
+#ifdef ERNIE45_AVX2
+#define MT 4
+#else
+#define MT 8
+#endif
+#endif
+#ifndef QNB
+#define QNB 16  // weight rows per block of the quantized matmul's cache blocking (qrows; 4 and 64: slower)
+#endif
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;

@@ -69,7 +69,7 @@ def test_activation_block_rule_is_the_c_one() -> None:
                                           (4, 64, 512), (2, 64, 512), (2, 256, 512), (2, 128, 768),
                                           (6, 128, 512), (6, 64, 768), (6, 256, 512)])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 15, 16])  # 15: a tile of 8 (AVX-512), one of 4, then 3
 def test_qgemm_matches_fp64_reference(bits: int, group: int, k: int, symmetric: bool, rows: int) -> None:
     """fp32 in and out: the only approximation is the documented int8 activation quantization (errors of
     ~1e-3 of the largest output, which this tolerance would catch); the rest is fp32 accumulation, whose
@@ -102,9 +102,9 @@ def test_qgemm_rows_are_independent_of_their_batch() -> None:
     """A row's result must not depend on which rows share its call (seeded sampling, batch == solo)."""
     codes, scales, _ = _qweight(128, 512, 4, 128, True)
     packed = kernels.to_span(codes, 4)
-    x = torch.randn(11, 512).bfloat16()
+    x = torch.randn(15, 512).bfloat16()  # rows 0-7 in a tile of 8 (AVX-512), 8-11 in one of 4, 12-14 in one of 3
     batch = kernels.qgemm(x, packed, 4, scales.bfloat16(), None, 128)
-    for i in (0, 5, 10):
+    for i in (0, 5, 9, 14):
         assert torch.equal(kernels.qgemm(x[i:i + 1], packed, 4, scales.bfloat16(), None, 128), batch[i:i + 1])
 
 

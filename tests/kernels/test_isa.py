@@ -97,7 +97,7 @@ def test_isa_choice(both: None, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("bits,group", [(8, 128), (8, 64), (6, 64), (4, 128), (2, 64)])
-@pytest.mark.parametrize("rows", [1, 6])
+@pytest.mark.parametrize("rows", [1, 6, 13])
 def test_builds_agree_on_qgemm(both: None, bits: int, group: int, rows: int) -> None:
     g = torch.Generator().manual_seed(bits * 10 + rows)
     k = 768  # three 256-column iterations; 8-bit g64: 64-column activation blocks

@@ -82,19 +82,23 @@ static inline __attribute__((always_inline)) void qrow(
 #undef XBLOCK
 #undef DPBUSD
 #undef CODES
-    // The codes' offset (mid) and the zeros, per group: sum_g (zero - mid * scale) * X[m, g], 16 groups at a time.
+    // The codes' offset (mid) and the zeros, per group: sum_g (zero - mid * scale) * X[m, g], 16 groups at a time,
+    // each chunk of (zero - mid * scale) computed once for the tile's rows.
     const v16f mid = v16_set1_ps((float)(1 << (BITS - 1)));
+    v16f t[MT];
+    const float* xs[MT];
     for (int i = 0; i < MT_; i++) {
-        v16f t = v16_add_ps(acc[i][0], acc[i][1]);
-        const float* xs = xsum_g + (xrow ? xrow[m0 + i] : m0 + i) * ng;
-        for (int64_t g = 0; g < ng; g += 16) {
-            const vmask16 k = ng - g >= 16 ? (vmask16)0xFFFF : (vmask16)((1u << (ng - g)) - 1);
-            v16f sc = load16_masked(scales, SB, n * ng + g, k);
-            v16f z = zeros ? load16_masked(zeros, SB, n * ng + g, k) : v16_setzero_ps();
-            t = v16_fmadd_ps(v16_fnmadd_ps(mid, sc, z), v16_maskz_loadu_ps(k, xs + g), t);
-        }
-        store_out(out, out_bf16, (m0 + i) * N + n, v16_reduce_add_ps(t));
+        t[i] = v16_add_ps(acc[i][0], acc[i][1]);
+        xs[i] = xsum_g + (xrow ? xrow[m0 + i] : m0 + i) * ng;
     }
+    for (int64_t g = 0; g < ng; g += 16) {
+        const vmask16 k = ng - g >= 16 ? (vmask16)0xFFFF : (vmask16)((1u << (ng - g)) - 1);
+        const v16f sc = load16_masked(scales, SB, n * ng + g, k);
+        const v16f z = zeros ? load16_masked(zeros, SB, n * ng + g, k) : v16_setzero_ps();
+        const v16f zm = v16_fnmadd_ps(mid, sc, z);
+        for (int i = 0; i < MT_; i++) t[i] = v16_fmadd_ps(zm, v16_maskz_loadu_ps(k, xs[i] + g), t[i]);
+    }
+    for (int i = 0; i < MT_; i++) store_out(out, out_bf16, (m0 + i) * N + n, v16_reduce_add_ps(t[i]));
 }
 
 static inline __attribute__((always_inline)) void qrows(
@@ -102,11 +106,16 @@ static inline __attribute__((always_inline)) void qrows(
     int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
     const int64_t* xrow, const void* scales, const void* zeros, void* out, int out_bf16) {
     const int64_t rb = K * BITS / 8;
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t* wr = w + n * rb;
+    // Blocks of QNB weight rows: each tile of x rows (MT x K bytes, L1-resident) meets the block's rows (from L2)
+    // before the next tile is read, instead of every weight row re-reading all M rows of x from L2 (prefill).
+    for (int64_t nb = n0; nb < n1; nb += QNB) {
+        const int64_t ne = nb + QNB < n1 ? nb + QNB : n1;
         int64_t m0 = 0;
-#define QROW(MT_) qrow(wr, BITS, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
-        for (; m0 + 4 <= M; m0 += 4) QROW(4);
+#define QROW(MT_)                                                                                           \
+    for (int64_t n = nb; n < ne; n++)                                                                       \
+        qrow(w + n * rb, BITS, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
+        for (; m0 + MT <= M; m0 += MT) QROW(MT);
+        if (MT > 4 && m0 + 4 <= M) { QROW(4); m0 += 4; }
         switch (M - m0) {
             case 3: QROW(3); break;
             case 2: QROW(2); break;
