@@ -17,12 +17,24 @@ static inline float silu_mul(float g, float u, int bf16) {  // silu(g) * u of (r
 }
 
 static void swiglu_rows(const float* h, int64_t n, int64_t I, int bf16, float* act_f32, uint16_t* act_bf16) {
+    float e[16];
     for (int64_t r = 0; r < n; r++)
-        for (int64_t c = 0; c < I; c++) {
-            float g = round_bf16(h[r * 2 * I + c], bf16), u = round_bf16(h[r * 2 * I + I + c], bf16);
-            float a = silu_mul(g, u, bf16);
-            if (act_bf16) act_bf16[r * I + c] = f32_to_bf16(a);
-            else act_f32[r * I + c] = a;
+        for (int64_t c0 = 0; c0 < I; c0 += 16) {
+            const int64_t w = I - c0 < 16 ? I - c0 : 16;
+            const float* hg = h + r * 2 * I + c0;
+            if (w == 16) {  // exp(-g) 16 at a time (v16_exp_ps), the roundings scalar as in silu_mul
+                v16f g = v16_loadu_ps(hg);
+                if (bf16) g = v16_castsi_ps(v16_slli_epi32(v16_cvtepu16_epi32(v16_cvtneps_bh(g)), 16));
+                v16_storeu_ps(e, v16_exp_ps(v16_mul_ps(g, v16_set1_ps(-1.0f))));
+            } else {
+                for (int64_t c = 0; c < w; c++) e[c] = expf(-round_bf16(hg[c], bf16));
+            }
+            for (int64_t c = 0; c < w; c++) {
+                const float g = round_bf16(hg[c], bf16), u = round_bf16(hg[I + c], bf16);
+                const float a = round_bf16(round_bf16(g / (1.0f + e[c]), bf16) * u, bf16);
+                if (act_bf16) act_bf16[r * I + c0 + c] = f32_to_bf16(a);
+                else act_f32[r * I + c0 + c] = a;
+            }
         }
 }
 

@@ -58,6 +58,7 @@ typedef __mmask16 vmask16;
 #define v16_add_ps(a, b) _mm512_add_ps((a), (b))
 #define v16_mul_ps(a, b) _mm512_mul_ps((a), (b))
 #define v16_max_ps(a, b) _mm512_max_ps((a), (b))
+#define v16_min_ps(a, b) _mm512_min_ps((a), (b))
 #define v16_abs_ps(a) _mm512_abs_ps(a)
 #define v16_fmadd_ps(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define v16_fnmadd_ps(a, b, c) _mm512_fnmadd_ps((a), (b), (c))
@@ -148,6 +149,7 @@ SIMD_FN v16h v16h_maskz_loadu(vmask16 k, const void* p) {  // 16-bit lanes: AVX2
 SIMD_PS2(v16_add_ps, _mm256_add_ps)
 SIMD_PS2(v16_mul_ps, _mm256_mul_ps)
 SIMD_PS2(v16_max_ps, _mm256_max_ps)
+SIMD_PS2(v16_min_ps, _mm256_min_ps)
 SIMD_SI2(v16_add_epi32, _mm256_add_epi32)
 SIMD_SI2(v16_max_epi32, _mm256_max_epi32)
 SIMD_SI2(v16_min_epi32, _mm256_min_epi32)
@@ -268,5 +270,25 @@ SIMD_FN v16i v16_mask_mov_epi32(v16i src, vmask16 k, v16i a) {
 }
 #undef SIMD_FN
 #endif
+
+// exp(x) for 16 floats, within 2 ulp of expf for x in [-87.3, 88.3] (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2,
+// a degree-7 polynomial for exp(r), 2^n into the exponent field); x above 88.3 / below -87.3 is clamped there
+// (exp(88.3) = 2.1e38, exp(-87.3) = 1.2e-38), and NaN gives a finite value: callers that need the NaN
+// (silu: g / (1 + exp(-g))) keep it through the other operand. The same operations in both builds, so the two agree.
+static inline __attribute__((always_inline)) v16f v16_exp_ps(v16f x) {
+    x = v16_min_ps(v16_max_ps(x, v16_set1_ps(-87.3f)), v16_set1_ps(88.3f));
+    const v16i n = v16_cvtps_epi32(v16_mul_ps(x, v16_set1_ps(1.44269504088896341f)));  // nearest
+    const v16f fn = v16_cvtepi32_ps(n);
+    v16f r = v16_fnmadd_ps(fn, v16_set1_ps(0.693359375f), x);  // ln2 in two parts: the first exact in fn * it
+    r = v16_fnmadd_ps(fn, v16_set1_ps(-2.12194440e-4f), r);
+    v16f p = v16_set1_ps(1.9875691500e-4f);
+    p = v16_fmadd_ps(p, r, v16_set1_ps(1.3981999507e-3f));
+    p = v16_fmadd_ps(p, r, v16_set1_ps(8.3334519073e-3f));
+    p = v16_fmadd_ps(p, r, v16_set1_ps(4.1665795894e-2f));
+    p = v16_fmadd_ps(p, r, v16_set1_ps(1.6666665459e-1f));
+    p = v16_fmadd_ps(p, r, v16_set1_ps(5.0000001201e-1f));
+    p = v16_fmadd_ps(p, v16_mul_ps(r, r), v16_add_ps(r, v16_set1_ps(1.0f)));
+    return v16_mul_ps(p, v16_castsi_ps(v16_slli_epi32(v16_add_epi32(n, v16_set1_epi32(127)), 23)));
+}
 
 #endif
