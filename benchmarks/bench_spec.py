@@ -234,7 +234,8 @@ def main() -> None:
                       f"step of {v['tokens_verified']} tokens {v['verify_ms']:.1f} ms: {v['ratio_median']:.2f}x "
                       f"(paired median; range {v['ratio_range'][0]:.2f}-{v['ratio_range'][1]:.2f})"]
     text = "\n".join(lines) + "\n\nraw:\n```json\n" + json.dumps(res, indent=1) + "\n```"
-    print(write_result("spec", text))
+    # the verify part alone gets its own file, so it does not replace a run with the demo table
+    print(write_result("spec-verify" if args.parts == ["verify"] else "spec", text))
 
 
 if __name__ == "__main__":
