@@ -1,0 +1,133 @@
+"""The quantized matmul kernels of this checkout against the same kernels at an earlier git revision (A/B).
+
+Builds ``ernie45/kernels`` as it was at ``--base`` (``git archive``, the same compiler flags as
+``ernie45.kernels._build``) beside this checkout's build, checks that both give the same outputs (or prints the
+largest difference), then times them alternately on the same inputs: ``qmoe`` (one MoE layer of the
+ERNIE-4.5-21B-A3B shape, int4 g128 asymmetric: 64 experts [3072, 2560] + [2560, 1536], top-6 of T tokens) and
+``qgemm`` (a [3072, 2560] linear, int4 g128 asymmetric and int8 per channel) for T rows each. The weights fit in
+L3 here, so this measures the kernels' compute (prefill, verify steps), not the DRAM streaming of batch-1 decode
+(``bench_int4_bw.py``). Each case: ``--rounds`` pairs of calls, base then new; the figure is the median of the
+per-pair speed-ups (base time / new time) with the range.
+
+    flock /tmp/ernie45-heavy.lock python benchmarks/bench_kernels_ab.py --base f308ac4 [--rows 1 4 16 256]
+        [--isa avx512 avx2] [--rounds 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from benchmarks.common import median, median_range, write_result  # noqa: E402
+from ernie45 import kernels  # noqa: E402
+
+torch.set_num_threads(2)
+E, H, I, TOPK, N_LIN = 64, 2560, 1536, 6, 3072  # noqa: E741 - experts, hidden, expert width, top-k, linear rows
+
+
+def build_at(rev: str, isa: str, workdir: str) -> ctypes.CDLL:
+    """The kernels as they were at git revision ``rev``, compiled for ``isa``; signatures from this checkout."""
+    src = os.path.join(workdir, rev)
+    os.makedirs(src, exist_ok=True)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "ernie45/kernels"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True)
+    so = os.path.join(workdir, f"{rev}-{isa}.so")
+    cc = os.environ.get("CC") or "gcc"
+    args = ["-O3", *kernels.ISA_CFLAGS[isa], "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
+    subprocess.run([cc, *args, "-o", so, os.path.join(src, "ernie45/kernels/cpu_kernels.c"), "-lm"], check=True)
+    lib, ref = ctypes.CDLL(so), kernels.library(isa)
+    for name in ("ernie45_qgemm", "ernie45_qmoe"):
+        getattr(lib, name).argtypes = getattr(ref, name).argtypes
+        getattr(lib, name).restype = getattr(ref, name).restype
+    return lib
+
+
+def cases(rows: int, gen: torch.Generator) -> dict:
+    def qw(e: int, n: int, k: int, bits: int, group: int) -> tuple:
+        codes = torch.randint(0, 2**bits, (e, n, k), generator=gen, dtype=torch.uint8)
+        return (kernels.to_span(codes, bits).contiguous(),
+                (torch.rand(e, n, k // group, generator=gen) * 0.01 + 1e-3).bfloat16(),
+                (torch.randn(e, n, k // group, generator=gen) * 0.01).bfloat16())
+
+    gu, dn = qw(E, 2 * I, H, 4, 128), qw(E, H, I, 4, 128)
+    x = torch.randn(rows, H, generator=gen).bfloat16()
+    idx = torch.rand(rows, E, generator=gen).argsort(1)[:, :TOPK].contiguous()
+    wts = torch.full((rows, TOPK), 1 / TOPK)
+    lin = {4: qw(1, N_LIN, H, 4, 128), 8: qw(1, N_LIN, H, 8, H)}
+
+    def moe(lib: ctypes.CDLL) -> torch.Tensor:
+        out = torch.empty(rows, H)
+        rc = lib.ernie45_qmoe(x.data_ptr(), 1, rows, H, I, TOPK, idx.data_ptr(), wts.data_ptr(), E, 4, 1,
+                              gu[0].data_ptr(), gu[1].data_ptr(), gu[2].data_ptr(), 128, dn[0].data_ptr(),
+                              dn[1].data_ptr(), dn[2].data_ptr(), 128, 1, out.data_ptr(), 2)
+        assert rc == 0, rc
+        return out
+
+    def linear(bits: int):  # noqa: ANN202
+        c, s, z = lin[bits]
+
+        def run(lib: ctypes.CDLL) -> torch.Tensor:
+            out = torch.empty(rows, N_LIN, dtype=torch.bfloat16)
+            rc = lib.ernie45_qgemm(x.data_ptr(), 1, rows, H, N_LIN, c.data_ptr(), bits, s.data_ptr(),
+                                   z.data_ptr() if bits == 4 else None, 1, 128 if bits == 4 else H, out.data_ptr(),
+                                   1, 2)
+            assert rc == 0, rc
+            return out
+        return run
+
+    return {"qmoe int4 g128 (64 experts, top-6)": (moe, 2 * rows * TOPK * 3 * H * I),
+            "qgemm int4 g128 [3072, 2560]": (linear(4), 2 * rows * N_LIN * H),
+            "qgemm int8 per-channel [3072, 2560]": (linear(8), 2 * rows * N_LIN * H)}
+
+
+def timed(fn, lib) -> float:  # noqa: ANN001
+    t0 = time.perf_counter()
+    fn(lib)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", required=True, help="git revision to compare with (e.g. a commit before a change)")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 256])
+    ap.add_argument("--isa", nargs="+", default=[i for i in kernels.ISAS if not kernels.isa_why_not(i)])
+    ap.add_argument("--rounds", type=int, default=9)
+    args = ap.parse_args()
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    lines = [f"Base: `{args.base}`; new: this checkout ({head.strip()}, its working tree). {args.rounds} pairs of "
+             "calls a case, base then new, after one untimed call each; speed-up = base time / new time per pair, "
+             "median (range). GOP/s: 2 x multiply-adds of the weights actually used, at the median time.", "",
+             "| ISA | case | rows | base ms | new ms | new GOP/s | speed-up | outputs |",
+             "|---|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as work:
+        for isa in args.isa:
+            base, new = build_at(args.base, isa, work), kernels.library(isa)
+            for rows in args.rows:
+                for name, (fn, ops) in cases(rows, torch.Generator().manual_seed(rows)).items():
+                    a, b = fn(base), fn(new)
+                    diff = (a.float() - b.float()).abs().max().item()
+                    same = "identical" if diff == 0 else f"max diff {diff:.3g}"
+                    tb, tn, r = [], [], []
+                    for _ in range(args.rounds):
+                        x, y = timed(fn, base), timed(fn, new)
+                        tb.append(x), tn.append(y), r.append(x / y)
+                    line = (f"| {isa} | {name} | {rows} | {1e3 * median(tb):.2f} | "
+                            f"{1e3 * median(tn):.2f} | {ops / median(tn) / 1e9:.0f} | "
+                            f"{median_range(r, unit='x')} | {same} |")
+                    print(line, flush=True)
+                    lines.append(line)
+    print(write_result("kernels-ab", "\n".join(lines)))
+
+
+if __name__ == "__main__":
+    main()
