@@ -108,6 +108,24 @@ def test_qgemm_rows_are_independent_of_their_batch() -> None:
         assert torch.equal(kernels.qgemm(x[i:i + 1], packed, 4, scales.bfloat16(), None, 128), batch[i:i + 1])
 
 
+@pytest.mark.parametrize("group", [512, 128])
+def test_qgemm_int8_weight_row_pairs_match_single_rows(group: int) -> None:
+    """8-bit tiles of 2-4 x rows take the weight rows in pairs (qrow2_8); an odd count of rows per thread leaves one
+    to the single-row path. Every output must equal the fp64 reference and, bit for bit, the row computed alone
+    (which takes the single-row path)."""
+    n, k = 37, 512
+    codes, scales, zeros = _qweight(n, k, 8, group, False)
+    packed = kernels.to_span(codes, 8)
+    x = torch.randn(7, k) * torch.logspace(-2, 1, k)  # a tile of 4, then 3
+    y = kernels.qgemm(x, packed, 8, scales, zeros, group)
+    w = qm.dequantize_mid(codes, scales, zeros, 8, dtype=torch.float64)
+    ref = act_quant_ref(x, kernels.xblock(k, group)) @ w.t()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+    for i in range(7):
+        assert torch.equal(kernels.qgemm(x[i:i + 1], packed, 8, scales, zeros, group), y[i:i + 1]), i
+    assert torch.equal(kernels.qgemm(x[:2], packed, 8, scales, zeros, group), y[:2])
+
+
 def test_qgemm_zero_rows_and_blocks() -> None:
     codes, scales, zeros = _qweight(64, 256, 8, 256, False)
     x = torch.zeros(2, 256)
