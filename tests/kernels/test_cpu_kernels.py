@@ -109,10 +109,9 @@ def test_qgemm_rows_are_independent_of_their_batch() -> None:
 
 
 @pytest.mark.parametrize("group", [512, 128])
-def test_qgemm_int8_weight_row_pairs_match_single_rows(group: int) -> None:
-    """8-bit tiles of 2-4 x rows take the weight rows in pairs (qrow2_8); an odd count of rows per thread leaves one
-    to the single-row path. Every output must equal the fp64 reference and, bit for bit, the row computed alone
-    (which takes the single-row path)."""
+def test_qgemm_int8_small_tiles_match_single_rows(group: int) -> None:
+    """8 bits, 37 weight rows (an odd count per thread and per block) and 7 x rows (a tile of 4, then 3): every output
+    must equal the fp64 reference and, bit for bit, the row computed alone (a verify step's rows against decode's)."""
     n, k = 37, 512
     codes, scales, zeros = _qweight(n, k, 8, group, False)
     packed = kernels.to_span(codes, 8)

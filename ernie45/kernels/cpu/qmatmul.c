@@ -1,29 +1,6 @@
 // Weight-only quantized matmul (qgemm) in the span layout: activation quantization, VNNI dot products.
 // Part of ernie45/kernels/cpu_kernels.c (one translation unit: included there in this order).
 
-// The end of a (weight row NN, tile of x rows) pair, accumulators ACC[MT_][2]: the two chains of each x row added,
-// then the codes' offset (mid) and the zeros, per group: sum_g (zero - mid * scale) * X[m, g], 16 groups at a time,
-// each chunk of (zero - mid * scale) computed once for the tile's rows; the horizontal sums stored. A macro, not a
-// function: passing the accumulators' address cost qrow ~8% at 256 rows (measured), inlined or not.
-#define QFINISH(ACC, NN)                                                                                     \
-    do {                                                                                                     \
-        const v16f mid_ = v16_set1_ps((float)(1 << (BITS - 1)));                                             \
-        v16f t_[MT];                                                                                         \
-        const float* xs_[MT];                                                                                \
-        for (int i = 0; i < MT_; i++) {                                                                      \
-            t_[i] = v16_add_ps(ACC[i][0], ACC[i][1]);                                                        \
-            xs_[i] = xsum_g + (xrow ? xrow[m0 + i] : m0 + i) * ng;                                           \
-        }                                                                                                    \
-        for (int64_t g = 0; g < ng; g += 16) {                                                               \
-            const vmask16 k = ng - g >= 16 ? (vmask16)0xFFFF : (vmask16)((1u << (ng - g)) - 1);              \
-            const v16f sc = load16_masked(scales, SB, (NN) * ng + g, k);                                     \
-            const v16f z = zeros ? load16_masked(zeros, SB, (NN) * ng + g, k) : v16_setzero_ps();            \
-            const v16f zm = v16_fnmadd_ps(mid_, sc, z);                                                      \
-            for (int i = 0; i < MT_; i++) t_[i] = v16_fmadd_ps(zm, v16_maskz_loadu_ps(k, xs_[i] + g), t_[i]); \
-        }                                                                                                    \
-        for (int i = 0; i < MT_; i++) store_out(out, out_bf16, (m0 + i) * N + (NN), v16_reduce_add_ps(t_[i])); \
-    } while (0)
-
 // One weight row against MT_ rows of x starting at m0. BITS, MT_, SB (bf16 scales) and BPX (64-column
 // sub-blocks per activation block) are compile-time constants after inlining, so the tile's accumulators and
 // pointers stay in registers. 512-bit operations are the budget on this path (Zen 4 issues about one a cycle):
@@ -105,62 +82,24 @@ static inline __attribute__((always_inline)) void qrow(
 #undef XBLOCK
 #undef DPBUSD
 #undef CODES
-    QFINISH(acc, n);
-}
-
-// Two 8-bit weight rows (n, n + 1) against MT_ <= 4 rows of x: each activation vector loaded once serves both
-// weight rows (half qrow's x loads); every (weight row, x row) sum in qrow's order, so the results are qrow's.
-static inline __attribute__((always_inline)) void qrow2_8(
-    const uint8_t* wr, int64_t rb, const int MT_, const int SB, const int BPX, int64_t n, int64_t m0, int64_t K,
-    int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
-    const int64_t* xrow, const void* scales, const void* zeros, void* out, int out_bf16) {
-    const int64_t nb = K / 64, nx = nb / BPX;
-    const uint16_t* s16 = (const uint16_t*)scales + n * ng;
-    const float* s32 = (const float*)scales + n * ng;
-    const int8_t* xm[MT];
-    const float* sxm[MT];
-    v16f acc[2][MT][2];
+    // The codes' offset (mid) and the zeros, per group: sum_g (zero - mid * scale) * X[m, g], 16 groups at a time,
+    // each chunk of (zero - mid * scale) computed once for the tile's rows.
+    const v16f mid = v16_set1_ps((float)(1 << (BITS - 1)));
+    v16f t[MT];
+    const float* xs[MT];
     for (int i = 0; i < MT_; i++) {
-        const int64_t r = xrow ? xrow[m0 + i] : m0 + i;
-        xm[i] = xq + r * K;
-        sxm[i] = sx + r * nx;
-        acc[0][i][0] = acc[0][i][1] = acc[1][i][0] = acc[1][i][1] = v16_setzero_ps();
+        t[i] = v16_add_ps(acc[i][0], acc[i][1]);
+        xs[i] = xsum_g + (xrow ? xrow[m0 + i] : m0 + i) * ng;
     }
-#define XB2(X, J)                                                                                            \
-    do {                                                                                                     \
-        const int32_t g_ = gidx[X];                                                                          \
-        const float w0_ = SB ? bf16_to_f32(s16[g_]) : s32[g_], w1_ = SB ? bf16_to_f32(s16[ng + g_]) : s32[ng + g_]; \
-        const v16i a0_ = v16_loadu_si((const void*)(wr + (X) * BPX * 64));                                  \
-        const v16i b0_ = v16_loadu_si((const void*)(wr + rb + (X) * BPX * 64));                             \
-        const v16i a1_ = BPX == 2 ? v16_loadu_si((const void*)(wr + (X) * BPX * 64 + 64)) : a0_;            \
-        const v16i b1_ = BPX == 2 ? v16_loadu_si((const void*)(wr + rb + (X) * BPX * 64 + 64)) : b0_;       \
-        for (int i = 0; i < MT_; i++) {                                                                      \
-            const int8_t* xp_ = xm[i] + (X) * BPX * 64;                                                      \
-            const v16i x0_ = v16_loadu_si((const void*)xp_);                                                 \
-            v16i d_ = v16_dpbusd_epi32(v16_setzero_si(), a0_, x0_);                                          \
-            v16i e_ = v16_dpbusd_epi32(v16_setzero_si(), b0_, x0_);                                          \
-            if (BPX == 2) {                                                                                  \
-                const v16i x1_ = v16_loadu_si((const void*)(xp_ + 64));                                      \
-                d_ = v16_dpbusd_epi32(d_, a1_, x1_);                                                         \
-                e_ = v16_dpbusd_epi32(e_, b1_, x1_);                                                         \
-            }                                                                                                \
-            acc[0][i][J] = v16_fmadd_ps(v16_cvtepi32_ps(d_), v16_set1_ps(w0_ * sxm[i][X]), acc[0][i][J]);   \
-            acc[1][i][J] = v16_fmadd_ps(v16_cvtepi32_ps(e_), v16_set1_ps(w1_ * sxm[i][X]), acc[1][i][J]);   \
-        }                                                                                                    \
-    } while (0)
-    const int64_t iters = nb / 4;
-    for (int64_t it = 0; it < iters; it++) {
-        const int64_t b0 = it * 4;
-        if (BPX == 2) { XB2(b0 / 2, 0); XB2(b0 / 2 + 1, 1); }
-        else { XB2(b0, 0); XB2(b0 + 1, 1); XB2(b0 + 2, 0); XB2(b0 + 3, 1); }
+    for (int64_t g = 0; g < ng; g += 16) {
+        const vmask16 k = ng - g >= 16 ? (vmask16)0xFFFF : (vmask16)((1u << (ng - g)) - 1);
+        const v16f sc = load16_masked(scales, SB, n * ng + g, k);
+        const v16f z = zeros ? load16_masked(zeros, SB, n * ng + g, k) : v16_setzero_ps();
+        const v16f zm = v16_fnmadd_ps(mid, sc, z);
+        for (int i = 0; i < MT_; i++) t[i] = v16_fmadd_ps(zm, v16_maskz_loadu_ps(k, xs[i] + g), t[i]);
     }
-    for (int64_t x = iters * 4 / BPX; x < nx; x++) XB2(x, 0);
-#undef XB2
-    const int BITS = 8;
-    QFINISH(acc[0], n);
-    QFINISH(acc[1], n + 1);
+    for (int i = 0; i < MT_; i++) store_out(out, out_bf16, (m0 + i) * N + n, v16_reduce_add_ps(t[i]));
 }
-#undef QFINISH
 
 static inline __attribute__((always_inline)) void qrows(
     const uint8_t* w, const int BITS, const int SB, const int BPX, int64_t n0, int64_t n1, int64_t M, int64_t K,
@@ -172,16 +111,9 @@ static inline __attribute__((always_inline)) void qrows(
     for (int64_t nb = n0; nb < n1; nb += QNB) {
         const int64_t ne = nb + QNB < n1 ? nb + QNB : n1;
         int64_t m0 = 0;
-    // 8 bits, tiles of 2-4 x rows (verify steps, small batches): weight rows in pairs (qrow2_8)
 #define QROW(MT_)                                                                                           \
     for (int64_t n = nb; n < ne; n++)                                                                       \
-        if (BITS == 8 && MT_ >= 2 && MT_ <= 4 && n + 1 < ne) {                                              \
-            qrow2_8(w + n * rb, rb, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, \
-                    out, out_bf16);                                                                         \
-            n++;                                                                                            \
-        } else                                                                                              \
-            qrow(w + n * rb, BITS, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, \
-                 out_bf16)
+        qrow(w + n * rb, BITS, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
         for (; m0 + MT <= M; m0 += MT) QROW(MT);
         if (MT > 4 && m0 + 4 <= M) { QROW(4); m0 += 4; }
         switch (M - m0) {
