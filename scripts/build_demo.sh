@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the bundled demo model (ernie45/assets/demo/) from the corpus in data/:
 #   1. a 6144-piece byte-fallback BPE SentencePiece tokenizer with ERNIE's special tokens,
-#   2. `ernie45 train pretrain` on data/corpus (English fortunes + Chinese Tang/Song poems),
+#   2. `ernie45 train pretrain` on data/corpus (English fortunes, the King James Bible, Chinese Tang/Song poems),
 #   3. `ernie45 train sft` on data/sft_demo.jsonl,
 #   3b. its MTP head (speculative decoding), the model frozen: the SFT model's own continuations of corpus prompts
 #       (scripts/demo_mtp_data.py), then the head trained on them and the corpus (recipes/demo_mtp.yaml),
@@ -23,6 +23,7 @@ stage="${1:-all}"
 case "$stage" in all | mtp) ;; *) echo "usage: $0 [all|mtp]" >&2; exit 2 ;; esac
 if [ "$stage" = all ]; then
   python3 -m ernie45.train.spm runs/demo_tokenizer data/corpus/en_fortunes.jsonl data/corpus/zh_poems.jsonl \
+    data/corpus/en_kjv.jsonl \
     --vocab-size 6144 --model-max-length 4096
   python3 -m ernie45.cli train pretrain --config recipes/demo_pretrain.yaml
   python3 -m ernie45.cli train sft --config recipes/demo_sft.yaml

@@ -3,7 +3,8 @@
 A draft is accepted when it agrees with what the model itself generates, so the head learns best on text the model
 writes: greedy continuations (what `--speculative-tokens` meets at temperature 0, past the end-of-text token too, as
 the benchmark's ignore_eos requests) and sampled ones at the demo's default temperature/top_p. Prompts are the first
-line (cut at 20-80 characters) of corpus records; the records the benchmark and the acceptance check prompt with
+line (cut at 20-80 characters) of fortune and poem records and the opening of a Bible chapter's text (after its
+heading; the same cut); the records the benchmark and the acceptance check prompt with
 (``PROMPT_LINES`` below, and ``held_out``) are left out. Writes JSONL {"text": prompt + continuation}, atomically.
 
     python scripts/demo_mtp_data.py runs/demo_sft/final runs/demo_mtp_data.jsonl [--prompts 768] [--max-tokens 160]
@@ -22,7 +23,7 @@ from ernie45.engine.llm import LLMEngine
 from ernie45.engine.sampling_params import SamplingParams
 from ernie45.utils import atomic_write_text
 
-FORTUNES, POEMS = "data/corpus/en_fortunes.jsonl", "data/corpus/zh_poems.jsonl"
+FORTUNES, POEMS, KJV = "data/corpus/en_fortunes.jsonl", "data/corpus/zh_poems.jsonl", "data/corpus/en_kjv.jsonl"
 
 
 def held_out(i: int) -> bool:
@@ -34,12 +35,13 @@ def held_out(i: int) -> bool:
 def prompts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     out = []
-    for path in (FORTUNES, POEMS):
+    for path in (FORTUNES, POEMS, KJV):
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f):
                 if path == FORTUNES and held_out(i):
                     continue
-                first = json.loads(line)["text"].split("\n")[0]
+                text = json.loads(line)["text"]
+                first = text.split("\n\n", 1)[-1] if path == KJV else text.split("\n")[0]
                 out.append(first[:rng.randint(20, 80)])
     rng.shuffle(out)
     return out[:n]

@@ -258,8 +258,9 @@ def test_split_documents_is_deterministic_and_disjoint() -> None:
 @pytest.mark.slow
 def test_readme_gptq_call_on_the_demo_model_beats_rtn_on_held_out_text() -> None:
     """The README's call on the bundled demo, calibrated on 2,048 tokens of its corpus, scored on 8,192 tokens
-    of documents the calibration never saw: ~3x (measured 2.97x) lower next-token KL than RTN at the same
-    bits per weight, and than RTN with a data-free scale search (method="mse"), whose KL is higher still."""
+    of documents the calibration never saw: ~2x (measured 2.10x) lower next-token KL than RTN at the same
+    bits per weight, and 1.5x (measured 1.52x) lower than RTN with a data-free scale search (method="mse"),
+    which on this demo helps RTN itself (benchmarks/results/2026-12-06-gptq-int2.md)."""
     from ernie45.assets import demo_path
     from ernie45.tokenizer import Tokenizer
     from ernie45.train.data import read_texts
@@ -274,5 +275,5 @@ def test_readme_gptq_call_on_the_demo_model_beats_rtn_on_held_out_text() -> None
                                       progress=False), held)
     model = quantize_model(model, QuantConfig.from_name("int2", method="gptq"), calibration=ids)
     gptq = compare(ref, model, held)
-    assert gptq["kl"] * 2.7 < rtn["kl"] < mse["kl"], (gptq, rtn, mse)
+    assert gptq["kl"] * 1.8 < rtn["kl"] and gptq["kl"] * 1.3 < mse["kl"], (gptq, rtn, mse)
     assert gptq["ppl"] < rtn["ppl"]
