@@ -17,7 +17,9 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ernie45.utils import atomic_write_text  # noqa: E402
 
 VERSE = re.compile(r"^\s+(\d+) (.*)$")
 
@@ -25,6 +27,11 @@ VERSE = re.compile(r"^\s+(\d+) (.*)$")
 def chapters(text: str) -> list[dict]:
     out: list[dict] = []
     heading, verses = None, []
+
+    def close() -> None:
+        if heading is not None:
+            out.append({"text": f"{heading}\n\n{' '.join(verses)}", "source": "kjv"})
+
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -36,11 +43,9 @@ def chapters(text: str) -> list[dict]:
                 raise ValueError(f"line {n}: {heading} verse {m.group(1)} follows verse {len(verses)}")
             verses.append(m.group(2).strip())
             continue
-        if heading is not None:
-            out.append({"text": f"{heading}\n\n{' '.join(verses)}", "source": "kjv"})
+        close()
         heading, verses = line.strip(), []
-    if heading is not None:
-        out.append({"text": f"{heading}\n\n{' '.join(verses)}", "source": "kjv"})
+    close()
     return out
 
 
@@ -64,12 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corpus_kjv: {len(records)} chapters parsed, expected 1189; check `bible -l0` output",
               file=sys.stderr)
         return 1
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)), suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     words = sum(len(r["text"].split()) for r in records)
     print(f"{args.out}: {len(records)} chapters, {words} words")
     return 0
