@@ -1,7 +1,7 @@
 """Where a speculative step's time goes on the demo: wall time per part of ``LLMEngine.step`` (timers around the
 runner's forward, the verification, the MTP passes, the LM head), per step, for plain decoding and k drafts.
 
-    flock /tmp/ernie45-heavy.lock python benchmarks/spec_split.py [--ks 0 1 2 4] [--batch 1] [--threads 1]
+    flock /tmp/ernie45-heavy.lock python benchmarks/spec_split.py [--ks 0 1 2 4] [--batch 1] [--threads 1] [--quant int8]
 
 Prints one block per k; the parts overlap (``propose`` holds ``mtp1``, ``draft_pos`` and ``mtp_draft``; the LM head
 runs inside the forwards).
@@ -19,9 +19,9 @@ from bench_spec import demo_prompts, run_demo  # noqa: E402 - benchmarks/ is the
 from ernie45.engine.llm import LLMEngine
 
 
-def split(k: int, batch: int, max_tokens: int) -> tuple[float, int, dict[str, tuple[float, float]]]:
+def split(k: int, batch: int, max_tokens: int, quant: str | None = None) -> tuple[float, int, dict[str, tuple[float, float]]]:
     """(tokens/s, steps, part -> (ms a step, calls a step)) of one run after a warm-up."""
-    eng = LLMEngine("demo", kv_cache_memory="256MB", speculative_tokens=k)
+    eng = LLMEngine("demo", kv_cache_memory="256MB", speculative_tokens=k, **({"quant": quant} if quant else {}))
     prompts = demo_prompts(batch)
     run_demo(eng, prompts, 8)
     spent: dict[str, float] = collections.defaultdict(float)
@@ -63,10 +63,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quant", default=None, help="load the demo quantized with this preset (all layers native)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for k in args.ks:
-        tok_s, steps, parts = split(k, args.batch, args.max_tokens)
+        tok_s, steps, parts = split(k, args.batch, args.max_tokens, args.quant)
         print(f"k={k} batch {args.batch}: {tok_s:.0f} tok/s, {steps} steps, "
               f"{1e3 * args.batch * args.max_tokens / tok_s / steps:.2f} ms a step")
         for key, (ms, n) in parts.items():
