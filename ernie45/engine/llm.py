@@ -429,7 +429,7 @@ class LLMEngine:
             tokens, q_rows = [tok_S], [q]
             kmax = max(ks)
             if kmax > 1:  # drafts 2..k: the block on its own output and draft, one decode row per sequence
-                at = self.runner.draft_positions(seqs, kmax - 1)
+                at = self.runner.draft_positions(seqs, ks)
                 live, rows = list(range(len(seqs))), None
                 for j in range(2, kmax + 1):
                     if any(ks[n] < j for n in live):  # some sequences have drafted all they may

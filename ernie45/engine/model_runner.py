@@ -121,15 +121,18 @@ class ModelRunner:
         self.last.hidden_TH = out.hidden_states[0]
         return sample_seqs, (out.logits if rows else None)
 
-    def draft_positions(self, seqs: list[Sequence], depths: int) -> DraftPositions:
-        """Where drafts 2 .. depths + 1 of each sequence go in the MTP cache slot (the positions after its last
-        verified pair, see :meth:`mtp_draft`): every depth's slots and context lengths built at once, so each
-        drafting forward only slices them. Their blocks are allocated already (the engine's lookahead)."""
+    def draft_positions(self, seqs: list[Sequence], budgets: list[int]) -> DraftPositions:
+        """Where drafts 2 .. k of each sequence go in the MTP cache slot (the positions after its last verified
+        pair, see :meth:`mtp_draft`), k = its budget: every depth's slots and context lengths built at once (up to
+        the largest budget), so each drafting forward only slices them. Their blocks are allocated already (the
+        engine's lookahead, for each sequence's own budget only: a depth past a sequence's budget, which never runs
+        for it, repeats its last position instead of reading past its block table)."""
         bs = self.kv.block_size
         tables = [s.block_table for s in seqs]
         width = max(map(len, tables))
         tables_SB = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device)
-        pos = [[s.num_tokens - 1 + j for s in seqs] for j in range(depths)]          # depth j + 2 of each sequence
+        pos = [[s.num_tokens - 1 + max(0, min(j, k - 2)) for s, k in zip(seqs, budgets)]  # depth j + 2 of each
+               for j in range(max(budgets) - 1)]
         slots_JS = torch.tensor([[t[p // bs] * bs + p % bs for t, p in zip(tables, row)] for row in pos],
                                 dtype=torch.long, device=self.device)
         lens_JS = torch.tensor(pos, dtype=torch.long, device=self.device) + 1

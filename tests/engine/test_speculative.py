@@ -292,3 +292,22 @@ def test_quantized_draft_block_keeps_the_output_exact():
         LLMEngine(mtp_model(), kv_cache_memory="1MB", speculative_tokens=2, speculative_draft_quant="int5")
     with pytest.raises(ValueError, match="speculative_tokens > 0"):
         LLMEngine(mtp_model(), kv_cache_memory="1MB", speculative_draft_quant="int8")
+
+
+def test_sequences_with_smaller_draft_budgets_next_to_larger_ones():
+    """Sequences near their max_tokens draft fewer tokens than the others of the step, and their blocks cover only
+    their own drafts: the later drafting depths' positions must not be looked up for them (an IndexError in
+    ``draft_positions`` before), and the output stays that of plain decoding."""
+    model = mtp_model(seed=15)
+    ps = prompts(CFG.vocab_size, [3, 4, 5, 6, 7, 8, 9, 10], seed=16)
+    outs = {}
+    for k in (0, 4):
+        eng = LLMEngine(model, kv_cache_memory="4MB", speculative_tokens=k, block_size=2)
+        for i, p in enumerate(ps):
+            for n in range(2, 12):
+                eng.add_request(f"{i}-{n}", p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+        final = {}
+        while eng.has_unfinished_requests():
+            final.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
+        outs[k] = final
+    assert len(outs[0]) == 80 and outs[4] == outs[0]
