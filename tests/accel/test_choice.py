@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -36,22 +35,42 @@ def test_bucket_of_each_row_count() -> None:
     assert choice.qfamily(8) == "qlinear8" and {choice.qfamily(b) for b in (2, 4, 6)} == {"qlinear4"}
 
 
-def _sleeper(ms: float):  # noqa: ANN202
-    return lambda: time.sleep(ms / 1000)
+class _Clock:
+    """A fake ``time`` for ``choice``: a "kernel" advances it by its cost, so the measuring rules see exact times
+    whatever else runs on the machine (real sleeps overshoot under load and flip a close verdict)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
 
 
-def test_measure_rules_pick_the_faster_side_and_skip_what_they_can_infer() -> None:
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    c = _Clock()
+    monkeypatch.setattr(choice, "time", c)
+    return c
+
+
+def _costs(clock: _Clock, ms: float):  # noqa: ANN202
+    def run() -> None:
+        clock.now += ms / 1000
+    return run
+
+
+def test_measure_rules_pick_the_faster_side_and_skip_what_they_can_infer(clock: _Clock) -> None:
     """native costs r ms at r rows, torch 6 ms: native wins up to 4 rows, torch from 8; the factor 6 at one row lets
     2 and 4 be inferred (native at most doubles a bucket), and after two losses the rest goes to torch unmeasured."""
     calls: list[tuple[str, int]] = []
 
     def nat(r: int):  # noqa: ANN202
         calls.append(("native", r))
-        return _sleeper(r)
+        return _costs(clock, r)
 
     def ref(r: int):  # noqa: ANN202
         calls.append(("torch", r))
-        return _sleeper(6)
+        return _costs(clock, 6)
 
     flags, seen = choice._measure(nat, ref, (1, 2, 4, 8, 16, 32, 64), reps=3)
     assert flags == [True, True, True, False, False, False, False]
@@ -60,17 +79,17 @@ def test_measure_rules_pick_the_faster_side_and_skip_what_they_can_infer() -> No
     assert seen[0]["torch_us"] > 4 * seen[0]["native_us"]
 
 
-def test_an_isolated_verdict_is_measured_again() -> None:
+def test_an_isolated_verdict_is_measured_again(clock: _Clock) -> None:
     """A stall at one bucket (torch 'wins' once by a fluke) is outvoted by two more measurements."""
     count = {"n": 0}
 
     def nat(r: int):  # noqa: ANN202
         if r == 2:
             count["n"] += 1
-            return _sleeper(20 if count["n"] == 1 else 1)  # the first measurement at 2 rows stalls
-        return _sleeper(1)
+            return _costs(clock, 20 if count["n"] == 1 else 1)  # the first measurement at 2 rows stalls
+        return _costs(clock, 1)
 
-    flags, _ = choice._measure(nat, lambda r: _sleeper(1.6), (1, 2, 4), reps=1)
+    flags, _ = choice._measure(nat, lambda r: _costs(clock, 1.6), (1, 2, 4), reps=1)
     assert flags == [True, True, True] and count["n"] == 3
 
 
