@@ -8,9 +8,10 @@
   output is token-identical, tests/engine/test_speculative.py).
 - ``verify``: mid-4L (the ERNIE-4.5-21B-A3B shape, 4 layers) int4 with random weights: one forward of a plain decode
   step (1 token) against a verification step of k + 1 = 4 tokens of the same sequence, over a 256-token cache,
-  alternating, median of paired ratios. Its target: <= 1.3x. The 4 tokens of a random-weight model route to ~4x
-  the experts of one token (up to 32 of 64 per layer), which decode streams from memory, so this bound depends on
-  how often consecutive tokens share experts in a real model.
+  alternating, median of paired ratios. Its target: <= 1.3x. The 4 tokens of a random-weight model route to ~3.5x
+  the experts of one token (the union of 4 x 6 of 64 per layer), which decode streams from memory, so this bound
+  depends on how often consecutive tokens share experts in a real model: the part also reports the weight bytes
+  each step reads from the routes it took (their ratio is the floor of a memory-bound step's).
 
   ``--draft-quant int8`` adds k = 1..4 with the MTP block quantized (``speculative_draft_quant``): on the CPU
   backend a draft's decoder layer then runs as one native call.
@@ -173,6 +174,7 @@ def part_verify(pairs: int, context: int = 256, k: int = 3) -> dict:
         model(ids, position_ids=pos, cache=attention.step(meta), logits_indices=torch.arange(n))
         return time.perf_counter() - t0
 
+    floor = verify_byte_floor(model, cfg, context, k + 1, kv, attention, table)
     for _ in range(3):
         step(1), step(k + 1)
     plain, verify = [], []
@@ -182,7 +184,45 @@ def part_verify(pairs: int, context: int = 256, k: int = 3) -> dict:
     ratios = [v / p for v, p in zip(verify, plain)]
     return {"plain_ms": 1e3 * statistics.median(plain), "verify_ms": 1e3 * statistics.median(verify),
             "tokens_verified": k + 1, "ratio_median": statistics.median(ratios),
-            "ratio_range": [min(ratios), max(ratios)]}
+            "ratio_range": [min(ratios), max(ratios)], **floor}
+
+
+def verify_byte_floor(model: torch.nn.Module, cfg: ModelConfig, context: int, n: int, kv, attention,  # noqa: ANN001
+                      table: list[int], draws: int = 16) -> dict:
+    """The weight bytes a step of ``n`` tokens reads against one of 1 token, from the routes the model takes: every
+    weight once, the routed experts each token picks once per layer (their union for ``n`` tokens), one embedding row
+    per token. A memory-bound step cannot cost less than this ratio. Routes from ``draws`` random token strings (an
+    untimed forward with router records: the module path, same routes)."""
+    from ernie45.accel import AttentionMetadata
+
+    def nbytes(mod: torch.nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in (*mod.parameters(), *mod.buffers()))
+
+    m = model.model
+    experts = [layer.mlp.experts for layer in m.layers if layer.is_moe]
+    per_expert = [nbytes(e) / cfg.moe_num_experts for e in experts]
+    row = nbytes(m.embed_tokens) / cfg.vocab_size
+    fixed = nbytes(model) - sum(map(nbytes, experts)) - nbytes(m.embed_tokens)  # parameters() counts a tied one once
+    if getattr(model.lm_head, "weight", None) is m.embed_tokens.weight:
+        fixed += nbytes(m.embed_tokens) - row  # the tied table is read whole as the head (the row within it)
+    g = torch.Generator().manual_seed(2)
+
+    def union_sizes(t: int) -> list[float]:
+        sizes = []
+        for _ in range(draws):
+            ids = torch.randint(0, cfg.vocab_size, (1, t), generator=g)
+            meta = AttentionMetadata.build([table], [t], [context + t], 16, num_decodes=1)
+            with torch.inference_mode():
+                out = model(ids, position_ids=torch.arange(context, context + t)[None], cache=attention.step(meta),
+                            logits_indices=torch.arange(t), return_router=True)
+            sizes.append([len(set(idx.flatten().tolist())) for _, idx in out.router])
+        return [statistics.mean(col) for col in zip(*sizes)]
+
+    one, many = union_sizes(1), union_sizes(n)
+    plain = fixed + row + sum(u * b for u, b in zip(one, per_expert))
+    verify = fixed + n * row + sum(u * b for u, b in zip(many, per_expert))
+    return {"experts_per_layer_1": one, "experts_per_layer_verify": many, "bytes_plain_mb": plain / 1e6,
+            "bytes_verify_mb": verify / 1e6, "byte_ratio": verify / plain}
 
 
 def main() -> None:
@@ -232,7 +272,14 @@ def main() -> None:
         v = res["verify"]
         lines += ["", f"mid-4L int4, batch 1, 256-token context: plain decode step {v['plain_ms']:.1f} ms, verify "
                       f"step of {v['tokens_verified']} tokens {v['verify_ms']:.1f} ms: {v['ratio_median']:.2f}x "
-                      f"(paired median; range {v['ratio_range'][0]:.2f}-{v['ratio_range'][1]:.2f})"]
+                      f"(paired median; range {v['ratio_range'][0]:.2f}-{v['ratio_range'][1]:.2f})", "",
+                  f"Weight bytes read, from the routes taken (mean over random token strings): "
+                  f"{v['bytes_plain_mb']:.0f} MB a plain step, {v['bytes_verify_mb']:.0f} MB a verify step of "
+                  f"{v['tokens_verified']} tokens ({v['byte_ratio']:.2f}x): routed experts per MoE layer "
+                  f"{', '.join(f'{x:.1f}' for x in v['experts_per_layer_1'])} for one token, "
+                  f"{', '.join(f'{x:.1f}' for x in v['experts_per_layer_verify'])} for "
+                  f"{v['tokens_verified']} (their union). A memory-bound step costs at least its bytes, so "
+                  f"{v['byte_ratio']:.2f}x is this model's floor for the ratio."]
     text = "\n".join(lines) + "\n\nraw:\n```json\n" + json.dumps(res, indent=1) + "\n```"
     # the verify part alone gets its own file, so it does not replace a run with the demo table
     print(write_result("spec-verify" if args.parts == ["verify"] else "spec", text))
