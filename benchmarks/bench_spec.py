@@ -8,10 +8,10 @@
   output is token-identical, tests/engine/test_speculative.py).
 - ``verify``: mid-4L (the ERNIE-4.5-21B-A3B shape, 4 layers) int4 with random weights: one forward of a plain decode
   step (1 token) against a verification step of k + 1 = 4 tokens of the same sequence, over a 256-token cache,
-  alternating, median of paired ratios. Its target: <= 1.3x. The 4 tokens of a random-weight model route to ~3.5x
-  the experts of one token (the union of 4 x 6 of 64 per layer), which decode streams from memory, so this bound
-  depends on how often consecutive tokens share experts in a real model: the part also reports the weight bytes
-  each step reads from the routes it took (their ratio is the floor of a memory-bound step's).
+  alternating, median of paired ratios. Its target: <= 1.3x. The part also reports the weight bytes each step reads
+  from the routes it took (the routed experts' union per layer: their ratio is the floor of a memory-bound step's;
+  this random model's tokens mostly pick the same experts) and where the time goes (each native decoder-layer call
+  and the LM head, 1 token against 4).
 
   ``--draft-quant int8`` adds k = 1..4 with the MTP block quantized (``speculative_draft_quant``): on the CPU
   backend a draft's decoder layer then runs as one native call.
@@ -184,7 +184,43 @@ def part_verify(pairs: int, context: int = 256, k: int = 3) -> dict:
     ratios = [v / p for v, p in zip(verify, plain)]
     return {"plain_ms": 1e3 * statistics.median(plain), "verify_ms": 1e3 * statistics.median(verify),
             "tokens_verified": k + 1, "ratio_median": statistics.median(ratios),
-            "ratio_range": [min(ratios), max(ratios)], **floor}
+            "ratio_range": [min(ratios), max(ratios)], **floor, "split": verify_split(step, k + 1, pairs)}
+
+
+def verify_split(step, n: int, pairs: int) -> dict:  # noqa: ANN001
+    """Where the time of a 1-token and an ``n``-token step goes: each native decoder-layer call and the LM head
+    (``kernels.decode_layer``, ``kernels.qgemm_ptrs``), timed by wrapping them, median over ``pairs`` steps each."""
+    from ernie45 import kernels
+
+    spent: dict[str, list[float]] = {}
+    originals = {name: getattr(kernels, name) for name in ("decode_layer", "qgemm_ptrs")}
+
+    def timed(name: str, f):  # noqa: ANN001, ANN202
+        def run(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            t0 = time.perf_counter()
+            r = f(*a, **kw)
+            spent.setdefault(name, []).append(time.perf_counter() - t0)
+            return r
+        return run
+
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for name, f in originals.items():
+            setattr(kernels, name, timed(name, f))
+        for rows in (1, n):
+            per: dict[str, list[float]] = {}
+            for _ in range(pairs):
+                spent.clear()
+                total = step(rows)
+                for i, t in enumerate(spent.get("decode_layer", [])):
+                    per.setdefault(f"layer {i}", []).append(t)
+                per.setdefault("LM head", []).append(sum(spent.get("qgemm_ptrs", [])))
+                per.setdefault("whole step", []).append(total)
+            out[str(rows)] = {key: 1e3 * statistics.median(v) for key, v in per.items()}
+    finally:
+        for name, f in originals.items():
+            setattr(kernels, name, f)
+    return out
 
 
 def verify_byte_floor(model: torch.nn.Module, cfg: ModelConfig, context: int, n: int, kv, attention,  # noqa: ANN001
@@ -279,7 +315,12 @@ def main() -> None:
                   f"{', '.join(f'{x:.1f}' for x in v['experts_per_layer_1'])} for one token, "
                   f"{', '.join(f'{x:.1f}' for x in v['experts_per_layer_verify'])} for "
                   f"{v['tokens_verified']} (their union). A memory-bound step costs at least its bytes, so "
-                  f"{v['byte_ratio']:.2f}x is this model's floor for the ratio."]
+                  f"{v['byte_ratio']:.2f}x is this model's floor for the ratio.", "",
+                  f"Where the time goes (ms, median over the steps; the native decoder-layer calls and the LM head "
+                  f"timed by wrapping them, 1 token against {v['tokens_verified']}):", "",
+                  "| part | 1 token | " + f"{v['tokens_verified']} tokens | ratio |", "|---|---|---|---|"]
+        one, many = v["split"]["1"], v["split"][str(v["tokens_verified"])]
+        lines += [f"| {key} | {one[key]:.2f} | {many[key]:.2f} | {many[key] / one[key]:.2f}x |" for key in one]
     text = "\n".join(lines) + "\n\nraw:\n```json\n" + json.dumps(res, indent=1) + "\n```"
     # the verify part alone gets its own file, so it does not replace a run with the demo table
     print(write_result("spec-verify" if args.parts == ["verify"] else "spec", text))
