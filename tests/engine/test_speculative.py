@@ -311,3 +311,73 @@ def test_sequences_with_smaller_draft_budgets_next_to_larger_ones():
             final.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
         outs[k] = final
     assert len(outs[0]) == 80 and outs[4] == outs[0]
+
+
+def _fuzz_case(seed: int) -> tuple[dict, list[tuple[int, list[int], SamplingParams]]]:
+    """Engine settings and a schedule of requests (step to add it at, prompt, params) drawn from ``seed``."""
+    import random
+    rng = random.Random(seed)
+    bs = rng.choice([2, 4, 8, 16])
+    opts = {"block_size": bs, "max_num_batched_tokens": rng.choice([8, 16, 64, 2048]), "max_model_len": 64,
+            "kv": rng.choice([96, 160, 4000]) * CFG.kv_bytes_per_token(4) * 4 // 3}  # 3 layers + the MTP slot
+    base = prompts(CFG.vocab_size, [rng.randint(4, 24)], seed=seed)[0]
+    reqs = []
+    for i in range(rng.randint(3, 9)):
+        p = prompts(CFG.vocab_size, [rng.randint(1, 20)], seed=1000 * seed + i)[0]
+        if rng.random() < 0.4:
+            p = base + p[:rng.randint(0, 6)]  # a shared prefix, served from the cache
+        max_tokens = rng.randint(1, 24)
+        sampled = rng.random() < 0.3  # seeded sampling: its tokens differ from plain decoding's, its limits do not
+        ignore_eos = rng.random() < 0.7
+        min_tokens = min(max_tokens, rng.choice([0, 0, 3]))
+        stop_ids = rng.sample(range(CFG.vocab_size), 3) if rng.random() < 0.4 else None
+        params = SamplingParams(
+            temperature=0.8 if sampled else 0.0, seed=seed * 100 + i if sampled else None, max_tokens=max_tokens,
+            ignore_eos=ignore_eos, min_tokens=min_tokens, stop_token_ids=stop_ids,
+            repetition_penalty=rng.choice([1.0, 1.0, 1.3]), presence_penalty=rng.choice([0.0, 0.5]),
+            frequency_penalty=rng.choice([0.0, 0.3]), n=rng.choice([1, 1, 2]))
+        reqs.append((rng.choice([0, 0, 1, 3, 7]), p, params))
+    return opts, reqs
+
+
+def _fuzz_run(model, opts: dict, reqs: list, k: int) -> dict:  # noqa: ANN001
+    opts = dict(opts)
+    eng = LLMEngine(model, kv_cache_memory=opts.pop("kv"), speculative_tokens=k, **opts)
+    final, step = {}, 0
+    while step <= max(s for s, _, _ in reqs) or eng.has_unfinished_requests():
+        for i, (at, p, params) in enumerate(reqs):
+            if at == step:
+                eng.add_request(str(i), p, params)
+        step += 1
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = [(o.token_ids, o.finish_reason) for o in out.outputs]
+    assert eng.block_manager.num_free_blocks == eng.kv_cache.num_blocks  # every block back
+    return final
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_schedules_match_plain_decoding(seed):
+    """Random engine settings (block size, token budget, a KV cache small enough to preempt, prefix sharing) and
+    requests (lengths, max_tokens from 1, min_tokens, stop ids, penalties, n = 2, staggered arrival, some sampled):
+    each k gives the greedy requests the tokens and finish reasons of plain decoding, the sampled ones their
+    limits (length, min_tokens, stop ids), and every block is returned."""
+    model = mtp_model(seed=20 + seed)
+    opts, reqs = _fuzz_case(seed)
+    plain = _fuzz_run(model, opts, reqs, 0)
+    assert len(plain) == len(reqs)
+    for k in (1, 2, 4):
+        spec = _fuzz_run(model, opts, reqs, k)
+        assert spec.keys() == plain.keys()
+        for i, (_, _, params) in enumerate(reqs):
+            if params.temperature == 0:
+                assert spec[str(i)] == plain[str(i)], (k, i, opts)
+                continue
+            for tokens, reason in spec[str(i)]:  # sampled: the limits hold
+                stops = set(params.stop_token_ids or []) | (set() if params.ignore_eos else {CFG.eos_token_id})
+                assert params.min_tokens <= len(tokens) <= params.max_tokens, (k, i)
+                assert not stops & set(tokens[:-1]), (k, i)  # a stop id only as the last token
+                if reason == "stop":
+                    assert tokens[-1] in stops, (k, i)
+                else:
+                    assert reason == "length" and len(tokens) == params.max_tokens, (k, i, reason)
