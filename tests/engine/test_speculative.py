@@ -313,8 +313,9 @@ def test_sequences_with_smaller_draft_budgets_next_to_larger_ones():
     assert len(outs[0]) == 80 and outs[4] == outs[0]
 
 
-def _fuzz_case(seed: int) -> tuple[dict, list[tuple[int, list[int], SamplingParams]]]:
-    """Engine settings and a schedule of requests (step to add it at, prompt, params) drawn from ``seed``."""
+def _fuzz_case(seed: int) -> tuple[dict, list[tuple[int, list[int], SamplingParams]], dict[str, int]]:
+    """Engine settings, a schedule of requests (step to add it at, prompt, params) and of aborts (request id ->
+    step), drawn from ``seed``."""
     import random
     rng = random.Random(seed)
     bs = rng.choice([2, 4, 8, 16])
@@ -337,10 +338,11 @@ def _fuzz_case(seed: int) -> tuple[dict, list[tuple[int, list[int], SamplingPara
             repetition_penalty=rng.choice([1.0, 1.0, 1.3]), presence_penalty=rng.choice([0.0, 0.5]),
             frequency_penalty=rng.choice([0.0, 0.3]), n=rng.choice([1, 1, 2]))
         reqs.append((rng.choice([0, 0, 1, 3, 7]), p, params))
-    return opts, reqs
+    aborts = {str(i): rng.randint(1, 12) for i in range(len(reqs)) if rng.random() < 0.15}  # request -> step
+    return opts, reqs, aborts
 
 
-def _fuzz_run(model, opts: dict, reqs: list, k: int) -> dict:  # noqa: ANN001
+def _fuzz_run(model, opts: dict, reqs: list, k: int, aborts: dict[str, int]) -> dict:  # noqa: ANN001
     opts = dict(opts)
     eng = LLMEngine(model, kv_cache_memory=opts.pop("kv"), speculative_tokens=k, **opts)
     final, step = {}, 0
@@ -348,6 +350,9 @@ def _fuzz_run(model, opts: dict, reqs: list, k: int) -> dict:  # noqa: ANN001
         for i, (at, p, params) in enumerate(reqs):
             if at == step:
                 eng.add_request(str(i), p, params)
+        for rid, at in aborts.items():
+            if at == step:
+                eng.abort(rid)
         step += 1
         for out in eng.step():
             if out.finished:
@@ -359,17 +364,20 @@ def _fuzz_run(model, opts: dict, reqs: list, k: int) -> dict:  # noqa: ANN001
 @pytest.mark.parametrize("seed", range(8))
 def test_random_schedules_match_plain_decoding(seed):
     """Random engine settings (block size, token budget, a KV cache small enough to preempt, prefix sharing) and
-    requests (lengths, max_tokens from 1, min_tokens, stop ids, penalties, n = 2, staggered arrival, some sampled):
+    requests (lengths, max_tokens from 1, min_tokens, stop ids, penalties, n = 2, staggered arrival, some sampled,
+    some aborted):
     each k gives the greedy requests the tokens and finish reasons of plain decoding, the sampled ones their
     limits (length, min_tokens, stop ids), and every block is returned."""
     model = mtp_model(seed=20 + seed)
-    opts, reqs = _fuzz_case(seed)
-    plain = _fuzz_run(model, opts, reqs, 0)
+    opts, reqs, aborts = _fuzz_case(seed)
+    plain = _fuzz_run(model, opts, reqs, 0, aborts)
     assert len(plain) == len(reqs)
     for k in (1, 2, 4):
-        spec = _fuzz_run(model, opts, reqs, k)
+        spec = _fuzz_run(model, opts, reqs, k, aborts)
         assert spec.keys() == plain.keys()
         for i, (_, _, params) in enumerate(reqs):
+            if "abort" in {r for _, r in spec[str(i)]} | {r for _, r in plain[str(i)]}:
+                continue  # where an abort lands depends on how many tokens a step made: the blocks are checked
             if params.temperature == 0:
                 assert spec[str(i)] == plain[str(i)], (k, i, opts)
                 continue
