@@ -366,12 +366,17 @@ def test_random_schedules_match_plain_decoding(seed):
     """Random engine settings (block size, token budget, a KV cache small enough to preempt, prefix sharing) and
     requests (lengths, max_tokens from 1, min_tokens, stop ids, penalties, n = 2, staggered arrival, some sampled,
     some aborted):
-    each k gives the greedy requests the tokens and finish reasons of plain decoding, the sampled ones their
-    limits (length, min_tokens, stop ids), and every block is returned."""
+    plain decoding gives each greedy request what it gets alone; each k gives the greedy requests the tokens and
+    finish reasons of plain decoding, the sampled ones their limits (length, min_tokens, stop ids), and every block
+    is returned."""
     model = mtp_model(seed=20 + seed)
     opts, reqs, aborts = _fuzz_case(seed)
     plain = _fuzz_run(model, opts, reqs, 0, aborts)
     assert len(plain) == len(reqs)
+    alone = {"kv": "4MB", "block_size": 16, "max_num_batched_tokens": 2048, "max_model_len": 64}
+    for i, (_, p, params) in enumerate(reqs):  # the batched engine against each greedy request run alone
+        if params.temperature == 0 and str(i) not in aborts:
+            assert _fuzz_run(model, alone, [(0, p, params)], 0, {})["0"] == plain[str(i)], (i, opts)
     for k in (1, 2, 4):
         spec = _fuzz_run(model, opts, reqs, k, aborts)
         assert spec.keys() == plain.keys()
