@@ -12,7 +12,8 @@
 #include <stdint.h>
 
 // ---------------------------------------------------------------------------------------------- structs
-typedef struct {  // quantized weights (span layout, one scheme) that read one input: ernie45_qgemm_multi's arguments
+typedef struct {  // weights of one scheme that read one input: quantized (span layout: ernie45_qgemm_multi's
+                  // arguments) or bf16 (bits 16: rows[nw], weights[nw] [rows, K]; group, s_bf16 unused)
     int64_t nw, bits, group, s_bf16;
     int64_t args[16];  // rows[nw], codes[nw], scales[nw], zeros[nw] (addresses; 0 = no zeros), nw <= 4
 } QSet;
@@ -24,8 +25,8 @@ typedef struct {  // one decoder layer for ernie45_decode_layer: shapes and the 
     const uint16_t *in_norm, *post_norm;  // bf16 [H]
     const float *router_w, *router_b;     // fp32 [E, H], [E]
     QSet qkv, o, gate_up, down;     // gate_up / down: the dense MLP, or the shared experts of a MoE layer
-    int64_t ebits, es_bf16;         // routed experts: bits, scales in bf16
-    int64_t egu[4], edn[4];         // codes, scales, zeros (0: none), group of the gate_up and down stacks
+    int64_t ebits, es_bf16;         // routed experts: bits (16: bf16 stacks, gu [E, 2I, H], dn [E, H, I]), scales in bf16
+    int64_t egu[4], edn[4];         // codes (bf16: the stack), scales, zeros (0: none), group of the gate_up and down stacks
 } LayerPlan;
 
 // sizeof of a struct by name ("QSet", "LayerPlan"); -1 for another name. The ctypes mirrors are checked with it.

@@ -1,5 +1,5 @@
-"""Native decode layers (``accel.cpu.decode_layer``): a quantized model's decode steps with one C call per layer
-against the module path (each op its own call), through the engine; when they apply, and when a cached plan is
+"""Native decode layers (``accel.cpu.decode_layer``): a quantized or bf16 model's decode steps with one C call per
+layer against the module path (each op its own call), through the engine; when they apply, and when a cached plan is
 rebuilt."""
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def _generate(model: ErnieForCausalLM, monkeypatch: pytest.MonkeyPatch, tokens: 
     return outs, logits, len(calls)
 
 
-@pytest.mark.parametrize("qc", ["int4", "int8", "int2", QuantConfig.from_name("int4", dense_bits=6)],
-                         ids=["int4", "int8", "int2", "int4-dense6"])
-def test_native_layers_match_the_module_path(qc: QuantConfig | str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("qc", ["int4", "int8", "int2", QuantConfig.from_name("int4", dense_bits=6), None],
+                         ids=["int4", "int8", "int2", "int4-dense6", "bf16"])
+def test_native_layers_match_the_module_path(qc: QuantConfig | str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three sequences decoding together (T = 3 rows), a dense layer and MoE layers with a shared expert: the same
     tokens, logits within a bf16 rounding of the activations, and every decode step's layers went native."""
     model = _model(qc)
@@ -87,11 +87,11 @@ def test_moe_without_shared_experts_and_one_sequence(monkeypatch: pytest.MonkeyP
         torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * float(b.abs().max()))
 
 
-@pytest.mark.parametrize("case", ["bf16 model", "biases", "odd head_dim"])
+@pytest.mark.parametrize("case", ["fp32 model", "biases", "odd head_dim"])
 def test_layers_without_a_native_form_take_the_module_path(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """No plan, no native call, and the engine still generates (the plan is None, not an error)."""
-    if case == "bf16 model":
-        model = _model(None)
+    if case == "fp32 model":
+        model = _model(None).float()
     elif case == "biases":
         model = _model("int4", CFG.replace(use_bias=True))
     else:  # o_proj's 4 * 48 = 192 input columns do not fill the 4-bit spans of 128
@@ -102,14 +102,15 @@ def test_layers_without_a_native_form_take_the_module_path(case: str, monkeypatc
 
 
 def test_a_plan_follows_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Built for the model as it is now, without torch-global hooks: none before quantization, one after
-    ``quantize_model`` swapped the accelerated layers' modules; rebuilt when a weight is requantized in place (its
-    zeros and pointers change), dropped when the model goes to fp32."""
+    """Built for the model as it is now, without torch-global hooks: bf16 ones before quantization, quantized ones
+    after ``quantize_model`` swapped the accelerated layers' modules; rebuilt when a weight is requantized in place
+    (its zeros and pointers change), dropped when the model goes to fp32."""
     model = accelerate(_model(None), "cpu")
-    assert _plans(model) == [None] * CFG.num_hidden_layers
+    bf16 = _plans(model)
+    assert all(p is not None and p.qkv.bits == 16 for p in bf16)
     quantize_model(model, "int4")
     plans = _plans(model)
-    assert all(p is not None for p in plans) and _plans(model)[0] is plans[0]  # cached
+    assert all(p is not None and p.qkv.bits == 4 for p in plans) and _plans(model)[0] is plans[0]  # cached
     accelerate(model, "cpu")  # the new quantized modules' own native forms (prefill rows) for the comparison below
     plans = _plans(model)
     q = model.model.layers[0].self_attn.q_proj

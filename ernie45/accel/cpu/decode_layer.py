@@ -4,12 +4,14 @@ At batch 1 a decoder layer is ~15 calls of small ops and matmul kernels; with th
 Python between them (module calls, checks, tensor allocations: ~0.2 ms a layer here) is the largest cost left.
 The C function runs the same kernels in the module code's order and roundings with nothing between them.
 
-A layer runs natively when every piece has a native form: quantized span-layout linears without biases (q/k/v of
-one scheme, the MLP's or shared experts' gate/up of one scheme), quantized routed experts, bf16 norms, the decode
-attention's head shapes; when ``ernie45.accel.cpu.choice`` has the native kernels at the step's row count; and
-when the step is one the CPU attention backend prepared for it (``cache`` is its step
-context with decode rows only: one row per query token, ``ernie45.accel.cpu.attention``). Anything else (a bf16
-or fp32 model, biases, autograd, prefill, router records) takes the module path, which gives the same result.
+A layer runs natively when every piece has a native form: linears without biases, quantized in the span layout or
+bf16 (q/k/v of one scheme, the MLP's or shared experts' gate/up of one scheme), routed experts quantized or bf16,
+bf16 norms, the decode attention's head shapes; when ``ernie45.accel.cpu.choice`` has the native kernels of each
+family at the step's row count; and when the step is one the CPU attention backend prepared for it (``cache`` is its
+step context with decode rows only: one row per query token, ``ernie45.accel.cpu.attention``). Anything else (an
+fp32 model, biases, autograd, prefill, router records) takes the module path, which gives the same result. A bf16
+layer calls the kernels its module path calls (``bgemm`` per linear, ``bmoe``), so the two agree as the quantized
+ones do.
 
 A layer's plan (its weights' addresses) is built on first use and rebuilt when its signature changes: a module of
 the layer replaced or re-classed (``quantize_model``), a parameter or buffer replaced or moved (``.to()``,
@@ -26,12 +28,19 @@ from torch import nn
 
 from ernie45 import kernels
 from ernie45.accel.cpu import choice
-from ernie45.accel.cpu.modules import NativeAttention, NativeRMSNorm, NativeRouter, NativeSwiGLU
+from ernie45.accel.cpu.modules import (
+    NativeAttention,
+    NativeExperts,
+    NativeLinear,
+    NativeRMSNorm,
+    NativeRouter,
+    NativeSwiGLU,
+)
 from ernie45.accel.cpu.quant import NativeQuantExperts, NativeQuantLinear, experts_span_args, span_args
 from ernie45.model.attention import Attention
-from ernie45.model.layers import RMSNorm, SwiGLU
+from ernie45.model.layers import Linear, RMSNorm, SwiGLU
 from ernie45.model.model import DecoderLayer
-from ernie45.model.moe import MoE, Router
+from ernie45.model.moe import Experts, MoE, Router
 from ernie45.quant.modules import QuantExperts, QuantLinear, QWeight
 
 # Exact types whose forward the C layer reproduces: a subclass that changes the forward (an all-reduce, LoRA) keeps
@@ -42,6 +51,42 @@ _SWIGLU = (SwiGLU, NativeSwiGLU)
 _ROUTER = (Router, NativeRouter)
 _LINEAR = (QuantLinear, NativeQuantLinear)
 _EXPERTS = (QuantExperts, NativeQuantExperts)
+_BLINEAR = (Linear, NativeLinear)
+_BEXPERTS = (Experts, NativeExperts)
+
+
+def _bf16_ok(*ts: torch.Tensor) -> bool:
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() and t.shape[-1] % 32 == 0
+               for t in ts)  # parameters that require grad too: the layer runs natively only without autograd
+
+
+def bf16_args(m: nn.Module) -> tuple | None:
+    """A bf16 linear without a bias as a QSet member of bits 16: (rows, weight address, 0, 0, (16, 0, 0))."""
+    if type(m) not in _BLINEAR or m.bias is not None or m.weight.dim() != 2 or not _bf16_ok(m.weight):
+        return None
+    return m.weight.shape[0], m.weight.data_ptr(), 0, 0, (16, 0, 0)
+
+
+def bf16_experts_args(x: nn.Module) -> tuple | None:
+    """bf16 expert stacks in :func:`experts_span_args`' form (bits 16; the stacks' addresses in place of codes)."""
+    gu, dn = x.gate_up_proj, x.down_proj
+    if (type(x) not in _BEXPERTS or gu.dim() != 3 or dn.dim() != 3 or not _bf16_ok(gu, dn)
+            or gu.shape != (dn.shape[0], 2 * dn.shape[2], dn.shape[1])):
+        return None
+    return 16, 0, (x.gate_up_proj.data_ptr(), 0, 0, 0), (x.down_proj.data_ptr(), 0, 0, 0)
+
+
+def _in(m: nn.Module) -> int:
+    return m.k if type(m) in _LINEAR else m.weight.shape[1]
+
+
+def _out(m: nn.Module) -> int:
+    return m.n if type(m) in _LINEAR else m.weight.shape[0]
+
+
+def family(bits: int) -> str:
+    """The ``choice`` family of a QSet's linears."""
+    return "blinear" if bits == 16 else choice.qfamily(bits)
 
 
 def build_plan(layer: DecoderLayer) -> kernels.LayerPlan | None:
@@ -60,11 +105,11 @@ def build_plan(layer: DecoderLayer) -> kernels.LayerPlan | None:
         return None
 
     def args(*mods: nn.Module) -> list:
-        return [span_args(m) if type(m) in _LINEAR else None for m in mods]
+        return [span_args(m) if type(m) in _LINEAR else bf16_args(m) for m in mods]
 
     qkv, o = kernels.qset(args(attn.q_proj, attn.k_proj, attn.v_proj)), kernels.qset(args(attn.o_proj))
     if (qkv is None or o is None or list(qkv.args[:3]) != [nq * d, nkv * d, nkv * d] or o.args[0] != h
-            or attn.q_proj.k != h or attn.o_proj.k != nq * d):  # the C side sizes its buffers from these
+            or _in(attn.q_proj) != h or _in(attn.o_proj) != nq * d):  # the C side sizes its buffers from these
         return None
     plan = kernels.LayerPlan(H=h, NQ=nq, NKV=nkv, D=d, eps=norms[0].eps, scale=d ** -0.5, qkv=qkv, o=o,
                              in_norm=norms[0].weight.data_ptr(), post_norm=norms[1].weight.data_ptr())
@@ -73,15 +118,18 @@ def build_plan(layer: DecoderLayer) -> kernels.LayerPlan | None:
         return None
     if swiglu is not None:
         gu, dn = kernels.qset(args(swiglu.gate_proj, swiglu.up_proj)), kernels.qset(args(swiglu.down_proj))
-        if (gu is None or dn is None or gu.args[0] != gu.args[1] or dn.args[0] != h or swiglu.gate_proj.k != h
-                or swiglu.down_proj.k != gu.args[0]):
+        if (gu is None or dn is None or gu.args[0] != gu.args[1] or dn.args[0] != h or _in(swiglu.gate_proj) != h
+                or _in(swiglu.down_proj) != gu.args[0]):
             return None
-        plan.gate_up, plan.down, plan.W = gu, dn, swiglu.gate_proj.n
+        plan.gate_up, plan.down, plan.W = gu, dn, _out(swiglu.gate_proj)
     if layer.is_moe:
-        experts = experts_span_args(mlp.experts) if type(mlp.experts) in _EXPERTS else None
+        ex = mlp.experts
+        experts = experts_span_args(ex) if type(ex) in _EXPERTS else bf16_experts_args(ex)
         gate = mlp.gate
+        hidden = ex.hidden if type(ex) in _EXPERTS else ex.gate_up_proj.shape[-1]
         if (experts is None or type(gate) not in _ROUTER or gate.weight.dtype != torch.float32
-                or not gate.weight.is_contiguous() or gate.weight.shape[1] != h or mlp.experts.hidden != h):
+                or not gate.weight.is_contiguous() or gate.weight.shape[1] != h or hidden != h
+                or (type(ex) in _BEXPERTS and ex.gate_up_proj.shape[0] != gate.weight.shape[0])):
             return None
         plan.E, plan.K, plan.I, plan.norm_min = gate.weight.shape[0], gate.top_k, mlp.experts.width, gate.norm_min
         plan.router_w, plan.router_b = gate.weight.data_ptr(), gate.e_score_correction_bias.data_ptr()
@@ -145,8 +193,10 @@ class NativeDecoderLayer(DecoderLayer):
                 and kernels.small_ok(h)):
             plan = self.native_plan()
             t = h.shape[1]
-            if (plan is not None and choice.native("small", t) and choice.native(choice.qfamily(plan.qkv.bits), t)
-                    and (not plan.E or choice.native("qexperts", t))):
+            if (plan is not None and choice.native("small", t) and choice.native(family(plan.qkv.bits), t)
+                    and choice.native(family(plan.o.bits), t)
+                    and (not plan.W or choice.native(family(plan.gate_up.bits), t))
+                    and (not plan.E or choice.native("bexperts" if plan.ebits == 16 else "qexperts", t))):
                 kernels.decode_layer(plan, h[0], cos[0], sin[0], step, self.self_attn.layer_idx)  # h in place
                 return h
         return DecoderLayer.forward(self, h, cos, sin, mask, cache, router_records)

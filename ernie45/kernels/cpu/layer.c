@@ -1,9 +1,10 @@
-// A whole quantized decoder layer at a decode step (ernie45_decode_layer).
+// A whole decoder layer at a decode step (ernie45_decode_layer): quantized or bf16 weights.
 // Part of ernie45/kernels/cpu_kernels.c (one translation unit: included there in this order).
 
 // ------------------------------------------------------------------------------------- a whole decoder layer
-// One decode step of a decoder layer of a quantized model (spec §2.2): the calls above in the order of the module
-// code, with no Python between them. Every intermediate is rounded to bf16 where the module code (with the small
+// One decode step of a decoder layer (spec §2.2): the calls above in the order of the module code, with no Python
+// between them. Weights: quantized span layouts, or bf16 (a QSet of bits 16: bgemm per weight; experts of ebits 16:
+// bmoe), as the module path computes each. Every intermediate is rounded to bf16 where the module code (with the small
 // native ops) rounds it, so the result is that of the per-op path, up to the SwiGLU's exp (glibc's here, torch's
 // vectorised one there: at most a last-place difference in a bf16 activation, rarely).
 //   h += o(attention(rope(q(n1)), rope(k(n1)), v(n1)))     n1 = rms_norm(h, in_norm)
@@ -20,6 +21,14 @@ int64_t ernie45_sizeof(const char* name) {
 }
 
 static int qset_apply(const QSet* s, const uint16_t* x, int64_t M, int64_t K, uint16_t* out, int nthreads) {
+    if (s->bits == 16) {  // bf16 weights (args: rows, addresses): one bgemm each, the outputs one after another
+        for (int64_t i = 0, lo = 0; i < s->nw; lo += s->args[i], i++) {
+            const int rc = ernie45_bgemm(x, M, K, s->args[i], (const uint16_t*)(intptr_t)s->args[s->nw + i],
+                                         out + M * lo, 1, nthreads);
+            if (rc) return rc;
+        }
+        return 0;
+    }
     return ernie45_qgemm_multi(x, 1, M, K, s->nw, s->args, (int)s->bits, (int)s->s_bf16, s->group, out, 1, nthreads);
 }
 
@@ -72,7 +81,10 @@ int ernie45_decode_layer(const LayerPlan* L, uint16_t* h, int64_t T, const float
         float *routed = mo, *probs = mo + T * H, *wts = probs + T * E;
         rc = ernie45_router(x, 1, L->router_w, L->router_b, T, H, E, K, L->norm_min, probs, idx, wts, 0, nthreads);
         for (int64_t j = 0; j < T * K; j++) wts[j] = round_bf16(wts[j], 1);  // the router's weights are bf16
-        if (!rc) rc = ernie45_qmoe(x, 1, T, H, L->I, K, idx, wts, E, (int)L->ebits, (int)L->es_bf16,
+        if (!rc && L->ebits == 16)
+            rc = ernie45_bmoe(x, T, H, L->I, K, idx, wts, E, (const uint16_t*)(intptr_t)L->egu[0],
+                              (const uint16_t*)(intptr_t)L->edn[0], routed, nthreads);
+        else if (!rc) rc = ernie45_qmoe(x, 1, T, H, L->I, K, idx, wts, E, (int)L->ebits, (int)L->es_bf16,
                                    (const uint8_t*)(intptr_t)L->egu[0], (const void*)(intptr_t)L->egu[1],
                                    (const void*)(intptr_t)L->egu[2], L->egu[3], (const uint8_t*)(intptr_t)L->edn[0],
                                    (const void*)(intptr_t)L->edn[1], (const void*)(intptr_t)L->edn[2], L->edn[3], 1,
