@@ -69,11 +69,13 @@ def bf16_args(m: nn.Module) -> tuple | None:
 
 def bf16_experts_args(x: nn.Module) -> tuple | None:
     """bf16 expert stacks in :func:`experts_span_args`' form (bits 16; the stacks' addresses in place of codes)."""
+    if type(x) not in _BEXPERTS:  # an experts module of another kind (expert-parallel, LoRA, host-offloaded)
+        return None
     gu, dn = x.gate_up_proj, x.down_proj
-    if (type(x) not in _BEXPERTS or gu.dim() != 3 or dn.dim() != 3 or not _bf16_ok(gu, dn)
+    if (gu.dim() != 3 or dn.dim() != 3 or not _bf16_ok(gu, dn)
             or gu.shape != (dn.shape[0], 2 * dn.shape[2], dn.shape[1])):
         return None
-    return 16, 0, (x.gate_up_proj.data_ptr(), 0, 0, 0), (x.down_proj.data_ptr(), 0, 0, 0)
+    return 16, 0, (gu.data_ptr(), 0, 0, 0), (dn.data_ptr(), 0, 0, 0)
 
 
 def _in(m: nn.Module) -> int:
@@ -126,10 +128,14 @@ def build_plan(layer: DecoderLayer) -> kernels.LayerPlan | None:
         ex = mlp.experts
         experts = experts_span_args(ex) if type(ex) in _EXPERTS else bf16_experts_args(ex)
         gate = mlp.gate
-        hidden = ex.hidden if type(ex) in _EXPERTS else ex.gate_up_proj.shape[-1]
-        if (experts is None or type(gate) not in _ROUTER or gate.weight.dtype != torch.float32
-                or not gate.weight.is_contiguous() or gate.weight.shape[1] != h or hidden != h
-                or (type(ex) in _BEXPERTS and ex.gate_up_proj.shape[0] != gate.weight.shape[0])):
+        if experts is None or type(gate) not in _ROUTER:
+            return None
+        if experts[0] == 16:  # bf16 stacks [E, 2I, H]: their own count and width
+            count, hidden = ex.gate_up_proj.shape[0], ex.gate_up_proj.shape[2]
+        else:
+            count, hidden = gate.weight.shape[0], ex.hidden
+        if (gate.weight.dtype != torch.float32 or not gate.weight.is_contiguous() or gate.weight.shape[1] != h
+                or hidden != h or count != gate.weight.shape[0]):
             return None
         plan.E, plan.K, plan.I, plan.norm_min = gate.weight.shape[0], gate.top_k, mlp.experts.width, gate.norm_min
         plan.router_w, plan.router_b = gate.weight.data_ptr(), gate.e_score_correction_bias.data_ptr()
