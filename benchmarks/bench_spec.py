@@ -174,7 +174,7 @@ def part_verify(pairs: int, context: int = 256, k: int = 3) -> dict:
         model(ids, position_ids=pos, cache=attention.step(meta), logits_indices=torch.arange(n))
         return time.perf_counter() - t0
 
-    floor = verify_byte_floor(model, cfg, context, k + 1, kv, attention, table)
+    floor = verify_byte_floor(model, cfg, context, k + 1, attention, table)
     for _ in range(3):
         step(1), step(k + 1)
     plain, verify = [], []
@@ -223,7 +223,7 @@ def verify_split(step, n: int, pairs: int) -> dict:  # noqa: ANN001
     return out
 
 
-def verify_byte_floor(model: torch.nn.Module, cfg: ModelConfig, context: int, n: int, kv, attention,  # noqa: ANN001
+def verify_byte_floor(model: torch.nn.Module, cfg: ModelConfig, context: int, n: int, attention,  # noqa: ANN001
                       table: list[int], draws: int = 16) -> dict:
     """The weight bytes a step of ``n`` tokens reads against one of 1 token, from the routes the model takes: every
     weight once, the routed experts each token picks once per layer (their union for ``n`` tokens), one embedding row

@@ -1,7 +1,8 @@
 """Where a speculative step's time goes on the demo: wall time per part of ``LLMEngine.step`` (timers around the
 runner's forward, the verification, the MTP passes, the LM head), per step, for plain decoding and k drafts.
 
-    flock /tmp/ernie45-heavy.lock python benchmarks/spec_split.py [--ks 0 1 2 4] [--batch 1] [--threads 1] [--quant int8]
+    flock /tmp/ernie45-heavy.lock python benchmarks/spec_split.py [--ks 0 1 2 4] [--batch 1] [--threads 1]
+        [--quant int8]
 
 Prints one block per k; the parts overlap (``propose`` holds ``mtp1``, ``draft_pos`` and ``mtp_draft``; the LM head
 runs inside the forwards).
@@ -19,7 +20,8 @@ from bench_spec import demo_prompts, run_demo  # noqa: E402 - benchmarks/ is the
 from ernie45.engine.llm import LLMEngine
 
 
-def split(k: int, batch: int, max_tokens: int, quant: str | None = None) -> tuple[float, int, dict[str, tuple[float, float]]]:
+def split(k: int, batch: int, max_tokens: int,
+          quant: str | None = None) -> tuple[float, int, dict[str, tuple[float, float]]]:
     """(tokens/s, steps, part -> (ms a step, calls a step)) of one run after a warm-up."""
     eng = LLMEngine("demo", kv_cache_memory="256MB", speculative_tokens=k, **({"quant": quant} if quant else {}))
     prompts = demo_prompts(batch)

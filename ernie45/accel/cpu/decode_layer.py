@@ -141,6 +141,10 @@ def build_plan(layer: DecoderLayer) -> kernels.LayerPlan | None:
         plan.router_w, plan.router_b = gate.weight.data_ptr(), gate.e_score_correction_bias.data_ptr()
         plan.ebits, plan.es_bf16 = experts[0], experts[1]
         plan.egu[:], plan.edn[:] = experts[2], experts[3]
+    # the kernel families the layer calls, each once: ``choice`` must have them native at a step's row count
+    plan.families = tuple(dict.fromkeys(
+        ("small", family(qkv.bits), family(o.bits), *((family(plan.gate_up.bits),) if plan.W else ()),
+         *(("bexperts" if plan.ebits == 16 else "qexperts",) if plan.E else ()))))
     return plan
 
 
@@ -199,10 +203,7 @@ class NativeDecoderLayer(DecoderLayer):
                 and kernels.small_ok(h)):
             plan = self.native_plan()
             t = h.shape[1]
-            if (plan is not None and choice.native("small", t) and choice.native(family(plan.qkv.bits), t)
-                    and choice.native(family(plan.o.bits), t)
-                    and (not plan.W or choice.native(family(plan.gate_up.bits), t))
-                    and (not plan.E or choice.native("bexperts" if plan.ebits == 16 else "qexperts", t))):
+            if plan is not None and all(choice.native(f, t) for f in plan.families):
                 kernels.decode_layer(plan, h[0], cos[0], sin[0], step, self.self_attn.layer_idx)  # h in place
                 return h
         return DecoderLayer.forward(self, h, cos, sin, mask, cache, router_records)
