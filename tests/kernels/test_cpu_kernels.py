@@ -149,13 +149,56 @@ def test_bgemm_matches_fp64_reference(rows: int, k: int) -> None:
 
 
 def test_bgemm_rows_are_independent_of_their_batch() -> None:
-    """4x4 tiles (8+ rows) and single rows must sum each (weight row, x row) pair in the same order."""
+    """The tiles (4x4 and 16x1 here) and single rows must sum each (weight row, x row) pair in the same order."""
     w = torch.randn(70, 160).bfloat16()  # 70 rows: whole tiles and a remainder in each thread's share
     x = torch.randn(13, 160).bfloat16()  # 13: three 4-row tiles and one row left
     batch = kernels.bgemm(x, w)
     for i in (0, 5, 12):
         assert torch.equal(kernels.bgemm(x[i:i + 1], w), batch[i:i + 1])
     torch.testing.assert_close(batch.double(), x.double() @ w.double().t(), rtol=2**-8, atol=1e-4)
+
+
+def _dpbf16_tree_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """bgemm's sum, emulated in fp32 torch: per (x row, weight row) 16 lanes, each 32-column step adding the odd then
+    the even product of its pair (VDPBF16PS; bf16 products are exact in fp32), then the halves / quarters / pairs
+    tree of the lane reduction (fp32; the kernel rounds that to bf16 once)."""
+    xf, wf = x.float(), w.float()
+    m, k = xf.shape
+    acc = torch.zeros(m, w.shape[0], 16)
+    for c in range(0, k, 32):
+        xs, ws = xf[:, c:c + 32].reshape(m, 1, 16, 2), wf[:, c:c + 32].reshape(1, -1, 16, 2)
+        acc = acc + xs[..., 1] * ws[..., 1]
+        acc = acc + xs[..., 0] * ws[..., 0]
+    t3 = acc[..., 8:] + acc[..., :8]
+    t6 = t3[..., 4:] + t3[..., :4]
+    t8 = t6[..., :2] + t6[..., 2:]
+    return t8[..., 0] + t8[..., 1]
+
+
+def _bgemm_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The kernel's fp32 sums before the bf16 rounding (its fp32-output form, the one the bf16 MoE uses)."""
+    out = torch.empty(x.shape[0], w.shape[0])
+    assert kernels._lib.ernie45_bgemm(x.data_ptr(), x.shape[0], x.shape[1], w.shape[0], w.data_ptr(), out.data_ptr(),
+                                      0, torch.get_num_threads()) == 0
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bgemm_is_the_one_summation_order_for_every_tiling(threads: int) -> None:
+    """Every tile shape (16x1, 8x2, 4x3, 4x4, single rows for a partial block) gives each output exactly the
+    reference order's bits: a tile that sums in another order fails here, not only as a batch difference."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(37, 96, generator=g).bfloat16()  # 37: 16-row blocks and a partial one
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (1, 2, 3, 4, 5, 6, 7, 9):
+            x = (torch.randn(rows, 96, generator=g) * torch.logspace(-2, 2, 96)).bfloat16()
+            ref = _dpbf16_tree_reference(x, w)
+            assert torch.equal(_bgemm_fp32(x, w).view(torch.int32), ref.view(torch.int32)), rows
+            assert torch.equal(kernels.bgemm(x, w).view(torch.int16), ref.bfloat16().view(torch.int16)), rows
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_linear_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:

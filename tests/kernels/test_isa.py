@@ -113,7 +113,7 @@ def test_builds_agree_on_qgemm(both: None, bits: int, group: int, rows: int) -> 
     _close(a, b)
 
 
-@pytest.mark.parametrize("rows,k", [(1, 2560), (9, 96)])  # 9 rows: the 4x4 tiles and single rows
+@pytest.mark.parametrize("rows,k", [(1, 2560), (9, 96), (7, 96)])  # 16x1, 4x4, 4x3 tiles
 def test_builds_agree_on_bgemm(both: None, rows: int, k: int) -> None:
     x, w = torch.randn(rows, k).bfloat16(), torch.randn(72, k).bfloat16()
     a, b = _on_each(kernels.bgemm, x, w)

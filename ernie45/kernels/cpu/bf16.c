@@ -2,8 +2,8 @@
 // Part of ernie45/kernels/cpu_kernels.c (one translation unit: included there in this order).
 
 // ------------------------------------------------------------------------------------------ bf16 x bf16
-// One chain of VDPBF16PS per (weight row, x row), 32 columns a step, in column order: the same sum whatever
-// the tiling, so a row's result does not depend on its batch.
+// One chain of VDPBF16PS per (weight row, x row), 32 columns a step, in column order, reduced by the one tree: the
+// same sum whatever the tiling (btile below), so a row's result does not depend on its batch.
 static inline __attribute__((always_inline)) void brow(const uint16_t* wr, const int MT_, int64_t n, int64_t m0,
                                                        const uint16_t* x, int64_t K, int64_t N, void* out,
                                                        int out_bf16) {
@@ -17,54 +17,70 @@ static inline __attribute__((always_inline)) void brow(const uint16_t* wr, const
     for (int i = 0; i < MT_; i++) store_out(out, out_bf16, (m0 + i) * N + n, v16_reduce_add_ps(acc[i]));
 }
 
-// 4 weight rows x 4 x rows: each loaded vector serves four dot products, so 16 x rows that no longer fit L1
-// are read from L2 a quarter as often as by brow. Same per-pair sums as brow.
-static inline void btile(const uint16_t* w, int64_t n, int64_t m0, const uint16_t* x, int64_t K, int64_t N, void* out,
-                         int out_bf16) {
-    v16f acc[4][4];
-    for (int j = 0; j < 4; j++)
-        for (int i = 0; i < 4; i++) acc[j][i] = v16_setzero_ps();
+// JW weight rows x MT_ x rows (JW * MT_ <= 16): each loaded vector serves several dot products, and the 16 sums are
+// reduced together (v16_reduce16_add_ps: the same tree as brow's, a third of its operations), so a pair's result is
+// brow's bit for bit. Pair (j, i) accumulates in acc[j * MT_ + i]; unused accumulators stay zero.
+static inline __attribute__((always_inline)) void btile(const uint16_t* w, const int JW, const int MT_, int64_t n,
+                                                        int64_t m0, const uint16_t* x, int64_t K, int64_t N,
+                                                        void* out, int out_bf16) {
+    v16f acc[16];
+    for (int s = 0; s < 16; s++) acc[s] = v16_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
-        v16bh wv[4], xv[4];
-        for (int j = 0; j < 4; j++) wv[j] = v16_as_bh(v16_loadu_si((const void*)(w + (n + j) * K + k)));
-        for (int i = 0; i < 4; i++) xv[i] = v16_as_bh(v16_loadu_si((const void*)(x + (m0 + i) * K + k)));
-        for (int j = 0; j < 4; j++)
-            for (int i = 0; i < 4; i++) acc[j][i] = v16_dpbf16_ps(acc[j][i], wv[j], xv[i]);
+        v16bh xv[4];
+        for (int i = 0; i < MT_; i++) xv[i] = v16_as_bh(v16_loadu_si((const void*)(x + (m0 + i) * K + k)));
+        for (int j = 0; j < JW; j++) {
+            const v16bh wv = v16_as_bh(v16_loadu_si((const void*)(w + (n + j) * K + k)));
+            for (int i = 0; i < MT_; i++) acc[j * MT_ + i] = v16_dpbf16_ps(acc[j * MT_ + i], wv, xv[i]);
+        }
     }
-    for (int j = 0; j < 4; j++)
-        for (int i = 0; i < 4; i++) store_out(out, out_bf16, (m0 + i) * N + n + j, v16_reduce_add_ps(acc[j][i]));
+    const v16f r = v16_reduce16_add_ps(acc);
+    if (MT_ == 1 && JW == 16) {  // 16 consecutive outputs of one row
+        if (out_bf16) v16h_storeu((uint16_t*)out + m0 * N + n, v16_to_bf16_ps(r));
+        else v16_storeu_ps((float*)out + m0 * N + n, r);
+        return;
+    }
+    float rs[16];
+    v16_storeu_ps(rs, r);
+    for (int j = 0; j < JW; j++)
+        for (int i = 0; i < MT_; i++) store_out(out, out_bf16, (m0 + i) * N + n + j, rs[j * MT_ + i]);
+}
+
+// Weight rows [n0, n1) against all M rows of x, in blocks of 16 weight rows: 4 x 4 tiles over the block for each
+// group of 4 x rows, then the 1-3 rows left with 16 x 1, 8 x 2 or 4 x 3 tiles over the same block while it is in
+// cache (one pass over the weights, which decode reads from DRAM); rows of a partial block by brow.
+static void brows(const uint16_t* w, int64_t n0, int64_t n1, const uint16_t* x, int64_t M, int64_t K, int64_t N,
+                  void* out, int out_bf16) {
+    const int64_t m4 = M / 4 * 4, rest = M - m4;
+    int64_t n = n0;
+    for (; n + 16 <= n1; n += 16) {
+        for (int64_t m0 = 0; m0 < m4; m0 += 4)
+            for (int64_t j = 0; j < 16; j += 4) btile(w, 4, 4, n + j, m0, x, K, N, out, out_bf16);
+        if (rest == 1) btile(w, 16, 1, n, m4, x, K, N, out, out_bf16);
+        else if (rest == 2) for (int64_t j = 0; j < 16; j += 8) btile(w, 8, 2, n + j, m4, x, K, N, out, out_bf16);
+        else if (rest == 3) for (int64_t j = 0; j < 16; j += 4) btile(w, 4, 3, n + j, m4, x, K, N, out, out_bf16);
+    }
+    for (; n < n1; n++) {
+        const uint16_t* wr = w + n * K;
+        int64_t m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) brow(wr, 4, n, m0, x, K, N, out, out_bf16);
+        switch (M - m0) {
+            case 3: brow(wr, 3, n, m0, x, K, N, out, out_bf16); break;
+            case 2: brow(wr, 2, n, m0, x, K, N, out, out_bf16); break;
+            case 1: brow(wr, 1, n, m0, x, K, N, out, out_bf16); break;
+            default: break;
+        }
+    }
 }
 
 static void bmatmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, const uint16_t* w, void* out, int out_bf16,
                     int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
+        // shares of whole 16-row blocks, so that only the last thread's share ends in a partial block
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        int64_t chunk = (N + nt - 1) / nt, n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-        int64_t n = n0;
-        if (M >= 8)  // 4 x 4 tiles where there are enough rows of x to reuse each weight load
-            for (; n + 4 <= n1; n += 4) {
-                int64_t m0 = 0;
-                for (; m0 + 4 <= M; m0 += 4) btile(w, n, m0, x, K, N, out, out_bf16);
-                for (int j = 0; j < 4; j++)
-                    switch (M - m0) {
-                        case 3: brow(w + (n + j) * K, 3, n + j, m0, x, K, N, out, out_bf16); break;
-                        case 2: brow(w + (n + j) * K, 2, n + j, m0, x, K, N, out, out_bf16); break;
-                        case 1: brow(w + (n + j) * K, 1, n + j, m0, x, K, N, out, out_bf16); break;
-                        default: break;
-                    }
-            }
-        for (; n < n1; n++) {
-            const uint16_t* wr = w + n * K;
-            int64_t m0 = 0;
-            for (; m0 + 4 <= M; m0 += 4) brow(wr, 4, n, m0, x, K, N, out, out_bf16);
-            switch (M - m0) {
-                case 3: brow(wr, 3, n, m0, x, K, N, out, out_bf16); break;
-                case 2: brow(wr, 2, n, m0, x, K, N, out, out_bf16); break;
-                case 1: brow(wr, 1, n, m0, x, K, N, out, out_bf16); break;
-                default: break;
-            }
-        }
+        int64_t blocks = (N + 15) / 16, chunk = (blocks + nt - 1) / nt;
+        int64_t n0 = t * chunk * 16, n1 = n0 + chunk * 16 < N ? n0 + chunk * 16 : N;
+        if (n0 < n1) brows(w, n0, n1, x, M, K, N, out, out_bf16);
     }
 }
 

@@ -82,7 +82,42 @@ typedef __mmask16 vmask16;
 #define v16_dpbusd_epi32(acc, u, s) _mm512_dpbusd_epi32((acc), (u), (s))
 #define v16_dpbusd_u7_epi32(acc, u, s) _mm512_dpbusd_epi32((acc), (u), (s))
 
-#define v16_reduce_add_ps(a) _mm512_reduce_add_ps(a)
+// gcc's _mm512_reduce_add_ps tree (halves, quarters, pairs), written out so that v16_reduce16_add_ps below and any
+// compiler ($CC) sum in the same order.
+static inline __attribute__((always_inline)) float v16_reduce_add_ps(__m512 a) {
+    const __m256 t3 = _mm256_add_ps(_mm512_extractf32x8_ps(a, 1), _mm512_castps512_ps256(a));
+    const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+    const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, 1));
+}
+// Lane i = v16_reduce_add_ps(v[i]), bit for bit: the same pairs added at each level, 16 sums at once (45 operations
+// instead of 16 x 7). Vector s of the first level takes v[4 (s % 4) + s / 4] so that the last level's lanes come
+// out in order.
+static inline __attribute__((always_inline)) v16f v16_reduce16_add_ps(const v16f* v) {
+    __m512 u[8], w[4], x[2];
+    for (int j = 0; j < 8; j++) {  // lanes i and i + 8 of two vectors: each 256-bit half of u one vector's t3
+        const __m512 a = v[4 * ((2 * j) % 4) + (2 * j) / 4], b = v[4 * ((2 * j + 1) % 4) + (2 * j + 1) / 4];
+        u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    }
+    for (int j = 0; j < 4; j++)  // lanes i and i + 4 of each t3: each 128-bit lane of w one vector's t6
+        w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0x88),
+                             _mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0xDD));
+    for (int j = 0; j < 2; j++) {  // lanes i and i + 2 of each t6: two lanes of t8 per vector
+        const __m512d a = _mm512_castps_pd(w[2 * j]), b = _mm512_castps_pd(w[2 * j + 1]);
+        x[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    return _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], 0x88), _mm512_shuffle_ps(x[0], x[1], 0xDD));  // t8[0] + t8[1]
+}
+// 16 fp32 to bf16 bits as f32_to_bf16 rounds them (nearest even, NaN kept quiet, denormals rounded, not flushed).
+static inline __attribute__((always_inline)) v16h v16_to_bf16_ps(__m512 a) {
+    const __m512i u = _mm512_castps_si512(a), top = _mm512_srli_epi32(u, 16);
+    const __m512i rne = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(top, _mm512_set1_epi32(1)))),
+        16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rne, nan, _mm512_or_si512(top, _mm512_set1_epi32(0x40))));
+}
 #define v16_reduce_max_ps(a) _mm512_reduce_max_ps(a)
 #define v16_reduce_add_epi32(a) _mm512_reduce_add_epi32(a)
 
@@ -233,6 +268,22 @@ SIMD_FN float v16_reduce_add_ps(v16f a) {  // gcc's _mm512_reduce_add_ps tree
     const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
     const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
     return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, 1));
+}
+SIMD_FN v16f v16_reduce16_add_ps(const v16f* v) {  // lane i = v16_reduce_add_ps(v[i])
+    float r[16];
+    for (int i = 0; i < 16; i++) r[i] = v16_reduce_add_ps(v[i]);
+    return v16f_make(_mm256_loadu_ps(r), _mm256_loadu_ps(r + 8));
+}
+SIMD_FN __m256i simd_to_bf16_8(__m256 a) {  // simd_cvtneps_bh8 without the denormal flush (f32_to_bf16's rounding)
+    const __m256i u = _mm256_castps_si256(a), top = _mm256_srli_epi32(u, 16);
+    const __m256i rne = _mm256_srli_epi32(
+        _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(top, _mm256_set1_epi32(1)))),
+        16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(rne, _mm256_or_si256(top, _mm256_set1_epi32(0x40)), nan);
+}
+SIMD_FN v16h v16_to_bf16_ps(v16f a) {
+    return _mm256_permute4x64_epi64(_mm256_packus_epi32(simd_to_bf16_8(a.lo), simd_to_bf16_8(a.hi)), 0xD8);
 }
 SIMD_FN float v16_reduce_max_ps(v16f a) {  // gcc's _mm512_reduce_max_ps tree (the same operand order for NaNs)
     const __m256 t3 = _mm256_max_ps(a.hi, a.lo);
