@@ -18,7 +18,9 @@ two builds (:data:`ISAS`), through the vector layer ``cpu/simd.h``:
 
 - ``avx512`` (``-O3 -march=native``): needs AVX-512 F/BW/VL with VNNI and BF16 (Zen 4, Sapphire Rapids and later);
   simd.h's names are the intrinsics themselves, so the code is the one written for them (checked: ``objdump -d``
-  of this build and of the source before simd.h are the same instructions);
+  of this build and of the source before simd.h are the same instructions), except three written out: the lane sum
+  (gcc's tree of ``_mm512_reduce_add_ps``, so any ``$CC`` sums in that order), the same sum of 16 vectors at once,
+  and an fp32-to-bf16 conversion that rounds as the scalar one;
 - ``avx2`` (``-O3 -mavx2 -mfma -mf16c -DERNIE45_AVX2``): needs AVX2, FMA and F16C (x86-64-v3); each 16-lane
   operation is emulated exactly on two 256-bit halves (the same bits lane by lane; see simd.h), so both builds
   meet the same fp64 references and agree with each other (tests/kernels/test_isa.py).

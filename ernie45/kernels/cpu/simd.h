@@ -6,7 +6,8 @@
 //
 // - AVX-512 (the default, -march=native on a CPU with AVX-512 F/BW/VL/VNNI/BF16): every name is a #define of the
 //   intrinsic or a typedef of the type it replaces; the compiled code is the one the kernels had before this layer
-//   (ernie45/kernels/__init__.py's docstring gives the objdump comparison that checks it).
+//   (ernie45/kernels/__init__.py's docstring gives the objdump comparison that checks it). Three are written out:
+//   v16_reduce_add_ps (gcc's tree, whatever the compiler), v16_reduce16_add_ps and v16_to_bf16_ps.
 // - AVX2 (-DERNIE45_AVX2, -mavx2 -mfma -mf16c: x86-64-v3): a 16-lane vector is a struct of two 256-bit halves
 //   (lanes 0-7 in lo, 8-15 in hi) and a mask a 16-bit int; each operation gives, lane by lane, the bits of the
 //   AVX-512 instruction it stands for. The dot products:
