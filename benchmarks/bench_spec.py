@@ -6,6 +6,9 @@
   Prompts are lines of the demo's corpus; the share of outputs identical to plain decoding is reported (bf16: a
   verify forward of several tokens may round differently from a one-token step, so a near-tie can flip; fp32
   output is token-identical, tests/engine/test_speculative.py).
+  Each setting's row also gives the wall time of a step and of its model forward alone (``runner.execute``: for
+  drafting, the verification of k + 1 rows a sequence and its LM head), and the ceiling that follows: the speed-up
+  at the measured acceptance if drafts, sampling and scheduling were free.
 - ``verify``: mid-4L (the ERNIE-4.5-21B-A3B shape, 4 layers) int4 with random weights: one forward of a plain decode
   step (1 token) against a verification step of k + 1 = 4 tokens of the same sequence, over a 256-token cache,
   alternating, median of paired ratios. Its target: <= 1.3x. The part also reports the weight bytes each step reads
@@ -13,6 +16,8 @@
   this random model's tokens mostly pick the same experts) and where the time goes (each native decoder-layer call
   and the LM head, 1 token against 4).
 
+  ``k2_adaptive`` / ``k4_adaptive``: ``speculative_adaptive`` (drafting only while it measures faster; the engines
+  live through all rounds, so it has learned by the later ones; with ``--draft-quant`` their block is quantized).
   ``--draft-quant int8`` adds k = 1..4 with the MTP block quantized (``speculative_draft_quant``): on the CPU
   backend a draft's decoder layer then runs as one native call.
 - ``accept``: greedy acceptance at k = 1..4 of one or more MTP heads (``--accept-models``: model folders) on
@@ -80,8 +85,19 @@ def part_demo(rounds: int, max_tokens: int, draft_quant: str | None = None) -> d
     settings = [(f"k{k}", k, None) for k in range(5)]
     if draft_quant:
         settings += [(f"k{k}_{draft_quant}", k, draft_quant) for k in range(1, 5)]
-    engines = {name: LLMEngine("demo", kv_cache_memory="256MB", speculative_tokens=k, speculative_draft_quant=q)
-               for name, k, q in settings}
+    adaptive = [(f"k{k}_adaptive", k, draft_quant) for k in (2, 4)]  # speculative_adaptive (with draft_quant if any)
+    engines = {name: LLMEngine("demo", kv_cache_memory="256MB", speculative_tokens=k, speculative_draft_quant=q,
+                               speculative_adaptive=name.endswith("_adaptive"))
+               for name, k, q in settings + adaptive}
+    forward_s = {name: [0.0, 0] for name in engines}  # the model forwards' (runner.execute) seconds and calls
+    for name, eng in engines.items():
+        def timed(*a, _f=eng.runner.execute, _acc=forward_s[name], **kw):  # noqa: ANN002, ANN003, ANN202
+            t0 = time.perf_counter()
+            r = _f(*a, **kw)
+            _acc[0] += time.perf_counter() - t0
+            _acc[1] += 1
+            return r
+        eng.runner.execute = timed
     for batch in (1, 8):
         prompts = demo_prompts(batch)
         for name in engines:  # warm-up
@@ -90,9 +106,15 @@ def part_demo(rounds: int, max_tokens: int, draft_quant: str | None = None) -> d
         acc: dict[str, list] = {name: [] for name in engines}
         ref_tokens = None
         same: dict[str, list[float]] = {name: [] for name in engines}
+        step_ms: dict[str, list[float]] = {name: [] for name in engines}  # wall ms a step; forward ms a step
+        fwd_ms: dict[str, list[float]] = {name: [] for name in engines}
         for _ in range(rounds):
             for name in engines:
+                forward_s[name][:] = [0.0, 0]
                 r, toks, st = run_demo(engines[name], prompts, max_tokens)
+                secs, calls = forward_s[name]
+                step_ms[name].append(1e3 * batch * max_tokens / r / calls)
+                fwd_ms[name].append(1e3 * secs / calls)
                 if ref_tokens is None:
                     ref_tokens = toks
                 # bf16: a verify forward may round differently from a one-token step, so near-ties can flip
@@ -101,11 +123,21 @@ def part_demo(rounds: int, max_tokens: int, draft_quant: str | None = None) -> d
                 acc[name].append(st)
         for name in engines:
             ratios = [a / b for a, b in zip(rates[name], rates["k0"])]
+            mal = acc[name][-1]["mean_accepted_length"]
+            # the most drafting could give at this acceptance with free drafts and nothing around the forward: the
+            # tokens of a verification over the verification forward's time, against a whole plain step's (paired)
+            ceiling = None if mal is None else statistics.median(
+                mal * p / f for p, f in zip(step_ms["k0"], fwd_ms[name]))
             out[f"b{batch}_{name}"] = {
                 "tok_s": statistics.median(rates[name]), "tok_s_all": [round(x, 1) for x in rates[name]],
                 "speedup_median": statistics.median(ratios), "speedup_range": [min(ratios), max(ratios)],
-                "acceptance": acc[name][-1]["acceptance"],
-                "mean_accepted_length": acc[name][-1]["mean_accepted_length"], "identical_outputs": min(same[name])}
+                "acceptance": acc[name][-1]["acceptance"], "mean_accepted_length": mal,
+                "identical_outputs": min(same[name]), "step_ms": statistics.median(step_ms[name]),
+                "forward_ms": statistics.median(fwd_ms[name]), "ceiling": ceiling}
+            st = engines[name].stats()
+            if "spec_drafting" in st:  # adaptive: the share of its steps so far that drafted (all rounds, warm-ups)
+                out[f"b{batch}_{name}"]["drafting_share"] = st["spec_steps_drafting"] / (
+                    st["spec_steps_drafting"] + st["spec_steps_plain"])
             print(f"batch {batch} {name}: {out[f'b{batch}_{name}']}", flush=True)
     return out
 
@@ -289,13 +321,27 @@ def main() -> None:
     lines = [f"load average (1, 5, 15 min) before {res['load_before']}, after {res['load_after']} "
              f"(2 cores: above ~2 other work shared them)." + (f" {args.note}" if args.note else ""), "",
              "| setting | tok/s (median) | speed-up vs plain, median of paired rounds [range] | acceptance | "
-             "mean tokens a verification | outputs identical to plain |", "|---|---|---|---|---|---|"]
+             "mean tokens a verification | outputs identical to plain | ms a step: all / the forward | "
+             "ceiling with free drafts |", "|---|---|---|---|---|---|---|---|"]
     for key, r in res.get("demo", {}).items():
         acc = "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%"
         mal = "-" if r["mean_accepted_length"] is None else f"{r['mean_accepted_length']:.2f}"
+        ceiling = "-" if r["ceiling"] is None else f"{r['ceiling']:.2f}x"
         lines.append(f"| demo {key} | {r['tok_s']:.1f} | {r['speedup_median']:.2f}x "
                      f"[{r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}] | {acc} | {mal} | "
-                     f"{100 * r['identical_outputs']:.0f}% |")
+                     f"{100 * r['identical_outputs']:.0f}% | {r['step_ms']:.2f} / {r['forward_ms']:.2f} | "
+                     f"{ceiling} |")
+    shares = [f"{key} {100 * r['drafting_share']:.0f}%" for key, r in res.get("demo", {}).items()
+              if "drafting_share" in r]
+    if shares:
+        lines += ["", "Adaptive engines, the share of their steps that drafted (over their life: warm-ups and the "
+                      "batch-1 rounds before batch 8): " + ", ".join(shares) + "."]
+    if "demo" in res:
+        lines += ["", "Ceiling with free drafts: a setting's mean tokens a verification times a plain step's wall "
+                      "time over the setting's verification forward alone (the model's forward of the k + 1 rows and "
+                      "its LM head, `runner.execute`), the median over the paired rounds: the speed-up if drafting, "
+                      "sampling and scheduling cost nothing. Where it is below an aim, no drafting reaches the aim "
+                      "at that acceptance on this machine."]
     if "accept" in res:
         lines += ["", "greedy acceptance on held-out prompts (24 fortune records i % 97 == 50, 64 tokens, one batch): "
                       "acceptance / mean tokens a verification", "", "| MTP head | k=1 | k=2 | k=3 | k=4 |",

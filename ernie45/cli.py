@@ -79,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           quant=args.quant, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
           kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
           block_size=args.block_size, enable_prefix_caching=False if args.no_prefix_caching else None,
-          speculative_tokens=args.speculative_tokens or None, **_draft_quant(args), **_placement_kwargs(args))
+          speculative_tokens=args.speculative_tokens or None, **_spec_options(args), **_placement_kwargs(args))
     return 0
 
 
@@ -103,7 +103,7 @@ def add_serve_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparse
     s.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
                    help="draft K tokens a step with the checkpoint's MTP block and verify them in one forward "
                         "(0 = off; output unchanged)")
-    _add_draft_quant_flag(s)
+    _add_spec_flags(s)
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit (HTTP 413)")
     s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (torchrun; started for you if needed)")
     s.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (MoE models)")
@@ -149,24 +149,34 @@ def _add_generation_flags(s: argparse.ArgumentParser) -> None:
     e.add_argument("--device", default="cpu", help="where the weights and KV cache live: cpu, cuda, cuda:1, ...")
     e.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
                    help="draft K tokens a step with the checkpoint's MTP block (0 = off; output unchanged)")
-    _add_draft_quant_flag(e)
+    _add_spec_flags(e)
     _add_placement_flags(e)
 
 
-def _add_draft_quant_flag(parser) -> None:  # noqa: ANN001 - a parser or an argument group
+def _add_spec_flags(parser) -> None:  # noqa: ANN001 - a parser or an argument group
     parser.add_argument("--speculative-draft-quant", choices=["int8", "int4"], default=None,
                         help="quantize only the MTP block that drafts (faster drafts; output unchanged); needs "
                              "--speculative-tokens")
+    parser.add_argument("--speculative-adaptive", action="store_true",
+                        help="draft only while it is measured to be faster than plain decoding (output unchanged); "
+                             "needs --speculative-tokens")
 
 
-def _draft_quant(args: argparse.Namespace) -> dict:
-    """``speculative_draft_quant`` for the engine; refused without drafting (one line, not a deep error)."""
+def _spec_options(args: argparse.Namespace) -> dict:
+    """``speculative_draft_quant`` and ``speculative_adaptive`` for the engine; refused without drafting (one line,
+    not a deep error)."""
+    out = {}
     q = getattr(args, "speculative_draft_quant", None)
-    if q is None:
-        return {}
-    if not args.speculative_tokens:
-        raise ValueError("--speculative-draft-quant quantizes the MTP block that drafts; add --speculative-tokens K")
-    return {"speculative_draft_quant": q}
+    if q is not None:
+        if not args.speculative_tokens:
+            raise ValueError("--speculative-draft-quant quantizes the MTP block that drafts; add "
+                             "--speculative-tokens K")
+        out["speculative_draft_quant"] = q
+    if getattr(args, "speculative_adaptive", False):
+        if not args.speculative_tokens:
+            raise ValueError("--speculative-adaptive switches drafting on and off; add --speculative-tokens K")
+        out["speculative_adaptive"] = True
+    return out
 
 
 def _make_engine(args: argparse.Namespace, verb: str):
@@ -194,7 +204,7 @@ def _make_engine(args: argparse.Namespace, verb: str):
         kwargs["device"] = device
     if args.speculative_tokens:
         kwargs["speculative_tokens"] = args.speculative_tokens
-    kwargs.update(_draft_quant(args))
+    kwargs.update(_spec_options(args))
     kwargs.update({k: v for k, v in _placement_kwargs(args).items() if k != "device"})
     if ("experts_on" in kwargs or "gpu_experts" in kwargs) and "device" not in kwargs:
         kwargs["device"] = device
@@ -207,8 +217,12 @@ def _spec_summary(engine) -> str:  # noqa: ANN001
     st = engine.stats()
     if not st.get("spec_draft_tokens"):
         return ""
-    return (f"; speculative: {100 * st['spec_acceptance_rate']:.0f}% of {st['spec_draft_tokens']} drafts accepted, "
+    line = (f"; speculative: {100 * st['spec_acceptance_rate']:.0f}% of {st['spec_draft_tokens']} drafts accepted, "
             f"{st['spec_mean_accepted_length']:.2f} tokens a step")
+    if "spec_drafting" in st:  # adaptive
+        steps = st["spec_steps_drafting"] + st["spec_steps_plain"]
+        line += f" (drafting in {st['spec_steps_drafting']} of {steps} steps)"
+    return line
 
 
 def _sampling_params(args: argparse.Namespace, stop_token_ids: list[int] | None = None):

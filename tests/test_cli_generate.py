@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -180,6 +181,7 @@ def test_chat_stops_on_end_of_sentence(stop_model_dir, capsys, monkeypatch):
     (["chat", "MODEL", "--top-k", "-5"], "top_k"),
     (["generate", "MODEL", "hi", "--device", "gpu0"], "--device"),
     (["generate", "MODEL", "hi", "--speculative-draft-quant", "int8"], "--speculative-tokens"),
+    (["generate", "MODEL", "hi", "--speculative-adaptive"], "--speculative-tokens"),
 ])
 def test_clear_one_line_errors(model_dir, argv, match, capsys):
     argv = [model_dir if a == "MODEL" else a for a in argv]
@@ -234,3 +236,8 @@ def test_generate_with_quantized_drafts_prints_the_plain_output(capsys):
     spec = capsys.readouterr()
     assert spec.out == plain.out and plain.out.strip()
     assert "speculative:" in spec.err and "drafts accepted" in spec.err, spec.err
+    assert main([*argv, "--speculative-tokens", "2", "--speculative-adaptive"]) == 0
+    adaptive = capsys.readouterr()
+    assert adaptive.out == plain.out
+    # fewer steps than the controller's first window (16): all of them drafting
+    assert re.search(r"speculative: .* \(drafting in (\d+) of \1 steps\)", adaptive.err), adaptive.err

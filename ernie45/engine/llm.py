@@ -26,12 +26,15 @@ from ernie45.engine.sampler import Sampler, SeqSampling, make_generator, raw_log
 from ernie45.engine.sampling_params import SamplingParams
 from ernie45.engine.scheduler import Scheduler
 from ernie45.engine.sequence import Sequence, SequenceStatus
-from ernie45.engine.speculative import Draft, draft_tokens, plain_greedy, verify, verify_greedy
+from ernie45.engine.speculative import Draft, DraftController, draft_tokens, plain_greedy, verify, verify_greedy
 from ernie45.engine.structured import build_processors
 from ernie45.model.model import ErnieForCausalLM
 from ernie45.utils import resolve_dtype
 
 log = logging.getLogger(__name__)
+
+MTP_DEFER_MAX = 64
+"""With ``speculative_adaptive`` not drafting: a sequence's deferred MTP pairs run once this many have gathered."""
 
 
 @dataclass
@@ -69,14 +72,19 @@ class LLMEngine:
                  kv_cache_memory: int | str | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, max_waiting: int | None = None,
                  runner: type[ModelRunner] = ModelRunner, max_logprobs: int = 20, strict_max_tokens: bool = False,
-                 speculative_tokens: int = 0, speculative_draft_quant: str | None = None, backend: str = "auto",
-                 **load_options) -> None:
+                 speculative_tokens: int = 0, speculative_draft_quant: str | None = None,
+                 speculative_adaptive: bool = False, backend: str = "auto", **load_options) -> None:
         """speculative_tokens: draft this many tokens a step with the model's MTP block and verify them in one
         forward (``engine/speculative.py``; 0 = off, the output is the same either way).
         speculative_draft_quant: quantize the model's MTP block (its decoder layer and input projection) in place
         with this preset ("int8", "int4": ``ernie45.quant``) before the backend is applied, so that a draft runs
         the backend's quantized kernels (the CPU backend: the whole layer as one native call). Only the drafts
         change (their acceptance may); the output stays exact. None keeps the block as loaded.
+        speculative_adaptive: draft only while that is measured to be faster than plain decoding
+        (``engine.speculative.DraftController``: windows of steps in each mode, the faster one kept, the other
+        re-tried now and then). While it does not draft, the MTP block's pass over each step's new positions is
+        deferred and run over up to :data:`MTP_DEFER_MAX` positions at once, or when drafting resumes, so plain
+        steps pay nearly nothing for it. The output is the same either way.
         max_logprobs: the most top logprobs a request may ask for (OpenAI's and vLLM's 20).
         strict_max_tokens: refuse a request whose prompt plus ``max_tokens`` exceeds ``max_model_len`` (the
         OpenAI server's rule) instead of ending it there with finish_reason "length".
@@ -131,6 +139,10 @@ class LLMEngine:
             raise ValueError("speculative decoding runs on the single-process runner only for now; "
                              "use speculative_tokens=0 with --tp/--ep")
         self.speculative_tokens = speculative_tokens
+        if speculative_adaptive and not speculative_tokens:
+            raise ValueError("speculative_adaptive switches drafting on and off; it needs speculative_tokens > 0")
+        self.draft_controller = DraftController() if speculative_adaptive else None
+        self._clock = time.perf_counter  # the controller's step timer (tests replace it)
         self.kv_cache = KVCache.from_budget(kv_config, cache_dtype, block_size, kv_cache_memory, param.device,
                                             max_tokens=max_num_seqs * max_model_len,
                                             extra_layers=1 if speculative_tokens else 0)
@@ -279,7 +291,16 @@ class LLMEngine:
             else None,
             "spec_mean_accepted_length": ((self.spec_accepted_tokens + self.spec_verify_steps) / self.spec_verify_steps
                                           if self.spec_verify_steps else None),
+            **self._adaptive_stats(),
         }
+
+    def _adaptive_stats(self) -> dict:
+        c = self.draft_controller
+        if c is None:
+            return {}
+        return {"spec_drafting": c.drafting, "spec_steps_drafting": c.steps[True], "spec_steps_plain": c.steps[False],
+                "spec_mode_switches": c.switches,
+                "spec_tok_s_drafting": c.rate[True], "spec_tok_s_plain": c.rate[False]}
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
@@ -287,6 +308,7 @@ class LLMEngine:
         aborted)."""
         changed: dict[str, _Request] = dict(self._pending)
         self._pending.clear()
+        t0, tokens0 = self._clock(), self.generation_tokens_total
         out = self.scheduler.schedule()
         if out.is_empty and self.scheduler.waiting and not self.scheduler.running:
             # add_request's length check and the max_model_len cap make this unreachable; fail loudly
@@ -313,6 +335,8 @@ class LLMEngine:
                     changed[req.request_id] = req
             if self.speculative_tokens:
                 self._propose(accepted)
+            if self.draft_controller is not None:
+                self.draft_controller.record(self.generation_tokens_total - tokens0, self._clock() - t0)
         outputs = []
         for req in changed.values():
             finished = all(s.is_finished for s in req.seqs)
@@ -386,10 +410,13 @@ class LLMEngine:
 
     def _propose(self, kept: dict[int, int]) -> None:
         """Run the MTP block over the positions this step made valid (filling its cache slot), and draft up to
-        ``speculative_tokens`` tokens for each sequence that sampled, to verify at its next step."""
+        ``speculative_tokens`` tokens for each sequence that sampled, to verify at its next step. While an adaptive
+        engine does not draft, a decode's pairs wait in ``seq.mtp_pending`` (the block's cache slot is only read by
+        drafts) and run with the sequence's next item that does run."""
         layout = self.runner.last
         if layout is None or layout.hidden_TH is None:
             return
+        drafting = self.draft_controller is None or self.draft_controller.drafting
         items, budgets = [], []
         for sch, off, start in zip(layout.scheduled, layout.offsets, layout.starts):
             seq = sch.seq
@@ -400,9 +427,24 @@ class LLMEngine:
             valid = len(next_ids)
             if not valid:
                 continue
+            hidden = layout.hidden_TH[off:off + valid]
+            pend = seq.mtp_pending
+            if pend is not None and pend[0] + pend[2] != start:  # recomputed since (a preemption) from before them
+                pend = seq.mtp_pending = None
+            if pend is not None or not drafting:
+                if not drafting and start >= seq.num_prompt_tokens and valid <= 1 + self.speculative_tokens:
+                    first, rows, n = pend if pend is not None else (start, [], 0)
+                    pend = seq.mtp_pending = (first, [*rows, hidden.clone()], n + valid)
+                    if pend[2] < MTP_DEFER_MAX:
+                        continue
+                    hidden, start, valid = torch.cat(pend[1]), pend[0], pend[2]
+                elif pend is not None:  # the deferred pairs, then this step's
+                    hidden, start, valid = torch.cat([*pend[1], hidden]), pend[0], pend[2] + valid
+                seq.mtp_pending = None
+                next_ids = seq.token_ids[start + 1:start + valid + 1]
             k = 0
             # no drafts under logits processors (grammar masks advance with each accepted token, not per draft)
-            if seq.seq_id in layout.logits_rows and not seq.state.sampling.processors:
+            if drafting and seq.seq_id in layout.logits_rows and not seq.state.sampling.processors:
                 p = seq.params
                 k = min(self.speculative_tokens, self.max_model_len - seq.num_tokens - 1)
                 if p.max_tokens is not None:
@@ -411,7 +453,7 @@ class LLMEngine:
                     k -= 1
                 if k > 0:
                     self.block_manager.allocate(seq, seq.num_tokens + k)
-            items.append(MTPItem(seq, start, layout.hidden_TH[off:off + valid], next_ids, k > 0))
+            items.append(MTPItem(seq, start, hidden, next_ids, k > 0))
             budgets.append(k)
         if not items:
             return

@@ -59,6 +59,8 @@ class Sequence:
         """Engine-side per-sequence state (detokenizer, logprobs, generator); opaque here."""
         self.draft: Any = None
         """Speculative draft tokens to verify at the next decode step (``engine.speculative.Draft``), or None."""
+        self.mtp_pending: Any = None
+        """(first position, hidden-state rows, count) of pairs whose MTP pass an adaptive engine deferred, or None."""
 
     # ------------------------------------------------------------------ tokens
     @property

@@ -152,3 +152,50 @@ def draft_tokens(logits_SV: torch.Tensor, seqs: list, argmax=None  # noqa: ANN00
         tokens_S[i] = _draw(q_RV[n], gen)
         qs[i] = q_RV[n]
     return tokens_S, qs
+
+
+class DraftController:
+    """``speculative_adaptive``: draft only while drafting is faster, by measurement.
+
+    Whether drafting pays depends on what the step is bound by: memory-bound decode (a large model, small batches)
+    verifies k + 1 tokens for about the price of one; a compute-bound one (a small model whose weights sit in cache,
+    large batches) pays for each row, and the drafts on top. The engine runs windows of ``window`` steps in one mode
+    (drafting or plain) and keeps each mode's measured tokens a second (its last window's, averaged with the one
+    before when that was the same mode's, so one noisy window decides less). After each window it takes the faster
+    mode, and tries the other again once that is ``explore`` windows old, so a change of load or acceptance is
+    seen. The engine times its steps (``LLMEngine._clock``) and calls :meth:`record` after each."""
+
+    def __init__(self, window: int = 16, explore: int = 8) -> None:
+        if window < 1 or explore < 1:
+            raise ValueError(f"window={window} and explore={explore} must be >= 1")
+        self.window, self.explore = window, explore
+        self.drafting = True
+        self.rate: dict[bool, float | None] = {True: None, False: None}
+        self.age = {True: 0, False: 0}   # windows since each mode was last measured
+        self.steps = {True: 0, False: 0}  # steps run in each mode, in all
+        self.switches = 0
+        self._n, self._tokens, self._secs = 0, 0, 0.0
+
+    def record(self, tokens: int, secs: float) -> None:
+        """One engine step of the current mode: the tokens it emitted and its wall time."""
+        self.steps[self.drafting] += 1
+        self._n += 1
+        self._tokens += tokens
+        self._secs += secs
+        if self._n < self.window:
+            return
+        mode = self.drafting
+        r = self._tokens / self._secs if self._secs > 0 else 0.0
+        recent = self.rate[mode] is not None and self.age[mode] == 0  # this mode's previous window too
+        self.rate[mode] = 0.5 * (self.rate[mode] + r) if recent else r
+        self.age[mode] = 0
+        self.age[not mode] += 1
+        self._n, self._tokens, self._secs = 0, 0, 0.0
+        other = not mode
+        if self.rate[other] is None or self.age[other] >= self.explore:
+            best = other
+        else:
+            best = self.rate[True] >= self.rate[False]
+        if best != mode:
+            self.switches += 1
+        self.drafting = best

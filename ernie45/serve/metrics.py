@@ -107,6 +107,13 @@ class ServerMetrics:
         metric("ernie45:spec_decode_num_verifications_total", "counter",
                "Verification steps (one sequence, one step); accepted / verifications + 1 = mean accepted length.",
                stats.get("spec_verify_steps", 0))
+        if "spec_drafting" in stats:  # speculative_adaptive: which mode runs, and the steps of each
+            metric("ernie45:spec_decode_drafting", "gauge",
+                   "1 while the adaptive engine drafts, 0 while it decodes plainly.", int(stats["spec_drafting"]))
+            metric("ernie45:spec_decode_drafting_steps_total", "counter", "Engine steps run drafting (adaptive).",
+                   stats["spec_steps_drafting"])
+            metric("ernie45:spec_decode_plain_steps_total", "counter", "Engine steps run without drafts (adaptive).",
+                   stats["spec_steps_plain"])
         if "backend" in stats:  # which kernels run the model (ernie45.accel): an info metric, the name as a label
             lines += ["# HELP ernie45:backend_info The acceleration backend the engine runs.",
                       "# TYPE ernie45:backend_info gauge",

@@ -342,9 +342,27 @@ def _fuzz_case(seed: int) -> tuple[dict, list[tuple[int, list[int], SamplingPara
     return opts, reqs, aborts
 
 
-def _fuzz_run(model, opts: dict, reqs: list, k: int, aborts: dict[str, int]) -> dict:  # noqa: ANN001
+class _Flipper(speculative.DraftController):
+    """An adaptive engine's controller that switches drafting on and off at random steps."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        import random
+        self.rng = random.Random(seed)
+
+    def record(self, tokens: int, secs: float) -> None:
+        self.steps[self.drafting] += 1
+        if self.rng.random() < 0.3:
+            self.drafting = not self.drafting
+
+
+def _fuzz_run(model, opts: dict, reqs: list, k: int, aborts: dict[str, int],  # noqa: ANN001
+              flip: int | None = None) -> dict:
     opts = dict(opts)
-    eng = LLMEngine(model, kv_cache_memory=opts.pop("kv"), speculative_tokens=k, **opts)
+    eng = LLMEngine(model, kv_cache_memory=opts.pop("kv"), speculative_tokens=k,
+                    speculative_adaptive=flip is not None, **opts)
+    if flip is not None:
+        eng.draft_controller = _Flipper(flip)
     final, step = {}, 0
     while step <= max(s for s, _, _ in reqs) or eng.has_unfinished_requests():
         for i, (at, p, params) in enumerate(reqs):
@@ -366,7 +384,8 @@ def test_random_schedules_match_plain_decoding(seed):
     """Random engine settings (block size, token budget, a KV cache small enough to preempt, prefix sharing) and
     requests (lengths, max_tokens from 1, min_tokens, stop ids, penalties, n = 2, staggered arrival, some sampled,
     some aborted):
-    plain decoding gives each greedy request what it gets alone; each k gives the greedy requests the tokens and
+    plain decoding gives each greedy request what it gets alone; each k (and an adaptive engine whose drafting goes
+    on and off at random steps, deferring and catching up the MTP pairs) gives the greedy requests the tokens and
     finish reasons of plain decoding, the sampled ones their limits (length, min_tokens, stop ids), and every block
     is returned."""
     model = mtp_model(seed=20 + seed)
@@ -377,8 +396,8 @@ def test_random_schedules_match_plain_decoding(seed):
     for i, (_, p, params) in enumerate(reqs):  # the batched engine against each greedy request run alone
         if params.temperature == 0 and str(i) not in aborts:
             assert _fuzz_run(model, alone, [(0, p, params)], 0, {})["0"] == plain[str(i)], (i, opts)
-    for k in (1, 2, 4):
-        spec = _fuzz_run(model, opts, reqs, k, aborts)
+    for k, flip in ((1, None), (2, None), (4, None), (2, seed)):  # the last: drafting switched on and off at random
+        spec = _fuzz_run(model, opts, reqs, k, aborts, flip)
         assert spec.keys() == plain.keys()
         for i, (_, _, params) in enumerate(reqs):
             if "abort" in {r for _, r in spec[str(i)]} | {r for _, r in plain[str(i)]}:
@@ -394,3 +413,124 @@ def test_random_schedules_match_plain_decoding(seed):
                     assert tokens[-1] in stops, (k, i)
                 else:
                     assert reason == "length" and len(tokens) == params.max_tokens, (k, i, reason)
+
+
+# ------------------------------------------------------------------------------------------ speculative_adaptive
+def test_draft_controller_keeps_the_faster_mode_and_re_tries_the_other():
+    c = speculative.DraftController(window=4, explore=3)
+
+    def window(tok_s: float) -> None:
+        for _ in range(4):
+            c.record(int(tok_s), 1.0)
+
+    assert c.drafting
+    window(50)  # drafting 50 tok/s; plain never measured: try it
+    assert not c.drafting and c.rate[True] == 50
+    window(100)  # plain faster: keep it
+    assert not c.drafting and c.rate[False] == 100
+    window(90)  # the mean of plain's last two windows, 95, still beats 50
+    assert not c.drafting and c.rate[False] == 95 and c.age[True] == 2
+    window(100)  # drafting's measure is three windows old: re-tried
+    assert c.drafting
+    window(200)  # now drafting is faster (its old 50 replaced, not averaged): kept
+    assert c.drafting and c.rate[True] == 200
+    window(200)
+    assert c.drafting
+    assert c.steps == {True: 12, False: 12} and c.switches == 2
+    with pytest.raises(ValueError, match="window"):
+        speculative.DraftController(window=0)
+
+
+def _mtp_kv(eng: LLMEngine, seq: Sequence, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MTP block's cached keys and values at positions 0 .. n - 1 of ``seq``."""
+    layer, bs = len(eng.kv_cache.k) - 1, eng.kv_cache.block_size
+    slots = [seq.block_table[t // bs] * bs + t % bs for t in range(n)]
+    k = eng.kv_cache.k[layer].flatten(0, 1)[slots]
+    v = eng.kv_cache.v[layer].flatten(0, 1)[slots]
+    return k, v
+
+
+class _Scripted(speculative.DraftController):
+    """Drafting off for the first ``off`` steps, then on."""
+
+    def __init__(self, off: int) -> None:
+        super().__init__()
+        self.off = off
+        self.drafting = off <= 0
+
+    def record(self, tokens: int, secs: float) -> None:
+        self.steps[self.drafting] += 1
+        self.drafting = sum(self.steps.values()) >= self.off
+
+
+def test_deferred_mtp_pairs_fill_the_cache_drafting_every_step_fills(monkeypatch):
+    """Not drafting, a sequence's MTP pairs wait (up to MTP_DEFER_MAX, then run together); when drafting resumes
+    they run before the draft. The block's cache then holds what an engine drafting every step wrote there."""
+    import ernie45.engine.llm as llm_mod
+    monkeypatch.setattr(llm_mod, "MTP_DEFER_MAX", 5)
+    model = mtp_model(seed=3)
+    p = prompts(CFG.vocab_size, [9], seed=4)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    ref = LLMEngine(model, kv_cache_memory="4MB", speculative_tokens=2)
+    eng = LLMEngine(model, kv_cache_memory="4MB", speculative_tokens=2, speculative_adaptive=True)
+    eng.draft_controller = _Scripted(off=13)
+    ref.add_request("a", p, params)
+    eng.add_request("a", p, params)
+    seq, rseq = eng.scheduler.waiting[0], ref.scheduler.waiting[0]
+    seen = []
+    while eng.draft_controller.steps[True] < 1:  # the plain steps, then the first drafting one
+        eng.step()
+        seen.append(0 if seq.mtp_pending is None else seq.mtp_pending[2])
+    assert max(seen) == 4 and 0 in seen[2:12]  # pairs waited, at most 4, and ran at 5
+    assert seq.mtp_pending is None and seq.draft is not None  # caught up, drafted
+    n = seq.num_tokens - 1  # every pair so far: positions 0 .. num_tokens - 2
+    while rseq.num_tokens - 1 < n:
+        ref.step()
+    assert rseq.token_ids[:n + 1] == seq.token_ids[:n + 1]
+    for a, b in zip(_mtp_kv(eng, seq, n), _mtp_kv(ref, rseq, n)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("drafting_pays", [False, True])
+def test_adaptive_engine_keeps_the_faster_mode(drafting_pays):
+    """A clock on which drafting steps are slow (or fast): the engine ends up plain (or drafting) for most steps,
+    with output identical to plain decoding, and its stats say so."""
+    model = _forced(True)  # acceptance ~1: ~4 tokens a drafting step
+    ps = prompts(CFG.vocab_size, [6, 11], seed=7)
+    params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    plain, _ = run(model, ps, params, 0)
+    eng = LLMEngine(model, kv_cache_memory="4MB", speculative_tokens=3, speculative_adaptive=True)
+    eng.draft_controller = speculative.DraftController(window=4, explore=4)
+    now = [0.0]
+
+    def clock() -> float:  # each step's two reads: a drafting step takes 10 (or 1) units, a plain one 2
+        now[0] += (5.0 if not drafting_pays else 0.5) if eng.draft_controller.drafting else 1.0
+        return now[0]
+
+    eng._clock = clock
+    for i, p in enumerate(ps):
+        eng.add_request(str(i), p, params)
+    final = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out.outputs[0].token_ids
+    assert [final[str(i)] for i in range(len(ps))] == plain
+    st = eng.stats()
+    assert st["spec_mode_switches"] >= 1 and st["spec_tok_s_drafting"] and st["spec_tok_s_plain"]
+    from ernie45.serve.metrics import ServerMetrics
+
+    text = ServerMetrics("m").render(st)
+    for name, value in [("spec_decode_num_draft_tokens_total", st["spec_draft_tokens"]),
+                        ("spec_decode_num_accepted_tokens_total", st["spec_accepted_tokens"]),
+                        ("spec_decode_num_verifications_total", st["spec_verify_steps"]),
+                        ("spec_decode_drafting", int(st["spec_drafting"])),
+                        ("spec_decode_drafting_steps_total", st["spec_steps_drafting"]),
+                        ("spec_decode_plain_steps_total", st["spec_steps_plain"])]:
+        assert f'ernie45:{name}{{model_name="m"}} {value}' in text.splitlines(), name
+    if drafting_pays:
+        assert st["spec_steps_drafting"] > 2 * st["spec_steps_plain"]
+    else:
+        assert st["spec_steps_plain"] > 2 * st["spec_steps_drafting"]
+    with pytest.raises(ValueError, match="speculative_tokens > 0"):
+        LLMEngine(model, kv_cache_memory="4MB", speculative_adaptive=True)
