@@ -1,16 +1,18 @@
-"""The quantized matmul kernels of this checkout against the same kernels at an earlier git revision (A/B).
+"""The matmul kernels of this checkout against the same kernels at an earlier git revision (A/B).
 
 Builds ``ernie45/kernels`` as it was at ``--base`` (``git archive``, the same compiler flags as
 ``ernie45.kernels._build``) beside this checkout's build, checks that both give the same outputs (or prints the
 largest difference), then times them alternately on the same inputs: ``qmoe`` (one MoE layer of the
 ERNIE-4.5-21B-A3B shape, int4 g128 asymmetric: 64 experts [3072, 2560] + [2560, 1536], top-6 of T tokens) and
-``qgemm`` (a [3072, 2560] linear, int4 g128 asymmetric and int8 per channel) for T rows each. The weights fit in
+``qgemm`` (a [3072, 2560] linear, int4 g128 asymmetric and int8 per channel) and ``bgemm`` (bf16: the same
+linear, and the demo model's LM head [6144, 256]) for T rows each (``--only``: the cases whose name holds one of
+the given words). The weights fit in
 L3 here, so this measures the kernels' compute (prefill, verify steps), not the DRAM streaming of batch-1 decode
 (``bench_int4_bw.py``). Each case: ``--rounds`` pairs of calls, base then new; the figure is the median of the
 per-pair speed-ups (base time / new time) with the range.
 
     flock /tmp/ernie45-heavy.lock python benchmarks/bench_kernels_ab.py --base f308ac4 [--rows 1 4 16 256]
-        [--isa avx512 avx2] [--rounds 9]
+        [--isa avx512 avx2] [--rounds 9] [--only bgemm]
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def build_at(rev: str, isa: str, workdir: str) -> ctypes.CDLL:
     args = ["-O3", *kernels.ISA_CFLAGS[isa], "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
     subprocess.run([cc, *args, "-o", so, os.path.join(src, "ernie45/kernels/cpu_kernels.c"), "-lm"], check=True)
     lib, ref = ctypes.CDLL(so), kernels.library(isa)
-    for name in ("ernie45_qgemm", "ernie45_qmoe"):
+    for name in ("ernie45_qgemm", "ernie45_qmoe", "ernie45_bgemm"):
         getattr(lib, name).argtypes = getattr(ref, name).argtypes
         getattr(lib, name).restype = getattr(ref, name).restype
     return lib
@@ -85,9 +87,22 @@ def cases(rows: int, gen: torch.Generator) -> dict:
             return out
         return run
 
+    def bf16(n: int, k: int):  # noqa: ANN202
+        w = torch.randn(n, k, generator=gen).bfloat16()
+        xb = x[:, :k].contiguous()
+
+        def run(lib: ctypes.CDLL) -> torch.Tensor:
+            out = torch.empty(rows, n, dtype=torch.bfloat16)
+            rc = lib.ernie45_bgemm(xb.data_ptr(), rows, k, n, w.data_ptr(), out.data_ptr(), 1, 2)
+            assert rc == 0, rc
+            return out
+        return run
+
     return {"qmoe int4 g128 (64 experts, top-6)": (moe, 2 * rows * TOPK * 3 * H * I),
             "qgemm int4 g128 [3072, 2560]": (linear(4), 2 * rows * N_LIN * H),
-            "qgemm int8 per-channel [3072, 2560]": (linear(8), 2 * rows * N_LIN * H)}
+            "qgemm int8 per-channel [3072, 2560]": (linear(8), 2 * rows * N_LIN * H),
+            "bgemm bf16 [3072, 2560]": (bf16(N_LIN, H), 2 * rows * N_LIN * H),
+            "bgemm bf16 [6144, 256] (the demo's LM head)": (bf16(6144, 256), 2 * rows * 6144 * 256)}
 
 
 def timed(fn, lib) -> float:  # noqa: ANN001
@@ -102,6 +117,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 256])
     ap.add_argument("--isa", nargs="+", default=[i for i in kernels.ISAS if not kernels.isa_why_not(i)])
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--only", nargs="+", default=None, help="run the cases whose name holds one of these words")
     args = ap.parse_args()
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     lines = [f"Base: `{args.base}`; new: this checkout ({head.strip()}, its working tree). {args.rounds} pairs of "
@@ -114,6 +130,8 @@ def main() -> None:
             base, new = build_at(args.base, isa, work), kernels.library(isa)
             for rows in args.rows:
                 for name, (fn, ops) in cases(rows, torch.Generator().manual_seed(rows)).items():
+                    if args.only and not any(w in name for w in args.only):
+                        continue
                     a, b = fn(base), fn(new)
                     diff = (a.float() - b.float()).abs().max().item()
                     same = "identical" if diff == 0 else f"max diff {diff:.3g}"

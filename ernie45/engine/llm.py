@@ -33,7 +33,7 @@ from ernie45.utils import resolve_dtype
 
 log = logging.getLogger(__name__)
 
-MTP_DEFER_MAX = 64
+MTP_DEFER_MAX = 128
 """With ``speculative_adaptive`` not drafting: a sequence's deferred MTP pairs run once this many have gathered."""
 
 
@@ -321,7 +321,7 @@ class LLMEngine:
             accepted: dict[int, int] = {}
             if seqs:
                 with torch.inference_mode():
-                    if self.speculative_tokens:
+                    if self.speculative_tokens and any(sch.num_spec for sch in out.scheduled):
                         accepted = self._sample_speculative(seqs, logits, out)
                     else:
                         tokens, logprobs = self.sampler(logits, seqs)

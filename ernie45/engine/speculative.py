@@ -163,12 +163,16 @@ class DraftController:
     (drafting or plain) and keeps each mode's measured tokens a second (its last window's, averaged with the one
     before when that was the same mode's, so one noisy window decides less). After each window it takes the faster
     mode, and tries the other again once that is ``explore`` windows old, so a change of load or acceptance is
-    seen. The engine times its steps (``LLMEngine._clock``) and calls :meth:`record` after each."""
+    seen; each time a re-try loses, that mode waits twice as long for the next (up to ``max_wait`` windows), and a
+    re-try that wins resets the wait, so a mode that keeps losing costs ever fewer steps. The engine times its steps
+    (``LLMEngine._clock``) and calls :meth:`record` after each."""
 
-    def __init__(self, window: int = 16, explore: int = 8) -> None:
-        if window < 1 or explore < 1:
-            raise ValueError(f"window={window} and explore={explore} must be >= 1")
-        self.window, self.explore = window, explore
+    def __init__(self, window: int = 16, explore: int = 8, max_wait: int = 128) -> None:
+        if window < 1 or explore < 1 or max_wait < explore:
+            raise ValueError(f"window={window}, explore={explore} must be >= 1 and max_wait={max_wait} >= explore")
+        self.window, self.explore, self.max_wait = window, explore, max_wait
+        self.wait = {True: explore, False: explore}  # windows a mode waits before it is re-tried
+        self._trying = False  # the current window re-tries its mode
         self.drafting = True
         self.rate: dict[bool, float | None] = {True: None, False: None}
         self.age = {True: 0, False: 0}   # windows since each mode was last measured
@@ -192,10 +196,11 @@ class DraftController:
         self.age[not mode] += 1
         self._n, self._tokens, self._secs = 0, 0, 0.0
         other = not mode
-        if self.rate[other] is None or self.age[other] >= self.explore:
-            best = other
-        else:
-            best = self.rate[True] >= self.rate[False]
+        if self._trying and self.rate[other] is not None:  # a re-try ends: back off if it lost
+            lost = self.rate[mode] < self.rate[other]
+            self.wait[mode] = min(2 * self.wait[mode], self.max_wait) if lost else self.explore
+        self._trying = self.rate[other] is None or self.age[other] >= self.wait[other]
+        best = other if self._trying else self.rate[True] >= self.rate[False]
         if best != mode:
             self.switches += 1
         self.drafting = best

@@ -437,8 +437,23 @@ def test_draft_controller_keeps_the_faster_mode_and_re_tries_the_other():
     window(200)
     assert c.drafting
     assert c.steps == {True: 12, False: 12} and c.switches == 2
+    window(200)  # plain three windows old: re-tried
+    assert not c.drafting
+    window(100)  # and it lost: back to drafting, and plain waits twice as long (6 windows) before the next try
+    assert c.drafting and c.wait[False] == 6
+    for _ in range(5):
+        window(200)
+        assert c.drafting
+    window(200)
+    assert not c.drafting  # the sixth window: re-tried
+    window(100)
+    assert c.drafting and c.wait[False] == 12
+    window(200)
+    assert c.wait[True] == 3  # drafting's re-try had won: its wait stays at explore
     with pytest.raises(ValueError, match="window"):
         speculative.DraftController(window=0)
+    with pytest.raises(ValueError, match="max_wait"):
+        speculative.DraftController(explore=8, max_wait=4)
 
 
 def _mtp_kv(eng: LLMEngine, seq: Sequence, n: int) -> tuple[torch.Tensor, torch.Tensor]:
