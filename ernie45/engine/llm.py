@@ -298,9 +298,11 @@ class LLMEngine:
         c = self.draft_controller
         if c is None:
             return {}
+        last = c.buckets.get(c.last)
         return {"spec_drafting": c.drafting, "spec_steps_drafting": c.steps[True], "spec_steps_plain": c.steps[False],
-                "spec_mode_switches": c.switches,
-                "spec_tok_s_drafting": c.rate[True], "spec_tok_s_plain": c.rate[False]}
+                "spec_mode_switches": c.switches,  # the last step's batch-size bucket's measurements:
+                "spec_tok_s_drafting": last.rate[True] if last else None,
+                "spec_tok_s_plain": last.rate[False] if last else None}
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
@@ -334,9 +336,10 @@ class LLMEngine:
                         req.metrics["first_token_time"] = now
                     changed[req.request_id] = req
             if self.speculative_tokens:
-                self._propose(accepted)
+                self._propose(accepted, len(out.scheduled))
             if self.draft_controller is not None:
-                self.draft_controller.record(self.generation_tokens_total - tokens0, self._clock() - t0)
+                self.draft_controller.record(self.generation_tokens_total - tokens0, self._clock() - t0,
+                                             len(out.scheduled))
         outputs = []
         for req in changed.values():
             finished = all(s.is_finished for s in req.seqs)
@@ -408,7 +411,7 @@ class LLMEngine:
                 self.block_manager.commit(seq)
         return kept
 
-    def _propose(self, kept: dict[int, int]) -> None:
+    def _propose(self, kept: dict[int, int], batch: int) -> None:
         """Run the MTP block over the positions this step made valid (filling its cache slot), and draft up to
         ``speculative_tokens`` tokens for each sequence that sampled, to verify at its next step. While an adaptive
         engine does not draft, a decode's pairs wait in ``seq.mtp_pending`` (the block's cache slot is only read by
@@ -416,7 +419,7 @@ class LLMEngine:
         layout = self.runner.last
         if layout is None or layout.hidden_TH is None:
             return
-        drafting = self.draft_controller is None or self.draft_controller.drafting
+        drafting = self.draft_controller is None or self.draft_controller.mode(batch)
         items, budgets = [], []
         for sch, off, start in zip(layout.scheduled, layout.offsets, layout.starts):
             seq = sch.seq

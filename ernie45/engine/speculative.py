@@ -154,53 +154,89 @@ def draft_tokens(logits_SV: torch.Tensor, seqs: list, argmax=None  # noqa: ANN00
     return tokens_S, qs
 
 
+class _ModeState:
+    """The controller's measurements and choice for one batch-size bucket."""
+
+    __slots__ = ("age", "drafting", "n", "rate", "secs", "tokens", "trying", "wait")
+
+    def __init__(self, explore: int) -> None:
+        self.drafting = True
+        self.rate: dict[bool, float | None] = {True: None, False: None}
+        self.age = {True: 0, False: 0}   # windows since each mode was last measured
+        self.wait = {True: explore, False: explore}  # windows a mode waits before it is re-tried
+        self.trying = False  # the current window re-tries its mode
+        self.n, self.tokens, self.secs = 0, 0, 0.0
+
+
 class DraftController:
     """``speculative_adaptive``: draft only while drafting is faster, by measurement.
 
     Whether drafting pays depends on what the step is bound by: memory-bound decode (a large model, small batches)
     verifies k + 1 tokens for about the price of one; a compute-bound one (a small model whose weights sit in cache,
-    large batches) pays for each row, and the drafts on top. The engine runs windows of ``window`` steps in one mode
-    (drafting or plain) and keeps each mode's measured tokens a second (its last window's, averaged with the one
-    before when that was the same mode's, so one noisy window decides less). After each window it takes the faster
-    mode, and tries the other again once that is ``explore`` windows old, so a change of load or acceptance is
-    seen; each time a re-try loses, that mode waits twice as long for the next (up to ``max_wait`` windows), and a
-    re-try that wins resets the wait, so a mode that keeps losing costs ever fewer steps. The engine times its steps
-    (``LLMEngine._clock``) and calls :meth:`record` after each."""
+    large batches) pays for each row, and the drafts on top. So the choice is made per batch-size bucket (1, 2-3,
+    4-7, 8-15, ...: :meth:`bucket`), each on its own measurements. In a bucket, the engine runs windows of ``window``
+    steps in one mode (drafting or plain) and keeps each mode's measured tokens a second (its last window's,
+    averaged with the one before when that was the same mode's, so one noisy window decides less). After each
+    window it takes the faster mode, and tries the other again once that is ``explore`` windows old, so a change of
+    load or acceptance is seen; each time a re-try loses, that mode waits twice as long for the next (up to
+    ``max_wait`` windows), and a re-try that wins resets the wait, so a mode that keeps losing costs ever fewer
+    steps. The engine times its steps (``LLMEngine._clock``), asks :meth:`mode` before drafting and calls
+    :meth:`record` after each step."""
 
     def __init__(self, window: int = 16, explore: int = 8, max_wait: int = 128) -> None:
         if window < 1 or explore < 1 or max_wait < explore:
             raise ValueError(f"window={window}, explore={explore} must be >= 1 and max_wait={max_wait} >= explore")
         self.window, self.explore, self.max_wait = window, explore, max_wait
-        self.wait = {True: explore, False: explore}  # windows a mode waits before it is re-tried
-        self._trying = False  # the current window re-tries its mode
-        self.drafting = True
-        self.rate: dict[bool, float | None] = {True: None, False: None}
-        self.age = {True: 0, False: 0}   # windows since each mode was last measured
+        self.buckets: dict[int, _ModeState] = {}
+        self.last = 1  # the bucket of the last step
         self.steps = {True: 0, False: 0}  # steps run in each mode, in all
         self.switches = 0
-        self._n, self._tokens, self._secs = 0, 0, 0.0
 
-    def record(self, tokens: int, secs: float) -> None:
-        """One engine step of the current mode: the tokens it emitted and its wall time."""
-        self.steps[self.drafting] += 1
-        self._n += 1
-        self._tokens += tokens
-        self._secs += secs
-        if self._n < self.window:
+    @staticmethod
+    def bucket(batch: int) -> int:
+        """The bucket of a step of ``batch`` sequences: 1, 2-3, 4-7, ... -> 1, 2, 3, ..."""
+        return max(1, int(batch).bit_length())
+
+    def state(self, batch: int) -> _ModeState:
+        b = self.bucket(batch)
+        st = self.buckets.get(b)
+        if st is None:
+            st = self.buckets[b] = _ModeState(self.explore)
+        return st
+
+    def mode(self, batch: int) -> bool:
+        """Whether a step of ``batch`` sequences drafts."""
+        return self.state(batch).drafting
+
+    @property
+    def drafting(self) -> bool:
+        """The mode of the last step's bucket."""
+        return self.state(1 << (self.last - 1)).drafting
+
+    def record(self, tokens: int, secs: float, batch: int = 1) -> None:
+        """One engine step of ``batch`` sequences in its bucket's current mode: the tokens it emitted, its wall
+        time."""
+        st = self.state(batch)
+        self.last = self.bucket(batch)
+        self.steps[st.drafting] += 1
+        st.n += 1
+        st.tokens += tokens
+        st.secs += secs
+        if st.n < self.window:
             return
-        mode = self.drafting
-        r = self._tokens / self._secs if self._secs > 0 else 0.0
-        recent = self.rate[mode] is not None and self.age[mode] == 0  # this mode's previous window too
-        self.rate[mode] = 0.5 * (self.rate[mode] + r) if recent else r
-        self.age[mode] = 0
-        self.age[not mode] += 1
-        self._n, self._tokens, self._secs = 0, 0, 0.0
+        mode = st.drafting
+        r = st.tokens / st.secs if st.secs > 0 else 0.0
+        recent = st.rate[mode] is not None and st.age[mode] == 0  # this mode's previous window too
+        st.rate[mode] = 0.5 * (st.rate[mode] + r) if recent else r
+        st.age[mode] = 0
+        st.age[not mode] += 1
+        st.n, st.tokens, st.secs = 0, 0, 0.0
         other = not mode
-        if self._trying and self.rate[other] is not None:  # a re-try ends: back off if it lost
-            lost = self.rate[mode] < self.rate[other]
-            self.wait[mode] = min(2 * self.wait[mode], self.max_wait) if lost else self.explore
-        self._trying = self.rate[other] is None or self.age[other] >= self.wait[other]
-        best = other if self._trying else self.rate[True] >= self.rate[False]
+        if st.trying and st.rate[other] is not None:  # a re-try ends: back off if it lost
+            lost = st.rate[mode] < st.rate[other]
+            st.wait[mode] = min(2 * st.wait[mode], self.max_wait) if lost else self.explore
+        st.trying = st.rate[other] is None or st.age[other] >= st.wait[other]
+        best = other if st.trying else st.rate[True] >= st.rate[False]
         if best != mode:
             self.switches += 1
-        self.drafting = best
+        st.drafting = best

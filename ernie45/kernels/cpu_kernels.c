@@ -44,6 +44,16 @@
 #define MT 8
 #endif
 #endif
+// bgemm's register tiles of up to 16 sums (btile) for every row count: AVX-512 only. AVX2's 16 registers hold 4 of
+// them (a 16-sum tile spills: 0.92-0.95x the per-row loop at 4 rows), and its joint reduction is 16 single ones, so
+// that build keeps the per-row loop below 8 rows and 4 x 4 tiles from 8 (bench_kernels_ab --only bgemm).
+#ifndef BTILES
+#ifdef ERNIE45_AVX2
+#define BTILES 0
+#else
+#define BTILES 1
+#endif
+#endif
 #ifndef QNB
 #define QNB 16  // weight rows per block of the quantized matmul's cache blocking (qrows; 4 and 64: slower)
 #endif

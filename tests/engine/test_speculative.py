@@ -253,8 +253,8 @@ def test_batched_drafting_equals_each_sequence_drafted_alone(monkeypatch):
     seen: list[tuple[list[int], list[int]]] = []
     propose = eng._propose
 
-    def recording(kept):  # noqa: ANN001, ANN202
-        propose(kept)
+    def recording(kept, batch):  # noqa: ANN001, ANN202
+        propose(kept, batch)
         for seq in eng.scheduler.running:
             if seq.draft is not None:
                 seen.append((list(seq.token_ids), list(seq.draft.tokens)))
@@ -349,11 +349,17 @@ class _Flipper(speculative.DraftController):
         super().__init__()
         import random
         self.rng = random.Random(seed)
+        self.on = True
 
-    def record(self, tokens: int, secs: float) -> None:
-        self.steps[self.drafting] += 1
+    drafting = property(lambda self: self.on)
+
+    def mode(self, batch: int) -> bool:
+        return self.on
+
+    def record(self, tokens: int, secs: float, batch: int = 1) -> None:
+        self.steps[self.on] += 1
         if self.rng.random() < 0.3:
-            self.drafting = not self.drafting
+            self.on = not self.on
 
 
 def _fuzz_run(model, opts: dict, reqs: list, k: int, aborts: dict[str, int],  # noqa: ANN001
@@ -418,38 +424,46 @@ def test_random_schedules_match_plain_decoding(seed):
 # ------------------------------------------------------------------------------------------ speculative_adaptive
 def test_draft_controller_keeps_the_faster_mode_and_re_tries_the_other():
     c = speculative.DraftController(window=4, explore=3)
+    st = c.state(1)
 
-    def window(tok_s: float) -> None:
+    def window(tok_s: float, batch: int = 1) -> None:
         for _ in range(4):
-            c.record(int(tok_s), 1.0)
+            c.record(int(tok_s), 1.0, batch)
 
-    assert c.drafting
+    assert c.drafting and c.mode(1)
     window(50)  # drafting 50 tok/s; plain never measured: try it
-    assert not c.drafting and c.rate[True] == 50
+    assert not c.drafting and st.rate[True] == 50
     window(100)  # plain faster: keep it
-    assert not c.drafting and c.rate[False] == 100
+    assert not c.drafting and st.rate[False] == 100
     window(90)  # the mean of plain's last two windows, 95, still beats 50
-    assert not c.drafting and c.rate[False] == 95 and c.age[True] == 2
+    assert not c.drafting and st.rate[False] == 95 and st.age[True] == 2
     window(100)  # drafting's measure is three windows old: re-tried
     assert c.drafting
     window(200)  # now drafting is faster (its old 50 replaced, not averaged): kept
-    assert c.drafting and c.rate[True] == 200
+    assert c.drafting and st.rate[True] == 200
     window(200)
     assert c.drafting
     assert c.steps == {True: 12, False: 12} and c.switches == 2
     window(200)  # plain three windows old: re-tried
     assert not c.drafting
     window(100)  # and it lost: back to drafting, and plain waits twice as long (6 windows) before the next try
-    assert c.drafting and c.wait[False] == 6
+    assert c.drafting and st.wait[False] == 6
     for _ in range(5):
         window(200)
         assert c.drafting
     window(200)
     assert not c.drafting  # the sixth window: re-tried
     window(100)
-    assert c.drafting and c.wait[False] == 12
+    assert c.drafting and st.wait[False] == 12
     window(200)
-    assert c.wait[True] == 3  # drafting's re-try had won: its wait stays at explore
+    assert st.wait[True] == 3  # drafting's re-try had won: its wait stays at explore
+    # another batch size decides on its own measurements: 8-15 sequences start drafting, whatever batch 1 does
+    assert [c.bucket(b) for b in (1, 2, 3, 4, 7, 8, 15, 16)] == [1, 2, 2, 3, 3, 4, 4, 5]
+    assert c.mode(8) and c.state(12) is c.state(8) and c.state(8) is not st
+    window(300, batch=8)
+    window(900, batch=9)  # plain, tried, is 3x faster at this size
+    window(900, batch=8)
+    assert not c.mode(8) and not c.drafting and c.mode(1)
     with pytest.raises(ValueError, match="window"):
         speculative.DraftController(window=0)
     with pytest.raises(ValueError, match="max_wait"):
@@ -471,11 +485,16 @@ class _Scripted(speculative.DraftController):
     def __init__(self, off: int) -> None:
         super().__init__()
         self.off = off
-        self.drafting = off <= 0
+        self.on = off <= 0
 
-    def record(self, tokens: int, secs: float) -> None:
-        self.steps[self.drafting] += 1
-        self.drafting = sum(self.steps.values()) >= self.off
+    drafting = property(lambda self: self.on)
+
+    def mode(self, batch: int) -> bool:
+        return self.on
+
+    def record(self, tokens: int, secs: float, batch: int = 1) -> None:
+        self.steps[self.on] += 1
+        self.on = sum(self.steps.values()) >= self.off
 
 
 def test_deferred_mtp_pairs_fill_the_cache_drafting_every_step_fills(monkeypatch):

@@ -17,6 +17,19 @@ static inline __attribute__((always_inline)) void brow(const uint16_t* wr, const
     for (int i = 0; i < MT_; i++) store_out(out, out_bf16, (m0 + i) * N + n, v16_reduce_add_ps(acc[i]));
 }
 
+// One weight row against x rows [m0, M): brow over groups of 4, then the rest.
+static inline __attribute__((always_inline)) void brow_rows(const uint16_t* wr, int64_t n, int64_t m0, int64_t M,
+                                                            const uint16_t* x, int64_t K, int64_t N, void* out,
+                                                            int out_bf16) {
+    for (; m0 + 4 <= M; m0 += 4) brow(wr, 4, n, m0, x, K, N, out, out_bf16);
+    switch (M - m0) {
+        case 3: brow(wr, 3, n, m0, x, K, N, out, out_bf16); break;
+        case 2: brow(wr, 2, n, m0, x, K, N, out, out_bf16); break;
+        case 1: brow(wr, 1, n, m0, x, K, N, out, out_bf16); break;
+        default: break;
+    }
+}
+
 // JW weight rows x MT_ x rows (JW * MT_ <= 16): each loaded vector serves several dot products, and the 16 sums are
 // reduced together (v16_reduce16_add_ps: the same tree as brow's, a third of its operations), so a pair's result is
 // brow's bit for bit. Pair (j, i) accumulates in acc[j * MT_ + i]; unused accumulators stay zero.
@@ -47,29 +60,27 @@ static inline __attribute__((always_inline)) void btile(const uint16_t* w, const
 
 // Weight rows [n0, n1) against all M rows of x, in blocks of 16 weight rows: 4 x 4 tiles over the block for each
 // group of 4 x rows, then the 1-3 rows left with 16 x 1, 8 x 2 or 4 x 3 tiles over the same block while it is in
-// cache (one pass over the weights, which decode reads from DRAM); rows of a partial block by brow.
+// cache (one pass over the weights, which decode reads from DRAM); rows of a partial block by brow. Without BTILES
+// (AVX2): 4 x 4 tiles only from 8 rows, brow for the rest.
 static void brows(const uint16_t* w, int64_t n0, int64_t n1, const uint16_t* x, int64_t M, int64_t K, int64_t N,
                   void* out, int out_bf16) {
-    const int64_t m4 = M / 4 * 4, rest = M - m4;
+    const int tiles = BTILES || M >= 8;
+    const int64_t m4 = tiles ? M / 4 * 4 : 0, rest = M - m4;
     int64_t n = n0;
     for (; n + 16 <= n1; n += 16) {
         for (int64_t m0 = 0; m0 < m4; m0 += 4)
             for (int64_t j = 0; j < 16; j += 4) btile(w, 4, 4, n + j, m0, x, K, N, out, out_bf16);
-        if (rest == 1) btile(w, 16, 1, n, m4, x, K, N, out, out_bf16);
-        else if (rest == 2) for (int64_t j = 0; j < 16; j += 8) btile(w, 8, 2, n + j, m4, x, K, N, out, out_bf16);
-        else if (rest == 3) for (int64_t j = 0; j < 16; j += 4) btile(w, 4, 3, n + j, m4, x, K, N, out, out_bf16);
-    }
-    for (; n < n1; n++) {
-        const uint16_t* wr = w + n * K;
-        int64_t m0 = 0;
-        for (; m0 + 4 <= M; m0 += 4) brow(wr, 4, n, m0, x, K, N, out, out_bf16);
-        switch (M - m0) {
-            case 3: brow(wr, 3, n, m0, x, K, N, out, out_bf16); break;
-            case 2: brow(wr, 2, n, m0, x, K, N, out, out_bf16); break;
-            case 1: brow(wr, 1, n, m0, x, K, N, out, out_bf16); break;
-            default: break;
+        if (BTILES && rest == 1) {
+            btile(w, 16, 1, n, m4, x, K, N, out, out_bf16);
+        } else if (BTILES && rest == 2) {
+            for (int64_t j = 0; j < 16; j += 8) btile(w, 8, 2, n + j, m4, x, K, N, out, out_bf16);
+        } else if (BTILES && rest == 3) {
+            for (int64_t j = 0; j < 16; j += 4) btile(w, 4, 3, n + j, m4, x, K, N, out, out_bf16);
+        } else if (rest) {
+            for (int64_t j = n; j < n + 16; j++) brow_rows(w + j * K, j, m4, M, x, K, N, out, out_bf16);
         }
     }
+    for (; n < n1; n++) brow_rows(w + n * K, n, 0, M, x, K, N, out, out_bf16);
 }
 
 static void bmatmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, const uint16_t* w, void* out, int out_bf16,
