@@ -126,7 +126,7 @@ def part_demo(rounds: int, max_tokens: int, draft_quant: str | None = None) -> d
             mal = acc[name][-1]["mean_accepted_length"]
             # the most drafting could give at this acceptance with free drafts and nothing around the forward: the
             # tokens of a verification over the verification forward's time, against a whole plain step's (paired)
-            ceiling = None if mal is None else statistics.median(
+            ceiling = None if mal is None or name.endswith("_adaptive") else statistics.median(
                 mal * p / f for p, f in zip(step_ms["k0"], fwd_ms[name]))
             out[f"b{batch}_{name}"] = {
                 "tok_s": statistics.median(rates[name]), "tok_s_all": [round(x, 1) for x in rates[name]],
