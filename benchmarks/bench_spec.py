@@ -20,6 +20,9 @@
   live through all rounds, so it has learned by the later ones; with ``--draft-quant`` their block is quantized).
   ``--draft-quant int8`` adds k = 1..4 with the MTP block quantized (``speculative_draft_quant``): on the CPU
   backend a draft's decoder layer then runs as one native call.
+- ``adaptive``: ``speculative_adaptive`` after it has learned (``part_adaptive``): plain decoding against adaptive
+  engines (k = 2, 4) that first generated 1024 tokens a sequence, then ``--rounds`` alternating rounds of 256 tokens,
+  batch 1 and 8; with the share of the measured steps that drafted.
 - ``accept``: greedy acceptance at k = 1..4 of one or more MTP heads (``--accept-models``: model folders) on
   held-out prompts, to compare heads.
 
@@ -139,6 +142,37 @@ def part_demo(rounds: int, max_tokens: int, draft_quant: str | None = None) -> d
                 out[f"b{batch}_{name}"]["drafting_share"] = st["spec_steps_drafting"] / (
                     st["spec_steps_drafting"] + st["spec_steps_plain"])
             print(f"batch {batch} {name}: {out[f'b{batch}_{name}']}", flush=True)
+    return out
+
+
+def part_adaptive(rounds: int, learn: int = 1024, max_tokens: int = 256) -> dict:
+    """``speculative_adaptive`` once it has learned: plain decoding against adaptive engines (k = 2, 4) that first
+    generated ``learn`` tokens a sequence, then alternating rounds of ``max_tokens``; the share of steps that
+    drafted counted over the measured rounds only."""
+    out: dict = {}
+    for batch in (1, 8):
+        prompts = demo_prompts(batch)
+        engines = {"k0": LLMEngine("demo", kv_cache_memory="256MB")}
+        for k in (2, 4):
+            engines[f"k{k}_adaptive"] = LLMEngine("demo", kv_cache_memory="256MB", speculative_tokens=k,
+                                                  speculative_adaptive=True)
+        for eng in engines.values():  # the learning phase (plain decoding: a warm-up)
+            run_demo(eng, prompts, learn)
+        before = {name: eng.stats() for name, eng in engines.items()}
+        rates: dict[str, list[float]] = {name: [] for name in engines}
+        for _ in range(rounds):
+            for name, eng in engines.items():
+                rates[name].append(run_demo(eng, prompts, max_tokens)[0])
+        for name, eng in engines.items():
+            ratios = [a / b for a, b in zip(rates[name], rates["k0"])]
+            row = {"tok_s": statistics.median(rates[name]), "speedup_median": statistics.median(ratios),
+                   "speedup_range": [min(ratios), max(ratios)]}
+            if name != "k0":
+                st, st0 = eng.stats(), before[name]
+                d = st["spec_steps_drafting"] - st0["spec_steps_drafting"]
+                row["drafting_share"] = d / (d + st["spec_steps_plain"] - st0["spec_steps_plain"])
+            out[f"b{batch}_{name}"] = row
+            print(f"adaptive batch {batch} {name}: {row}", flush=True)
     return out
 
 
@@ -295,7 +329,7 @@ def verify_byte_floor(model: torch.nn.Module, cfg: ModelConfig, context: int, n:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["demo", "verify"], choices=["demo", "verify", "accept"])
+    ap.add_argument("--parts", nargs="+", default=["demo", "verify"], choices=["demo", "verify", "accept", "adaptive"])
     ap.add_argument("--accept-models", nargs="+", default=["demo"],
                     help="model folders whose MTP heads the accept part compares (e.g. an older demo's)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -314,6 +348,8 @@ def main() -> None:
         res["demo"] = part_demo(args.rounds, args.max_tokens, args.draft_quant)
     if "accept" in args.parts:
         res["accept"] = part_accept(args.accept_models)
+    if "adaptive" in args.parts:
+        res["adaptive"] = part_adaptive(args.rounds)
     if "verify" in args.parts:
         res["verify"] = part_verify(args.pairs)
         print(res["verify"], flush=True)
@@ -342,6 +378,15 @@ def main() -> None:
                       "its LM head, `runner.execute`), the median over the paired rounds: the speed-up if drafting, "
                       "sampling and scheduling cost nothing. Where it is below an aim, no drafting reaches the aim "
                       "at that acceptance on this machine."]
+    if "adaptive" in res:
+        lines += ["", "speculative_adaptive after a learning phase (1024 tokens a sequence), then alternating rounds "
+                      "of 256 tokens: tok/s, speed-up over plain decoding (median of paired rounds, range), the "
+                      "share of the measured rounds' steps that drafted", "",
+                  "| setting | tok/s | speed-up | steps drafting |", "|---|---|---|---|"]
+        for key, r in res["adaptive"].items():
+            share = f"{100 * r['drafting_share']:.1f}%" if "drafting_share" in r else "-"
+            lines.append(f"| demo {key} | {r['tok_s']:.1f} | {r['speedup_median']:.2f}x "
+                         f"[{r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}] | {share} |")
     if "accept" in res:
         lines += ["", "greedy acceptance on held-out prompts (24 fortune records i % 97 == 50, 64 tokens, one batch): "
                       "acceptance / mean tokens a verification", "", "| MTP head | k=1 | k=2 | k=3 | k=4 |",
@@ -368,8 +413,9 @@ def main() -> None:
         one, many = v["split"]["1"], v["split"][str(v["tokens_verified"])]
         lines += [f"| {key} | {one[key]:.2f} | {many[key]:.2f} | {many[key] / one[key]:.2f}x |" for key in one]
     text = "\n".join(lines) + "\n\nraw:\n```json\n" + json.dumps(res, indent=1) + "\n```"
-    # the verify part alone gets its own file, so it does not replace a run with the demo table
-    print(write_result("spec-verify" if args.parts == ["verify"] else "spec", text))
+    # a part other than demo alone gets its own file, so it does not replace a run with the demo table
+    alone = len(args.parts) == 1 and args.parts[0] != "demo"
+    print(write_result(f"spec-{args.parts[0]}" if alone else "spec", text))
 
 
 if __name__ == "__main__":
