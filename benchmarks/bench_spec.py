@@ -355,10 +355,11 @@ def main() -> None:
         print(res["verify"], flush=True)
     res["load_after"] = [round(x, 2) for x in os.getloadavg()]
     lines = [f"load average (1, 5, 15 min) before {res['load_before']}, after {res['load_after']} "
-             f"(2 cores: above ~2 other work shared them)." + (f" {args.note}" if args.note else ""), "",
-             "| setting | tok/s (median) | speed-up vs plain, median of paired rounds [range] | acceptance | "
-             "mean tokens a verification | outputs identical to plain | ms a step: all / the forward | "
-             "ceiling with free drafts |", "|---|---|---|---|---|---|---|---|"]
+             f"(2 cores: above ~2 other work shared them)." + (f" {args.note}" if args.note else "")]
+    if "demo" in res:
+        lines += ["", "| setting | tok/s (median) | speed-up vs plain, median of paired rounds [range] | acceptance | "
+                      "mean tokens a verification | outputs identical to plain | ms a step: all / the forward | "
+                      "ceiling with free drafts |", "|---|---|---|---|---|---|---|---|"]
     for key, r in res.get("demo", {}).items():
         acc = "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%"
         mal = "-" if r["mean_accepted_length"] is None else f"{r['mean_accepted_length']:.2f}"
