@@ -86,7 +86,8 @@ typedef __mmask16 vmask16;
 // gcc's _mm512_reduce_add_ps tree (halves, quarters, pairs), written out so that v16_reduce16_add_ps below and any
 // compiler ($CC) sum in the same order.
 static inline __attribute__((always_inline)) float v16_reduce_add_ps(__m512 a) {
-    const __m256 t3 = _mm256_add_ps(_mm512_extractf32x8_ps(a, 1), _mm512_castps512_ps256(a));
+    const __m256 t3 = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)),  // AVX-512F
+                                    _mm512_castps512_ps256(a));
     const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
     const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
     return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, 1));
