@@ -310,7 +310,8 @@ class LLMEngine:
         aborted)."""
         changed: dict[str, _Request] = dict(self._pending)
         self._pending.clear()
-        t0, tokens0 = self._clock(), self.generation_tokens_total
+        t0 = self._clock() if self.draft_controller is not None else 0.0  # the adaptive controller's step timer
+        tokens0 = self.generation_tokens_total
         out = self.scheduler.schedule()
         if out.is_empty and self.scheduler.waiting and not self.scheduler.running:
             # add_request's length check and the max_model_len cap make this unreachable; fail loudly

@@ -211,7 +211,8 @@ class DraftController:
     @property
     def drafting(self) -> bool:
         """The mode of the last step's bucket."""
-        return self.state(1 << (self.last - 1)).drafting
+        st = self.buckets.get(self.last)
+        return True if st is None else st.drafting  # a bucket starts drafting
 
     def record(self, tokens: int, secs: float, batch: int = 1) -> None:
         """One engine step of ``batch`` sequences in its bucket's current mode: the tokens it emitted, its wall
