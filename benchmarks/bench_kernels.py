@@ -77,8 +77,9 @@ def main() -> None:
     s4 = (torch.rand(e, N, K // 128, generator=g) * 1e-2).bfloat16()
     z4 = (torch.rand(e, N, K // 128, generator=g) * 1e-3).bfloat16()
     span4 = kernels.to_span(c4, 4)
+    s4, z4 = kernels.span_scales(s4, 4), kernels.span_scales(z4, 4)  # the kernel's order (aten's below: portable)
     aten4 = qm.to_int4_kernel_layout(c4)
-    sz4 = qm.int4_scale_zeros(s4, z4)
+    sz4 = qm.int4_scale_zeros(kernels.from_span_scales(s4, 4), kernels.from_span_scales(z4, 4))
     del c4  # span4 and aten4 hold the codes
     variants["int4 g128 asym"] = (N * K // 2 + N * K // 128 * 4,
                                   lambda x, i: kernels.qgemm(x, span4[i], 4, s4[i], z4[i], 128),

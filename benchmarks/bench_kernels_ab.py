@@ -12,7 +12,7 @@ L3 here, so this measures the kernels' compute (prefill, verify steps), not the 
 per-pair speed-ups (base time / new time) with the range.
 
     flock /tmp/ernie45-heavy.lock python benchmarks/bench_kernels_ab.py --base f308ac4 [--rows 1 4 16 256]
-        [--isa avx512 avx2] [--rounds 9] [--only bgemm]
+        [--isa avx512 avx2] [--rounds 9] [--only bgemm] [--name kernels-ab] [--note "..."]
 """
 
 from __future__ import annotations
@@ -118,6 +118,9 @@ def main() -> None:
     ap.add_argument("--isa", nargs="+", default=[i for i in kernels.ISAS if not kernels.isa_why_not(i)])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--only", nargs="+", default=None, help="run the cases whose name holds one of these words")
+    ap.add_argument("--name", default="kernels-ab", help="results file: benchmarks/results/<date>-<name>.md")
+    ap.add_argument("--note", default="", help="a sentence for the results file (e.g. a layout change that makes "
+                    "the base read this checkout's packed weights differently, so its outputs differ)")
     args = ap.parse_args()
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     lines = [f"Base: `{args.base}`; new: this checkout ({head.strip()}, its working tree). {args.rounds} pairs of "
@@ -144,7 +147,9 @@ def main() -> None:
                             f"{median_range(r, unit='x')} | {same} |")
                     print(line, flush=True)
                     lines.append(line)
-    print(write_result("kernels-ab", "\n".join(lines)))
+    if args.note:
+        lines += ["", args.note]
+    print(write_result(args.name, "\n".join(lines)))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,19 @@
 #define BTILES 1
 #endif
 #endif
+#ifndef QCH2
+#ifdef ERNIE45_AVX2
+#define QCH2 2  // rows of x up to which the 4-bit tile keeps two int32 chains a row (qtile4)
+#else
+#define QCH2 4
+#endif
+#endif
+#ifndef QPF
+#define QPF 4096
+#endif
+#ifndef QPF_ROWS
+#define QPF_ROWS 2
+#endif
 #ifndef QNB
 #define QNB 16  // weight rows per block of the quantized matmul's cache blocking (qrows; 4 and 64: slower)
 #endif

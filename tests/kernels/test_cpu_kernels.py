@@ -39,12 +39,24 @@ def test_one_openmp_runtime_shared_with_torch() -> None:
 @pytest.mark.native(once=True)  # Python only
 @pytest.mark.parametrize("bits", [8, 6, 4, 2])
 def test_span_layout_round_trips(bits: int) -> None:
-    codes = torch.randint(0, 2**bits, (3, 5, 512), dtype=torch.uint8)
+    n = 32 if bits == 4 else 5  # 4 bits: tiles of 16 rows
+    codes = torch.randint(0, 2**bits, (3, n, 512), dtype=torch.uint8)
     packed = kernels.to_span(codes, bits)
-    assert packed.shape == (3, 5, 512 * bits // 8)
+    assert packed.shape == (3, n, 512 * bits // 8)
     assert torch.equal(kernels.from_span(packed, bits), codes)
-    if bits == 4:  # byte j of a 128-column span: column j low, column j + 64 high
-        assert packed[0, 0, 0] == codes[0, 0, 0] | (codes[0, 0, 64] << 4)
+    if bits == 4:  # tile t, chunk c (64 bytes): byte 4l + b = row 16t + l's column 8c + b low, 8c + 4 + b high
+        flat = packed[0].reshape(-1)
+        for t, c, lane, b in [(0, 0, 0, 0), (0, 3, 5, 2), (1, 63, 15, 3), (1, 10, 7, 1)]:
+            r = 16 * t + lane
+            byte = flat[t * 16 * 256 + c * 64 + 4 * lane + b]
+            assert byte == codes[0, r, 8 * c + b] | (codes[0, r, 8 * c + 4 + b] << 4), (t, c, lane, b)
+        s = torch.randn(3, n, 4)
+        tiled = kernels.span_scales(s, 4)
+        assert torch.equal(tiled[1].reshape(-1)[16 * 4 + 2 * 16 + 5], s[1, 16 + 5, 2])  # tile 1, group 2, lane 5
+        assert torch.equal(kernels.from_span_scales(tiled, 4), s)
+        with pytest.raises(ValueError, match="tiles of 16"):
+            kernels.to_span(codes[:, :24], 4)
+        assert not kernels.span_ok(512, 4, 128, 24) and kernels.span_ok(512, 4, 128, 32)
     if bits == 6:  # per 256 columns: the low 4 bits in the 4-bit layout, then the high 2 bits (4 planes a byte)
         assert packed[0, 0, 0] == (codes[0, 0, 0] & 15) | ((codes[0, 0, 64] & 15) << 4)
         assert packed[0, 0, 128] == (codes[0, 0, 0] >> 4) | ((codes[0, 0, 64] >> 4) << 2) | (
@@ -79,7 +91,8 @@ def test_qgemm_matches_fp64_reference(bits: int, group: int, k: int, symmetric: 
     x = torch.randn(rows, k) * torch.logspace(-2, 1, k)  # columns of very different size: per-block scales matter
     w = qm.dequantize_mid(codes, scales, zeros, bits, dtype=torch.float64)
     ref = act_quant_ref(x, kernels.xblock(k, group)) @ w.t()
-    y = kernels.qgemm(x, kernels.to_span(codes, bits), bits, scales, None if symmetric else zeros, group)
+    y = kernels.qgemm(x, kernels.to_span(codes, bits), bits, kernels.span_scales(scales, bits),
+                      None if symmetric else kernels.span_scales(zeros, bits), group)
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
     err_act = (x.double() @ w.t() - ref).abs().max() / ref.abs().max()
@@ -93,7 +106,8 @@ def test_qgemm_bf16_in_and_out_and_scales() -> None:
     x = torch.randn(3, 256).bfloat16()
     w = qm.dequantize_mid(codes, scales.bfloat16(), zeros.bfloat16(), 4, dtype=torch.float64)
     ref = act_quant_ref(x, 128) @ w.t()
-    y = kernels.qgemm(x, kernels.to_span(codes, 4), 4, scales.bfloat16(), zeros.bfloat16(), 128)
+    y = kernels.qgemm(x, kernels.to_span(codes, 4), 4, kernels.span_scales(scales.bfloat16(), 4),
+                      kernels.span_scales(zeros.bfloat16(), 4), 128)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.double(), ref, rtol=2**-8, atol=1e-3 * ref.abs().max().item())
 
@@ -101,7 +115,7 @@ def test_qgemm_bf16_in_and_out_and_scales() -> None:
 def test_qgemm_rows_are_independent_of_their_batch() -> None:
     """A row's result must not depend on which rows share its call (seeded sampling, batch == solo)."""
     codes, scales, _ = _qweight(128, 512, 4, 128, True)
-    packed = kernels.to_span(codes, 4)
+    packed, scales = kernels.to_span(codes, 4), kernels.span_scales(scales, 4)
     x = torch.randn(15, 512).bfloat16()  # rows 0-7 in a tile of 8 (AVX-512), 8-11 in one of 4, 12-14 in one of 3
     batch = kernels.qgemm(x, packed, 4, scales.bfloat16(), None, 128)
     for i in (0, 5, 9, 14):

@@ -101,10 +101,11 @@ def test_isa_choice(both: None, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_builds_agree_on_qgemm(both: None, bits: int, group: int, rows: int) -> None:
     g = torch.Generator().manual_seed(bits * 10 + rows)
     k = 768  # three 256-column iterations; 8-bit g64: 64-column activation blocks
-    w = torch.randn(100, k, generator=g)
+    w = torch.randn(112 if bits == 4 else 100, k, generator=g)  # 4 bits: whole tiles of 16 rows
     codes, scales, offsets = qm.quantize_rtn(w, bits, group, False)
     zeros = offsets + 2 ** (bits - 1) * scales
     span = kernels.to_span(codes, bits)
+    scales, zeros = kernels.span_scales(scales, bits), kernels.span_scales(zeros, bits)
     x = torch.randn(rows, k, generator=g) * torch.logspace(-2, 1, k)
     for xd, sd in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]:
         a, b = _on_each(kernels.qgemm, x.to(xd), span, bits, scales.to(sd), zeros.to(sd), group)
@@ -135,6 +136,7 @@ def test_builds_agree_on_moe(both: None, bits: int) -> None:
     for wt, grp in ((gu, 128), (dn, 64)):
         c, s, o = qm.quantize_rtn(wt.reshape(-1, wt.shape[-1]), bits, grp, False)
         z = o + 2 ** (bits - 1) * s
+        s, z = kernels.span_scales(s, bits), kernels.span_scales(z, bits)  # tiles stay inside an expert (N % 16 == 0)
         packed.append((kernels.to_span(c, bits).reshape(e, wt.shape[1], -1), s.reshape(e, wt.shape[1], -1).bfloat16(),
                        z.reshape(e, wt.shape[1], -1).bfloat16(), grp))
     a, b = _on_each(kernels.qmoe, x, idx, wts.bfloat16(), bits, *packed)

@@ -55,7 +55,7 @@ def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype
         q = QuantLinear.from_linear(lin, scheme)
         if use_native:
             native(q)
-        span = bool(use_native) and kernels.span_ok(256, scheme.bits, scheme.group_for(256))
+        span = bool(use_native) and kernels.span_ok(256, scheme.bits, scheme.group_for(256), 128)
         assert q.layout == ("span" if span else layout)
         x = torch.randn(rows, 256, dtype=dtype)
         # The span kernel (few rows) multiplies int8-quantized activations: the reference does the same.
@@ -68,6 +68,23 @@ def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype
     w = lin.weight.float()
     rel = ((q.dequantize(dtype=torch.float32) - w).norm() / w.norm()).item()
     assert rel < {8: 0.02, 6: 0.04, 4: 0.15, 2: 0.6}[scheme.bits], rel
+
+
+@pytest.mark.parametrize("isa", [pytest.param(i, marks=pytest.mark.native(i), id=i) for i in kernels.ISAS])
+def test_int4_rows_not_in_tiles_of_16_keep_the_portable_layout(isa: str) -> None:
+    """The 4-bit span layout holds rows in tiles of 16: a 4-bit linear with 24 outputs keeps another layout under
+    the cpu backend and still computes right; 32 outputs take the span layout."""
+    scheme, _ = SCHEMES["int4-g128"]
+    torch.manual_seed(0)
+    for n in (24, 32):
+        lin = nn.Linear(256, n, bias=False)
+        with kernels.use_kernels(True):
+            q = native(QuantLinear.from_linear(lin, scheme))
+            assert (q.layout == "span") == (n == 32), (n, q.layout)
+            x = torch.randn(3, 256)
+            xr = act_quant_ref(x, 128).float() if n == 32 else x
+            ref = xr @ q.dequantize(dtype=torch.float32).t()
+            torch.testing.assert_close(q(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("use_native", NATIVE_OR_NOT)

@@ -60,7 +60,8 @@ int ernie45_qmoe(const void* x, int x_bf16, int64_t T, int64_t H, int64_t I, int
                  const float* wts, int64_t E, int bits, int s_bf16, const uint8_t* gu_w, const void* gu_s,
                  const void* gu_z, int64_t gu_group, const uint8_t* dn_w, const void* dn_s, const void* dn_z,
                  int64_t dn_group, int bf16, float* out, int nthreads) {
-    if (!qgemm_args_ok(bits, H, gu_group) || !qgemm_args_ok(bits, I, dn_group) || T < 1 || k < 1) return -2;
+    if (!qgemm_args_ok(bits, H, gu_group) || !qgemm_args_ok(bits, I, dn_group) || !qrows_ok(bits, 2 * I)
+        || !qrows_ok(bits, H) || T < 1 || k < 1) return -2;
     for (int64_t j = 0; j < T * k; j++)
         if (idx[j] < 0 || idx[j] >= E) return -4;
     if (nthreads < 1) nthreads = 1;
@@ -89,7 +90,7 @@ int ernie45_qmoe(const void* x, int x_bf16, int64_t T, int64_t H, int64_t I, int
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         // gate_up: the rows [0, na * 2I) of the selected experts' stacked weights, a contiguous share per thread
-        const int64_t gn = na * 2 * I, gc = (gn + nt - 1) / nt, g0 = t * gc, g1 = g0 + gc < gn ? g0 + gc : gn;
+        const int64_t gn = na * 2 * I, gc = qchunk(gn, nt), g0 = t * gc, g1 = g0 + gc < gn ? g0 + gc : gn;
         for (int64_t j = 0; j < na; j++) {
             const int64_t lo = j * 2 * I, n0 = g0 > lo ? g0 - lo : 0, n1 = g1 - lo < 2 * I ? g1 - lo : 2 * I;
             const int64_t e = ex[3 * j], o = ex[3 * j + 1];
@@ -108,7 +109,7 @@ int ernie45_qmoe(const void* x, int x_bf16, int64_t T, int64_t H, int64_t I, int
             }
         }
         if (!bad) {
-            const int64_t dn = na * H, dc = (dn + nt - 1) / nt, d0 = t * dc, d1 = d0 + dc < dn ? d0 + dc : dn;
+            const int64_t dn = na * H, dc = qchunk(dn, nt), d0 = t * dc, d1 = d0 + dc < dn ? d0 + dc : dn;
             for (int64_t j = 0; j < na; j++) {
                 const int64_t lo = j * H, n0 = d0 > lo ? d0 - lo : 0, n1 = d1 - lo < H ? d1 - lo : H;
                 const int64_t e = ex[3 * j], o = ex[3 * j + 1];

@@ -101,11 +101,98 @@ static inline __attribute__((always_inline)) void qrow(
     for (int i = 0; i < MT_; i++) store_out(out, out_bf16, (m0 + i) * N + n, v16_reduce_add_ps(t[i]));
 }
 
+// 4 bits: one tile of 16 weight rows (n .. n + 15, n a multiple of 16) against MT_ rows of x from m0, in the tiled
+// 4-bit span layout (kernels.to_span): chunk c (64 bytes) holds columns 8c .. 8c + 7 of the 16 rows, lane l's four
+// bytes row n + l's columns 8c + b (low nibbles) and 8c + 4 + b (high nibbles). One mask (and one shift) unpacks
+// a chunk, and each row of x meets it in two VPDPBUSD against four broadcast activation bytes, so the int32 lanes
+// are the 16 rows' sums: per activation block one conversion and one FMA per row of x for 16 outputs (the
+// row-major loop above spends them per output), no lane reduction, and 16 results stored at once. Scales and zeros
+// of the tile: [ng][16] in its rows' place (kernels.span_scales). Up to QCH2 rows of x (4; 2 in the AVX2 build, 16
+// registers) each keeps two int32 chains (low and high nibbles), so VPDPBUSD's latency is hidden even for one row.
+// From QPF_ROWS rows the loop is paced by compute, and the hardware prefetcher falls behind the weight stream:
+// a software prefetch QPF bytes ahead (at 1 row it costs more than it gains).
+static inline __attribute__((always_inline)) void qtile4(
+    const uint8_t* wt, const int MT_, const int SB, const int BPX, int64_t n, int64_t m0, int64_t K, int64_t N,
+    int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx, const int64_t* xrow,
+    const void* scales, const void* zeros, void* out, int out_bf16) {
+    const int64_t XB = BPX * 64, nx = K / XB, so = n * ng;  // so: the tile's first scale
+    const int CH = MT_ <= QCH2 ? 2 : 1;
+    const v16i mask = v16_set1_epi8(15);
+    const int8_t* xm[MT];
+    const float* sxm[MT];
+    v16f f[MT];
+    for (int i = 0; i < MT_; i++) {
+        const int64_t r = xrow ? xrow[m0 + i] : m0 + i;
+        xm[i] = xq + r * K;
+        sxm[i] = sx + r * nx;
+        f[i] = v16_setzero_ps();
+    }
+    for (int64_t X = 0; X < nx; X++) {
+        const v16f ws = load16_masked(scales, SB, so + gidx[X] * 16, (vmask16)0xFFFF);
+        const uint8_t* wp = wt + X * XB * 8;  // XB / 8 chunks of 64 bytes
+        v16i a[MT], b[MT];
+        for (int i = 0; i < MT_; i++) a[i] = b[i] = v16_setzero_si();
+        for (int c = 0; c < BPX * 8; c++) {
+            if (QPF && MT_ >= QPF_ROWS) __builtin_prefetch(wp + c * 64 + QPF, 0, 3);
+            const v16i v = v16_loadu_si((const void*)(wp + c * 64));
+            const v16i lo = v16_and_si(v, mask), hi = v16_and_si(v16_srli_epi16(v, 4), mask);
+            for (int i = 0; i < MT_; i++) {
+                const int8_t* xp = xm[i] + X * XB + c * 8;
+                int32_t x0, x1;
+                memcpy(&x0, xp, 4);
+                memcpy(&x1, xp + 4, 4);
+                a[i] = v16_dpbusd_u7_epi32(a[i], lo, v16_set1_epi32(x0));
+                if (CH == 2) b[i] = v16_dpbusd_u7_epi32(b[i], hi, v16_set1_epi32(x1));
+                else a[i] = v16_dpbusd_u7_epi32(a[i], hi, v16_set1_epi32(x1));
+            }
+        }
+        for (int i = 0; i < MT_; i++) {
+            const v16i d = CH == 2 ? v16_add_epi32(a[i], b[i]) : a[i];
+            f[i] = v16_fmadd_ps(v16_cvtepi32_ps(d), v16_mul_ps(ws, v16_set1_ps(sxm[i][X])), f[i]);
+        }
+    }
+    // The codes' offset (mid = 8) and the zeros: sum_g (zero - 8 * scale) * X[m, g], per tile row.
+    const v16f mid = v16_set1_ps(8.0f);
+    const float* xs[MT];
+    for (int i = 0; i < MT_; i++) xs[i] = xsum_g + (xrow ? xrow[m0 + i] : m0 + i) * ng;
+    for (int64_t g = 0; g < ng; g++) {
+        const v16f sc = load16_masked(scales, SB, so + g * 16, (vmask16)0xFFFF);
+        const v16f z = zeros ? load16_masked(zeros, SB, so + g * 16, (vmask16)0xFFFF) : v16_setzero_ps();
+        const v16f zm = v16_fnmadd_ps(mid, sc, z);
+        for (int i = 0; i < MT_; i++) f[i] = v16_fmadd_ps(zm, v16_set1_ps(xs[i][g]), f[i]);
+    }
+    float o[16];
+    for (int i = 0; i < MT_; i++) {
+        if (!out_bf16) {
+            v16_storeu_ps((float*)out + (m0 + i) * N + n, f[i]);
+            continue;
+        }
+        v16_storeu_ps(o, f[i]);
+        for (int l = 0; l < 16; l++) store_out(out, 1, (m0 + i) * N + n + l, o[l]);
+    }
+}
+
 static inline __attribute__((always_inline)) void qrows(
     const uint8_t* w, const int BITS, const int SB, const int BPX, int64_t n0, int64_t n1, int64_t M, int64_t K,
     int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
     const int64_t* xrow, const void* scales, const void* zeros, void* out, int out_bf16) {
     const int64_t rb = K * BITS / 8;
+    if (BITS == 4) {  // tiles of 16 rows (n0, n1 multiples of 16): each tile meets every MT rows of x in turn
+        for (int64_t n = n0; n < n1; n += 16) {
+            int64_t m0 = 0;
+#define QTILE(MT_) qtile4(w + n * rb, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
+            for (; m0 + MT <= M; m0 += MT) QTILE(MT);
+            if (MT > 4 && m0 + 4 <= M) { QTILE(4); m0 += 4; }
+            switch (M - m0) {
+                case 3: QTILE(3); break;
+                case 2: QTILE(2); break;
+                case 1: QTILE(1); break;
+                default: break;
+            }
+#undef QTILE
+        }
+        return;
+    }
     // Blocks of QNB weight rows: each tile of x rows (MT x K bytes, L1-resident) meets the block's rows (from L2)
     // before the next tile is read, instead of every weight row re-reading all M rows of x from L2 (prefill).
     for (int64_t nb = n0; nb < n1; nb += QNB) {
@@ -184,13 +271,18 @@ static void qact_rows(const QAct* a, const int64_t* xrow, int64_t rows, int64_t 
 #undef QROWS
 }
 
+static int qrows_ok(int bits, int64_t N) { return bits != 4 || N % 16 == 0; }  // 4 bits: whole tiles of 16 rows
+
+// A thread's share of `rows` weight rows: a multiple of 16, so 4-bit tiles are never split between threads.
+static int64_t qchunk(int64_t rows, int nt) { return ((rows + nt - 1) / nt + 15) / 16 * 16; }
+
 // The whole of W, threads over its rows.
 static void qact_matmul(const QAct* a, const int64_t* xrow, int64_t rows, int64_t N, const uint8_t* w, int bits,
                         const void* scales, const void* zeros, int s_bf16, void* out, int out_bf16, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        int64_t chunk = (N + nt - 1) / nt, n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        int64_t chunk = qchunk(N, nt), n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
         qact_rows(a, xrow, rows, N, w, bits, scales, zeros, s_bf16, out, out_bf16, n0, n1);
     }
 }
@@ -208,13 +300,16 @@ int ernie45_qgemm_multi(const void* x, int x_bf16, int64_t M, int64_t K, int64_t
     if (!qgemm_args_ok(bits, K, group) || M < 1 || nw < 1) return -2;
     const int64_t *Ns = args, *ws = args + nw, *scales = args + 2 * nw, *zeros = args + 3 * nw;
     int64_t total = 0;
-    for (int64_t i = 0; i < nw; i++) total += Ns[i];
+    for (int64_t i = 0; i < nw; i++) {
+        if (!qrows_ok(bits, Ns[i])) return -2;
+        total += Ns[i];
+    }
     QAct a;
     if (qact_init(&a, x, x_bf16, M, K, group)) return -3;
 #pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t chunk = (total + nt - 1) / nt, r0 = t * chunk, r1 = r0 + chunk < total ? r0 + chunk : total;
+        const int64_t chunk = qchunk(total, nt), r0 = t * chunk, r1 = r0 + chunk < total ? r0 + chunk : total;
         int64_t lo = 0;
         for (int64_t i = 0; i < nw; lo += Ns[i], i++) {
             const int64_t n0 = r0 > lo ? r0 - lo : 0, n1 = r1 - lo < Ns[i] ? r1 - lo : Ns[i];
@@ -230,7 +325,7 @@ int ernie45_qgemm_multi(const void* x, int x_bf16, int64_t M, int64_t K, int64_t
 int ernie45_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t N, const uint8_t* w, int bits,
                   const void* scales, const void* zeros, int s_bf16, int64_t group, void* out, int out_bf16,
                   int nthreads) {
-    if (!qgemm_args_ok(bits, K, group) || M < 1 || N < 1) return -2;
+    if (!qgemm_args_ok(bits, K, group) || !qrows_ok(bits, N) || M < 1 || N < 1) return -2;
     QAct a;
     if (qact_init(&a, x, x_bf16, M, K, group)) return -3;
     qact_matmul(&a, NULL, M, N, w, bits, scales, zeros, s_bf16, out, out_bf16, nthreads < 1 ? 1 : nthreads);
