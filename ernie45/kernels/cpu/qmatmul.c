@@ -107,7 +107,7 @@ static inline __attribute__((always_inline)) void qrow(
 // a chunk, and each row of x meets it in two VPDPBUSD against four broadcast activation bytes, so the int32 lanes
 // are the 16 rows' sums: per activation block one conversion and one FMA per row of x for 16 outputs (the
 // row-major loop above spends them per output), no lane reduction, and 16 results stored at once. Scales and zeros
-// of the tile: [ng][16] in its rows' place (kernels.span_scales). Up to QCH2 rows of x (4; 2 in the AVX2 build, 16
+// of the tile: [ng][16] in its rows' place (kernels.span_scales). Up to QCH2 rows of x (4; 1 in the AVX2 build, 16
 // registers) each keeps two int32 chains (low and high nibbles), so VPDPBUSD's latency is hidden even for one row.
 // From QPF_ROWS rows the loop is paced by compute, and the hardware prefetcher falls behind the weight stream:
 // a software prefetch QPF bytes ahead (at 1 row it costs more than it gains).
