@@ -177,18 +177,21 @@ static inline __attribute__((always_inline)) void qrows(
     int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
     const int64_t* xrow, const void* scales, const void* zeros, void* out, int out_bf16) {
     const int64_t rb = K * BITS / 8;
+// The rows of x from m0 to M in tiles: of MT, then one of 4 (where MT is 8), then the last 3, 2 or 1.
+#define X_TILES(CALL)                                 \
+    for (; m0 + MT <= M; m0 += MT) CALL(MT);          \
+    if (MT > 4 && m0 + 4 <= M) { CALL(4); m0 += 4; }  \
+    switch (M - m0) {                                 \
+        case 3: CALL(3); break;                       \
+        case 2: CALL(2); break;                       \
+        case 1: CALL(1); break;                       \
+        default: break;                               \
+    }
     if (BITS == 4) {  // tiles of 16 rows (n0, n1 multiples of 16): each tile meets every MT rows of x in turn
         for (int64_t n = n0; n < n1; n += 16) {
             int64_t m0 = 0;
 #define QTILE(MT_) qtile4(w + n * rb, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
-            for (; m0 + MT <= M; m0 += MT) QTILE(MT);
-            if (MT > 4 && m0 + 4 <= M) { QTILE(4); m0 += 4; }
-            switch (M - m0) {
-                case 3: QTILE(3); break;
-                case 2: QTILE(2); break;
-                case 1: QTILE(1); break;
-                default: break;
-            }
+            X_TILES(QTILE)
 #undef QTILE
         }
         return;
@@ -201,16 +204,10 @@ static inline __attribute__((always_inline)) void qrows(
 #define QROW(MT_)                                                                                           \
     for (int64_t n = nb; n < ne; n++)                                                                       \
         qrow(w + n * rb, BITS, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
-        for (; m0 + MT <= M; m0 += MT) QROW(MT);
-        if (MT > 4 && m0 + 4 <= M) { QROW(4); m0 += 4; }
-        switch (M - m0) {
-            case 3: QROW(3); break;
-            case 2: QROW(2); break;
-            case 1: QROW(1); break;
-            default: break;
-        }
+        X_TILES(QROW)
 #undef QROW
     }
+#undef X_TILES
 }
 
 // The activation block: 128 columns when the weight's groups allow it (half the per-block work of 64), else 64.
