@@ -4,12 +4,12 @@ Builds ``ernie45/kernels`` as it was at ``--base`` (``git archive``, the same co
 ``ernie45.kernels._build``) beside this checkout's build, checks that both give the same outputs (or prints the
 largest difference), then times them alternately on the same inputs: ``qmoe`` (one MoE layer of the
 ERNIE-4.5-21B-A3B shape, int4 g128 asymmetric: 64 experts [3072, 2560] + [2560, 1536], top-6 of T tokens) and
-``qgemm`` (a [3072, 2560] linear, int4 g128 asymmetric and int8 per channel) and ``bgemm`` (bf16: the same
-linear, and the demo model's LM head [6144, 256]) for T rows each (``--only``: the cases whose name holds one of
-the given words). The weights fit in
-L3 here, so this measures the kernels' compute (prefill, verify steps), not the DRAM streaming of batch-1 decode
-(``bench_int4_bw.py``). Each case: ``--rounds`` pairs of calls, base then new; the figure is the median of the
-per-pair speed-ups (base time / new time) with the range.
+``qgemm`` (a [3072, 2560] linear, int4 g128 and int2 g64 asymmetric, int8 per channel) and ``bgemm`` (bf16:
+the same linear, and the demo model's LM head [6144, 256]) for T rows each (``--only``: the cases whose name holds
+one of the given words). The linears' weights fit in L3 here, so they measure the kernels' compute (prefill, verify
+steps), not the DRAM streaming of batch-1 decode (``bench_int4_bw.py``); the MoE layer's 377 MB come from DRAM.
+Each case: ``--rounds`` pairs of calls, base then new; the figure is the median of the per-pair speed-ups (base
+time / new time) with the range.
 
     flock /tmp/ernie45-heavy.lock python benchmarks/bench_kernels_ab.py --base f308ac4 [--rows 1 4 16 256]
         [--isa avx512 avx2] [--rounds 9] [--only bgemm] [--name kernels-ab] [--note "..."]
@@ -65,7 +65,8 @@ def cases(rows: int, gen: torch.Generator) -> dict:
     x = torch.randn(rows, H, generator=gen).bfloat16()
     idx = torch.rand(rows, E, generator=gen).argsort(1)[:, :TOPK].contiguous()
     wts = torch.full((rows, TOPK), 1 / TOPK)
-    lin = {4: qw(1, N_LIN, H, 4, 128), 8: qw(1, N_LIN, H, 8, H)}
+    group = {4: 128, 2: 64, 8: H}  # int8 per channel, symmetric (no zeros)
+    lin = {b: qw(1, N_LIN, H, b, g) for b, g in group.items()}
 
     def moe(lib: ctypes.CDLL) -> torch.Tensor:
         out = torch.empty(rows, H)
@@ -81,8 +82,7 @@ def cases(rows: int, gen: torch.Generator) -> dict:
         def run(lib: ctypes.CDLL) -> torch.Tensor:
             out = torch.empty(rows, N_LIN, dtype=torch.bfloat16)
             rc = lib.ernie45_qgemm(x.data_ptr(), 1, rows, H, N_LIN, c.data_ptr(), bits, s.data_ptr(),
-                                   z.data_ptr() if bits == 4 else None, 1, 128 if bits == 4 else H, out.data_ptr(),
-                                   1, 2)
+                                   z.data_ptr() if bits != 8 else None, 1, group[bits], out.data_ptr(), 1, 2)
             assert rc == 0, rc
             return out
         return run
@@ -101,6 +101,7 @@ def cases(rows: int, gen: torch.Generator) -> dict:
     return {"qmoe int4 g128 (64 experts, top-6)": (moe, 2 * rows * TOPK * 3 * H * I),
             "qgemm int4 g128 [3072, 2560]": (linear(4), 2 * rows * N_LIN * H),
             "qgemm int8 per-channel [3072, 2560]": (linear(8), 2 * rows * N_LIN * H),
+            "qgemm int2 g64 [3072, 2560]": (linear(2), 2 * rows * N_LIN * H),
             "bgemm bf16 [3072, 2560]": (bf16(N_LIN, H), 2 * rows * N_LIN * H),
             "bgemm bf16 [6144, 256] (the demo's LM head)": (bf16(6144, 256), 2 * rows * 6144 * 256)}
 

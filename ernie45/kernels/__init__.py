@@ -306,14 +306,16 @@ def use_kernels(flag: bool) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------ layouts
 SPAN_TILE = 16
-"""Weight rows per tile of the 4-bit span layout (:func:`to_span`): a 4-bit weight's rows must be a multiple."""
+TILED = (4, 2)
+"""The bit widths whose span layout holds rows in tiles of ``SPAN_TILE`` (:func:`to_span`)."""
+"""Weight rows per tile of the 4- and 2-bit span layouts (:func:`to_span`): such a weight's rows must be a multiple."""
 
 
 def span_ok(k: int, bits: int, group: int, n: int) -> bool:
     """Whether an [.., n, k] weight at ``bits`` with this group size fits the span layout of :func:`qgemm`."""
     span = 256 if bits == 6 else 64 * 8 // bits
     return (bits in (2, 4, 6, 8) and group % 64 == 0 and k % group == 0 and k % span == 0
-            and (bits != 4 or n % SPAN_TILE == 0))
+            and (bits not in TILED or n % SPAN_TILE == 0))
 
 
 def xblock(k: int, group: int) -> int:
@@ -343,34 +345,36 @@ def _from_planes(packed_NP: torch.Tensor, bits: int) -> torch.Tensor:
 def to_span(codes_NK: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes [.., N, K] into the span layout [.., N, K * bits / 8].
 
-    8 and 2 bits, row by row: per span of 64 * (8/bits) columns, byte j holds column j + 64 p in bits
-    [p * bits, (p + 1) * bits) (one shift and one mask give 64 consecutive columns). 6 bits: per 256 columns, the
-    low 4 bits in that layout (128 bytes), then the high 2 bits in it (64 bytes).
+    8 bits, row by row: the codes as they are. 6 bits, row by row: per 256 columns, the low 4 bits in 128 bytes,
+    then the high 2 bits in 64 bytes, each as a span (per span of 64 * (8/bits) columns, byte j holds column
+    j + 64 p in bits [p * bits, (p + 1) * bits): one shift and one mask give 64 consecutive columns).
 
-    4 bits, tiles of 16 rows (``SPAN_TILE``; N % 16 == 0): the tile of rows 16t .. 16t+15 fills the bytes those
-    rows would fill (so a tile is a slice of rows), as K/8 chunks of 64 bytes; chunk c's byte 4l + b holds column
-    8c + b of row 16t + l in its low nibble and column 8c + 4 + b in its high nibble. Unpacked with one mask (and
-    a shift), a chunk is four consecutive columns of each of 16 rows per int32 lane: VPDPBUSD against four
-    broadcast activation bytes gives 16 rows' partial sums, so 16 outputs accumulate in one register with no
-    per-row reduction. Its scales and zeros are tiled the same way (:func:`span_scales`)."""
+    4 and 2 bits, tiles of 16 rows (``SPAN_TILE``; N % 16 == 0): the tile of rows 16t .. 16t+15 fills the bytes
+    those rows would fill (so a tile is a slice of rows), as chunks of 64 bytes, each holding 4P columns of the 16
+    rows (P = 8 / bits planes); chunk c's byte 4l + b holds column 4Pc + 4p + b of row 16t + l in bits
+    [p * bits, (p + 1) * bits). Unpacked with one shift and one mask, a plane is four consecutive columns of each of
+    16 rows per int32 lane: VPDPBUSD against four broadcast activation bytes gives 16 rows' partial sums, so 16
+    outputs accumulate in one register with no per-row reduction. Their scales and zeros are tiled the same way
+    (:func:`span_scales`)."""
     if bits == 6:
         c = codes_NK.to(torch.uint8)
         *lead, n, k = c.shape
         lo = _to_planes(c & 15, 4).reshape(*lead, n, k // 256, 128)
         hi = _to_planes(c >> 4, 2).reshape(*lead, n, k // 256, 64)
         return torch.cat((lo, hi), dim=-1).reshape(*lead, n, k * 3 // 4)
-    if bits != 4:
+    if bits not in TILED:
         return _to_planes(codes_NK, bits)
     *lead, n, k = codes_NK.shape
-    t = SPAN_TILE
+    t, p = SPAN_TILE, 8 // bits
     if n % t:
-        raise ValueError(f"to_span: a 4-bit weight's rows come in tiles of {t}; {n} rows is not a multiple")
-    c = codes_NK.to(torch.uint8).reshape(*lead, n // t, t, k // 8, 2, 4)
-    out = torch.empty(*lead, n // t, k // 8, t, 4, dtype=torch.uint8, device=c.device)
-    view = out.transpose(-3, -2)  # [.., N/16, 16 rows, K/8 chunks, 4]: written in place, no temporaries
-    torch.bitwise_left_shift(c[..., 1, :], 4, out=view)
-    view.bitwise_or_(c[..., 0, :])
-    return out.reshape(*lead, n, k // 2)
+        raise ValueError(f"to_span: a {bits}-bit weight's rows come in tiles of {t}; {n} rows is not a multiple")
+    c = codes_NK.to(torch.uint8).reshape(*lead, n // t, t, k // (4 * p), p, 4)
+    out = torch.empty(*lead, n // t, k // (4 * p), t, 4, dtype=torch.uint8, device=c.device)
+    view = out.transpose(-3, -2)  # [.., N/16, 16 rows, chunks, 4]: written in place (one plane-sized temporary)
+    torch.bitwise_left_shift(c[..., p - 1, :], bits * (p - 1), out=view)
+    for q in range(p - 1):
+        view.bitwise_or_(c[..., q, :] << (bits * q) if q else c[..., q, :])
+    return out.reshape(*lead, n, k * bits // 8)
 
 
 def from_span(packed_NP: torch.Tensor, bits: int) -> torch.Tensor:
@@ -380,29 +384,30 @@ def from_span(packed_NP: torch.Tensor, bits: int) -> torch.Tensor:
         s = packed_NP.reshape(*lead, n, p // 192, 192)
         lo = _from_planes(s[..., :128].reshape(*lead, n, p * 2 // 3), 4)
         return lo | (_from_planes(s[..., 128:].reshape(*lead, n, p // 3), 2) << 4)
-    if bits != 4:
+    if bits not in TILED:
         return _from_planes(packed_NP, bits)
-    *lead, n, p = packed_NP.shape
-    t = SPAN_TILE
-    b = packed_NP.reshape(*lead, n // t, p // 4, t, 4).transpose(-3, -2)  # [.., N/16, 16 rows, K/8 chunks, 4]
-    c = torch.stack((b & 15, b >> 4), dim=-2)  # [.., N/16, 16, K/8, 2, 4]
-    return c.reshape(*lead, n, p * 2)
+    *lead, n, nbytes = packed_NP.shape
+    t, p, mask = SPAN_TILE, 8 // bits, 2**bits - 1
+    b = packed_NP.reshape(*lead, n // t, nbytes // 4, t, 4).transpose(-3, -2)  # [.., N/16, 16 rows, chunks, 4]
+    c = torch.stack([(b >> (bits * q)) & mask for q in range(p)], dim=-2)  # [.., N/16, 16, chunks, P, 4]
+    return c.reshape(*lead, n, nbytes * p)
 
 
 def span_scales(s_NG: torch.Tensor, bits: int) -> torch.Tensor:
-    """Scales (or zeros) [.., N, G] in the order the span layout's kernels read them: 4 bits, per tile of 16 rows
-    [G, 16] (group g of the tile's 16 rows side by side) in the tile's rows' place; other bits unchanged."""
-    if bits != 4:
+    """Scales (or zeros) [.., N, G] in the order the span layout's kernels read them: 4 and 2 bits, per tile of 16
+    rows [G, 16] (group g of the tile's 16 rows side by side) in the tile's rows' place; other bits unchanged."""
+    if bits not in TILED:
         return s_NG
     *lead, n, g = s_NG.shape
     if n % SPAN_TILE:
-        raise ValueError(f"span_scales: a 4-bit weight's rows come in tiles of {SPAN_TILE}; {n} is not a multiple")
+        raise ValueError(f"span_scales: a {bits}-bit weight's rows come in tiles of {SPAN_TILE}; {n} is not a "
+                         "multiple")
     return s_NG.reshape(*lead, n // SPAN_TILE, SPAN_TILE, g).transpose(-2, -1).contiguous().reshape(*lead, n, g)
 
 
 def from_span_scales(s_NG: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`span_scales`."""
-    if bits != 4:
+    if bits not in TILED:
         return s_NG
     *lead, n, g = s_NG.shape
     return s_NG.reshape(*lead, n // SPAN_TILE, g, SPAN_TILE).transpose(-2, -1).contiguous().reshape(*lead, n, g)
@@ -419,7 +424,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def qgemm(x_MK: torch.Tensor, codes_NP: torch.Tensor, bits: int, scales_NG: torch.Tensor,
           zeros_NG: torch.Tensor | None, group: int) -> torch.Tensor:
     """x [M, K] (bf16/fp32) @ W^T for W = (code - 2**(bits-1)) * scale + zero, codes in the span layout
-    (:func:`to_span`) and scales / zeros [N, G] in its order (:func:`span_scales`: tiled for 4 bits).
+    (:func:`to_span`) and scales / zeros [N, G] in its order (:func:`span_scales`: tiled for 4 and 2 bits).
     ``zeros`` None means all zero (symmetric). Returns [M, N] in x's dtype. Needs :func:`available`."""
     lib = _need()
     m, k = x_MK.shape

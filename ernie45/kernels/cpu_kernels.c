@@ -56,7 +56,7 @@
 #endif
 #ifndef QCH2
 #ifdef ERNIE45_AVX2
-#define QCH2 1  // rows of x up to which the 4-bit tile keeps two int32 chains a row (qtile4): AVX2 spills at 2
+#define QCH2 1  // rows of x up to which the 4/2-bit tile keeps two int32 chains a row (qtile): AVX2 spills at 2
 #else
 #define QCH2 4
 #endif

@@ -39,24 +39,26 @@ def test_one_openmp_runtime_shared_with_torch() -> None:
 @pytest.mark.native(once=True)  # Python only
 @pytest.mark.parametrize("bits", [8, 6, 4, 2])
 def test_span_layout_round_trips(bits: int) -> None:
-    n = 32 if bits == 4 else 5  # 4 bits: tiles of 16 rows
+    n = 32 if bits in (4, 2) else 5  # 4 and 2 bits: tiles of 16 rows
     codes = torch.randint(0, 2**bits, (3, n, 512), dtype=torch.uint8)
     packed = kernels.to_span(codes, bits)
     assert packed.shape == (3, n, 512 * bits // 8)
     assert torch.equal(kernels.from_span(packed, bits), codes)
-    if bits == 4:  # tile t, chunk c (64 bytes): byte 4l + b = row 16t + l's column 8c + b low, 8c + 4 + b high
+    if bits in (4, 2):  # tile t, chunk c (64 bytes), P planes: byte 4l + b = row 16t + l's columns 4Pc + 4p + b
+        p = 8 // bits
         flat = packed[0].reshape(-1)
-        for t, c, lane, b in [(0, 0, 0, 0), (0, 3, 5, 2), (1, 63, 15, 3), (1, 10, 7, 1)]:
+        for t, c, lane, b in [(0, 0, 0, 0), (0, 3, 5, 2), (1, 512 // (4 * p) - 1, 15, 3), (1, 10, 7, 1)]:
             r = 16 * t + lane
-            byte = flat[t * 16 * 256 + c * 64 + 4 * lane + b]
-            assert byte == codes[0, r, 8 * c + b] | (codes[0, r, 8 * c + 4 + b] << 4), (t, c, lane, b)
+            byte = flat[t * 16 * 512 * bits // 8 + c * 64 + 4 * lane + b]
+            want = sum(int(codes[0, r, 4 * p * c + 4 * q + b]) << (bits * q) for q in range(p))
+            assert byte == want, (t, c, lane, b)
         s = torch.randn(3, n, 4)
-        tiled = kernels.span_scales(s, 4)
+        tiled = kernels.span_scales(s, bits)
         assert torch.equal(tiled[1].reshape(-1)[16 * 4 + 2 * 16 + 5], s[1, 16 + 5, 2])  # tile 1, group 2, lane 5
-        assert torch.equal(kernels.from_span_scales(tiled, 4), s)
+        assert torch.equal(kernels.from_span_scales(tiled, bits), s)
         with pytest.raises(ValueError, match="tiles of 16"):
-            kernels.to_span(codes[:, :24], 4)
-        assert not kernels.span_ok(512, 4, 128, 24) and kernels.span_ok(512, 4, 128, 32)
+            kernels.to_span(codes[:, :24], bits)
+        assert not kernels.span_ok(512, bits, 128, 24) and kernels.span_ok(512, bits, 128, 32)
     if bits == 6:  # per 256 columns: the low 4 bits in the 4-bit layout, then the high 2 bits (4 planes a byte)
         assert packed[0, 0, 0] == (codes[0, 0, 0] & 15) | ((codes[0, 0, 64] & 15) << 4)
         assert packed[0, 0, 128] == (codes[0, 0, 0] >> 4) | ((codes[0, 0, 64] >> 4) << 2) | (

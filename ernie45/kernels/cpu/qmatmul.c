@@ -101,23 +101,25 @@ static inline __attribute__((always_inline)) void qrow(
     for (int i = 0; i < MT_; i++) store_out(out, out_bf16, (m0 + i) * N + n, v16_reduce_add_ps(t[i]));
 }
 
-// 4 bits: one tile of 16 weight rows (n .. n + 15, n a multiple of 16) against MT_ rows of x from m0, in the tiled
-// 4-bit span layout (kernels.to_span): chunk c (64 bytes) holds columns 8c .. 8c + 7 of the 16 rows, lane l's four
-// bytes row n + l's columns 8c + b (low nibbles) and 8c + 4 + b (high nibbles). One mask (and one shift) unpacks
-// a chunk, and each row of x meets it in two VPDPBUSD against four broadcast activation bytes, so the int32 lanes
-// are the 16 rows' sums: per activation block one conversion and one FMA per row of x for 16 outputs (the
-// row-major loop above spends them per output), no lane reduction, and 16 results stored at once. Scales and zeros
-// of the tile: [ng][16] in its rows' place (kernels.span_scales). Up to QCH2 rows of x (4; 1 in the AVX2 build, 16
-// registers) each keeps two int32 chains (low and high nibbles), so VPDPBUSD's latency is hidden even for one row.
-// From QPF_ROWS rows the loop is paced by compute, and the hardware prefetcher falls behind the weight stream:
-// a software prefetch QPF bytes ahead (at 1 row it costs more than it gains).
-static inline __attribute__((always_inline)) void qtile4(
-    const uint8_t* wt, const int MT_, const int SB, const int BPX, int64_t n, int64_t m0, int64_t K, int64_t N,
-    int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx, const int64_t* xrow,
-    const void* scales, const void* zeros, void* out, int out_bf16) {
+// 4 and 2 bits: one tile of 16 weight rows (n .. n + 15, n a multiple of 16) against MT_ rows of x from m0, in the
+// tiled span layout (kernels.to_span): with P = 8 / BITS planes, chunk c (64 bytes) holds columns 4Pc .. 4Pc + 4P - 1
+// of the 16 rows, lane l's four bytes row n + l's columns 4Pc + 4p + b in bits [p * BITS, (p + 1) * BITS). One
+// shift and one mask unpack a plane: four consecutive columns of each of the 16 rows per int32 lane, so each row of
+// x meets it in one VPDPBUSD against four broadcast activation bytes and the int32 lanes are the 16 rows' sums: per
+// activation block one conversion and one FMA per row of x for 16 outputs (the row-major loop above spends them per
+// output), no lane reduction, and 16 results stored at once. Scales and zeros of the tile: [ng][16] in its rows'
+// place (kernels.span_scales). Up to QCH2 rows of x (4; 1 in the AVX2 build, 16 registers) each keeps two int32
+// chains (even and odd planes), so VPDPBUSD's latency is hidden even for one row. From QPF_ROWS rows the loop is
+// paced by compute, and the hardware prefetcher falls behind the weight stream: a software prefetch QPF bytes ahead
+// (at 1 row it costs more than it gains).
+static inline __attribute__((always_inline)) void qtile(
+    const uint8_t* wt, const int BITS, const int MT_, const int SB, const int BPX, int64_t n, int64_t m0, int64_t K,
+    int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
+    const int64_t* xrow, const void* scales, const void* zeros, void* out, int out_bf16) {
+    const int P = 8 / BITS, CPB = BPX * 16 / P;  // planes; chunks per activation block (64 B each, 4P columns)
     const int64_t XB = BPX * 64, nx = K / XB, so = n * ng;  // so: the tile's first scale
     const int CH = MT_ <= QCH2 ? 2 : 1;
-    const v16i mask = v16_set1_epi8(15);
+    const v16i mask = v16_set1_epi8((char)((1 << BITS) - 1));
     const int8_t* xm[MT];
     const float* sxm[MT];
     v16f f[MT];
@@ -129,21 +131,20 @@ static inline __attribute__((always_inline)) void qtile4(
     }
     for (int64_t X = 0; X < nx; X++) {
         const v16f ws = load16_masked(scales, SB, so + gidx[X] * 16, (vmask16)0xFFFF);
-        const uint8_t* wp = wt + X * XB * 8;  // XB / 8 chunks of 64 bytes
+        const uint8_t* wp = wt + X * CPB * 64;
         v16i a[MT], b[MT];
         for (int i = 0; i < MT_; i++) a[i] = b[i] = v16_setzero_si();
-        for (int c = 0; c < BPX * 8; c++) {
+        for (int c = 0; c < CPB; c++) {
             if (QPF && MT_ >= QPF_ROWS) __builtin_prefetch(wp + c * 64 + QPF, 0, 3);
             const v16i v = v16_loadu_si((const void*)(wp + c * 64));
-            const v16i lo = v16_and_si(v, mask), hi = v16_and_si(v16_srli_epi16(v, 4), mask);
-            for (int i = 0; i < MT_; i++) {
-                const int8_t* xp = xm[i] + X * XB + c * 8;
-                int32_t x0, x1;
-                memcpy(&x0, xp, 4);
-                memcpy(&x1, xp + 4, 4);
-                a[i] = v16_dpbusd_u7_epi32(a[i], lo, v16_set1_epi32(x0));
-                if (CH == 2) b[i] = v16_dpbusd_u7_epi32(b[i], hi, v16_set1_epi32(x1));
-                else a[i] = v16_dpbusd_u7_epi32(a[i], hi, v16_set1_epi32(x1));
+            for (int p = 0; p < P; p++) {
+                const v16i pl = v16_and_si(p ? v16_srli_epi16(v, p * BITS) : v, mask);
+                for (int i = 0; i < MT_; i++) {
+                    int32_t xv;
+                    memcpy(&xv, xm[i] + X * XB + c * 4 * P + 4 * p, 4);
+                    if (CH == 2 && (p & 1)) b[i] = v16_dpbusd_u7_epi32(b[i], pl, v16_set1_epi32(xv));
+                    else a[i] = v16_dpbusd_u7_epi32(a[i], pl, v16_set1_epi32(xv));
+                }
             }
         }
         for (int i = 0; i < MT_; i++) {
@@ -151,8 +152,8 @@ static inline __attribute__((always_inline)) void qtile4(
             f[i] = v16_fmadd_ps(v16_cvtepi32_ps(d), v16_mul_ps(ws, v16_set1_ps(sxm[i][X])), f[i]);
         }
     }
-    // The codes' offset (mid = 8) and the zeros: sum_g (zero - 8 * scale) * X[m, g], per tile row.
-    const v16f mid = v16_set1_ps(8.0f);
+    // The codes' offset (mid) and the zeros: sum_g (zero - mid * scale) * X[m, g], per tile row.
+    const v16f mid = v16_set1_ps((float)(1 << (BITS - 1)));
     const float* xs[MT];
     for (int i = 0; i < MT_; i++) xs[i] = xsum_g + (xrow ? xrow[m0 + i] : m0 + i) * ng;
     for (int64_t g = 0; g < ng; g++) {
@@ -187,10 +188,10 @@ static inline __attribute__((always_inline)) void qrows(
         case 1: CALL(1); break;                       \
         default: break;                               \
     }
-    if (BITS == 4) {  // tiles of 16 rows (n0, n1 multiples of 16): each tile meets every MT rows of x in turn
+    if (BITS == 4 || BITS == 2) {  // tiles of 16 rows (n0, n1 multiples of 16): each meets every MT rows of x
         for (int64_t n = n0; n < n1; n += 16) {
             int64_t m0 = 0;
-#define QTILE(MT_) qtile4(w + n * rb, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
+#define QTILE(MT_) qtile(w + n * rb, BITS, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
             X_TILES(QTILE)
 #undef QTILE
         }
@@ -268,9 +269,9 @@ static void qact_rows(const QAct* a, const int64_t* xrow, int64_t rows, int64_t 
 #undef QROWS
 }
 
-static int qrows_ok(int bits, int64_t N) { return bits != 4 || N % 16 == 0; }  // 4 bits: whole tiles of 16 rows
+static int qrows_ok(int bits, int64_t N) { return (bits != 4 && bits != 2) || N % 16 == 0; }  // whole tiles
 
-// A thread's share of `rows` weight rows: a multiple of 16, so 4-bit tiles are never split between threads.
+// A thread's share of `rows` weight rows: a multiple of 16, so 4/2-bit tiles are never split between threads.
 static int64_t qchunk(int64_t rows, int nt) { return ((rows + nt - 1) / nt + 15) / 16 * 16; }
 
 // The whole of W, threads over its rows.
