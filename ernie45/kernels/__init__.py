@@ -306,9 +306,10 @@ def use_kernels(flag: bool) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------ layouts
 SPAN_TILE = 16
-TILED = (4, 2)
+TILED = (8, 4, 2)
 """The bit widths whose span layout holds rows in tiles of ``SPAN_TILE`` (:func:`to_span`)."""
-"""Weight rows per tile of the 4- and 2-bit span layouts (:func:`to_span`): such a weight's rows must be a multiple."""
+"""Weight rows per tile of the 8-, 4- and 2-bit span layouts (:func:`to_span`): such a weight's rows must be a
+multiple."""
 
 
 def span_ok(k: int, bits: int, group: int, n: int) -> bool:
@@ -345,11 +346,11 @@ def _from_planes(packed_NP: torch.Tensor, bits: int) -> torch.Tensor:
 def to_span(codes_NK: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes [.., N, K] into the span layout [.., N, K * bits / 8].
 
-    8 bits, row by row: the codes as they are. 6 bits, row by row: per 256 columns, the low 4 bits in 128 bytes,
-    then the high 2 bits in 64 bytes, each as a span (per span of 64 * (8/bits) columns, byte j holds column
-    j + 64 p in bits [p * bits, (p + 1) * bits): one shift and one mask give 64 consecutive columns).
+    6 bits, row by row: per 256 columns, the low 4 bits in 128 bytes, then the high 2 bits in 64 bytes, each as a
+    span (per span of 64 * (8/bits) columns, byte j holds column j + 64 p in bits [p * bits, (p + 1) * bits): one
+    shift and one mask give 64 consecutive columns).
 
-    4 and 2 bits, tiles of 16 rows (``SPAN_TILE``; N % 16 == 0): the tile of rows 16t .. 16t+15 fills the bytes
+    8, 4 and 2 bits, tiles of 16 rows (``SPAN_TILE``; N % 16 == 0): the tile of rows 16t .. 16t+15 fills the bytes
     those rows would fill (so a tile is a slice of rows), as chunks of 64 bytes, each holding 4P columns of the 16
     rows (P = 8 / bits planes); chunk c's byte 4l + b holds column 4Pc + 4p + b of row 16t + l in bits
     [p * bits, (p + 1) * bits). Unpacked with one shift and one mask, a plane is four consecutive columns of each of
@@ -394,8 +395,8 @@ def from_span(packed_NP: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def span_scales(s_NG: torch.Tensor, bits: int) -> torch.Tensor:
-    """Scales (or zeros) [.., N, G] in the order the span layout's kernels read them: 4 and 2 bits, per tile of 16
-    rows [G, 16] (group g of the tile's 16 rows side by side) in the tile's rows' place; other bits unchanged."""
+    """Scales (or zeros) [.., N, G] in the order the span layout's kernels read them: 8, 4 and 2 bits, per tile of
+    16 rows [G, 16] (group g of the tile's 16 rows side by side) in the tile's rows' place; other bits unchanged."""
     if bits not in TILED:
         return s_NG
     *lead, n, g = s_NG.shape
@@ -424,7 +425,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def qgemm(x_MK: torch.Tensor, codes_NP: torch.Tensor, bits: int, scales_NG: torch.Tensor,
           zeros_NG: torch.Tensor | None, group: int) -> torch.Tensor:
     """x [M, K] (bf16/fp32) @ W^T for W = (code - 2**(bits-1)) * scale + zero, codes in the span layout
-    (:func:`to_span`) and scales / zeros [N, G] in its order (:func:`span_scales`: tiled for 4 and 2 bits).
+    (:func:`to_span`) and scales / zeros [N, G] in its order (:func:`span_scales`: tiled but for 6 bits).
     ``zeros`` None means all zero (symmetric). Returns [M, N] in x's dtype. Needs :func:`available`."""
     lib = _need()
     m, k = x_MK.shape

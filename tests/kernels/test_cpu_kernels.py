@@ -39,12 +39,12 @@ def test_one_openmp_runtime_shared_with_torch() -> None:
 @pytest.mark.native(once=True)  # Python only
 @pytest.mark.parametrize("bits", [8, 6, 4, 2])
 def test_span_layout_round_trips(bits: int) -> None:
-    n = 32 if bits in (4, 2) else 5  # 4 and 2 bits: tiles of 16 rows
+    n = 32 if bits in kernels.TILED else 5  # 8, 4 and 2 bits: tiles of 16 rows
     codes = torch.randint(0, 2**bits, (3, n, 512), dtype=torch.uint8)
     packed = kernels.to_span(codes, bits)
     assert packed.shape == (3, n, 512 * bits // 8)
     assert torch.equal(kernels.from_span(packed, bits), codes)
-    if bits in (4, 2):  # tile t, chunk c (64 bytes), P planes: byte 4l + b = row 16t + l's columns 4Pc + 4p + b
+    if bits in kernels.TILED:  # tile t, chunk c (64 bytes), P planes: byte 4l + b = row 16t + l's columns 4Pc + 4p + b
         p = 8 // bits
         flat = packed[0].reshape(-1)
         for t, c, lane, b in [(0, 0, 0, 0), (0, 3, 5, 2), (1, 512 // (4 * p) - 1, 15, 3), (1, 10, 7, 1)]:
@@ -126,19 +126,21 @@ def test_qgemm_rows_are_independent_of_their_batch() -> None:
 
 @pytest.mark.parametrize("group", [512, 128])
 def test_qgemm_int8_small_tiles_match_single_rows(group: int) -> None:
-    """8 bits, 37 weight rows (an odd count per thread and per block) and 7 x rows (a tile of 4, then 3): every output
-    must equal the fp64 reference and, bit for bit, the row computed alone (a verify step's rows against decode's)."""
-    n, k = 37, 512
+    """8 bits, 48 weight rows (three tiles of 16: two threads take 32 and 16) and 7 x rows (a tile of 4, then 3):
+    every output must equal the fp64 reference and, bit for bit, the row computed alone (a verify step's rows
+    against decode's)."""
+    n, k = 48, 512
     codes, scales, zeros = _qweight(n, k, 8, group, False)
     packed = kernels.to_span(codes, 8)
+    ts, tz = kernels.span_scales(scales, 8), kernels.span_scales(zeros, 8)
     x = torch.randn(7, k) * torch.logspace(-2, 1, k)  # a tile of 4, then 3
-    y = kernels.qgemm(x, packed, 8, scales, zeros, group)
+    y = kernels.qgemm(x, packed, 8, ts, tz, group)
     w = qm.dequantize_mid(codes, scales, zeros, 8, dtype=torch.float64)
     ref = act_quant_ref(x, kernels.xblock(k, group)) @ w.t()
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
     for i in range(7):
-        assert torch.equal(kernels.qgemm(x[i:i + 1], packed, 8, scales, zeros, group), y[i:i + 1]), i
-    assert torch.equal(kernels.qgemm(x[:2], packed, 8, scales, zeros, group), y[:2])
+        assert torch.equal(kernels.qgemm(x[i:i + 1], packed, 8, ts, tz, group), y[i:i + 1]), i
+    assert torch.equal(kernels.qgemm(x[:2], packed, 8, ts, tz, group), y[:2])
 
 
 def test_qgemm_zero_rows_and_blocks() -> None:

@@ -101,7 +101,7 @@ def test_isa_choice(both: None, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_builds_agree_on_qgemm(both: None, bits: int, group: int, rows: int) -> None:
     g = torch.Generator().manual_seed(bits * 10 + rows)
     k = 768  # three 256-column iterations; 8-bit g64: 64-column activation blocks
-    w = torch.randn(112 if bits in kernels.TILED else 100, k, generator=g)  # 4 and 2 bits: whole tiles of 16 rows
+    w = torch.randn(112 if bits in kernels.TILED else 100, k, generator=g)  # 8, 4, 2 bits: whole tiles of 16 rows
     codes, scales, offsets = qm.quantize_rtn(w, bits, group, False)
     zeros = offsets + 2 ** (bits - 1) * scales
     span = kernels.to_span(codes, bits)

@@ -1,10 +1,11 @@
 // Weight-only quantized matmul (qgemm) in the span layout: activation quantization, VNNI dot products.
 // Part of ernie45/kernels/cpu_kernels.c (one translation unit: included there in this order).
 
-// One weight row against MT_ rows of x starting at m0. BITS, MT_, SB (bf16 scales) and BPX (64-column
-// sub-blocks per activation block) are compile-time constants after inlining, so the tile's accumulators and
-// pointers stay in registers. 512-bit operations are the budget on this path (Zen 4 issues about one a cycle):
-// per activation block, one int32 chain of VPDPBUSD, one conversion, one broadcast and one FMA per row of x.
+// One weight row against MT_ rows of x starting at m0: the row-by-row kernel, which 6-bit codes take (their 4 + 2-bit
+// split has no tile layout; 8, 4 and 2 bits take qtile below). BITS, MT_, SB (bf16 scales) and BPX (64-column
+// sub-blocks per activation block) are compile-time constants after inlining, so the tile's accumulators and pointers
+// stay in registers. 512-bit operations are the budget on this path (Zen 4 issues about one a cycle): per activation
+// block, one int32 chain of VPDPBUSD, one conversion, one broadcast and one FMA per row of x.
 static inline __attribute__((always_inline)) void qrow(
     const uint8_t* wr, const int BITS, const int MT_, const int SB, const int BPX, int64_t n, int64_t m0, int64_t K,
     int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
@@ -101,17 +102,17 @@ static inline __attribute__((always_inline)) void qrow(
     for (int i = 0; i < MT_; i++) store_out(out, out_bf16, (m0 + i) * N + n, v16_reduce_add_ps(t[i]));
 }
 
-// 4 and 2 bits: one tile of 16 weight rows (n .. n + 15, n a multiple of 16) against MT_ rows of x from m0, in the
+// 8, 4 and 2 bits: one tile of 16 weight rows (n .. n + 15, n a multiple of 16) against MT_ rows of x from m0, in the
 // tiled span layout (kernels.to_span): with P = 8 / BITS planes, chunk c (64 bytes) holds columns 4Pc .. 4Pc + 4P - 1
-// of the 16 rows, lane l's four bytes row n + l's columns 4Pc + 4p + b in bits [p * BITS, (p + 1) * BITS). One
-// shift and one mask unpack a plane: four consecutive columns of each of the 16 rows per int32 lane, so each row of
-// x meets it in one VPDPBUSD against four broadcast activation bytes and the int32 lanes are the 16 rows' sums: per
-// activation block one conversion and one FMA per row of x for 16 outputs (the row-major loop above spends them per
-// output), no lane reduction, and 16 results stored at once. Scales and zeros of the tile: [ng][16] in its rows'
-// place (kernels.span_scales). Up to QCH2 rows of x (4; 1 in the AVX2 build, 16 registers) each keeps two int32
-// chains (even and odd planes), so VPDPBUSD's latency is hidden even for one row. From QPF_ROWS rows the loop is
-// paced by compute, and the hardware prefetcher falls behind the weight stream: a software prefetch QPF bytes ahead
-// (at 1 row it costs more than it gains).
+// of the 16 rows, lane l's four bytes row n + l's columns 4Pc + 4p + b in bits [p * BITS, (p + 1) * BITS). One shift
+// and one mask unpack a plane: four consecutive columns of each of the 16 rows per int32 lane, so each row of x meets
+// it in one VPDPBUSD against four broadcast activation bytes and the int32 lanes are the 16 rows' sums: per activation
+// block one conversion and one FMA per row of x for 16 outputs (the row-major loop above spends them per output), no
+// lane reduction, and 16 results stored at once. Scales and zeros of the tile: [ng][16] in its rows' place
+// (kernels.span_scales). Up to QCH2 rows of x (4; 1 in the AVX2 build, 16 registers) each keeps two int32 chains (even
+// and odd planes; 8 bits: even and odd chunks), so VPDPBUSD's latency is hidden even for one row. From QPF_ROWS rows
+// the loop is paced by compute, and the hardware prefetcher falls behind the weight stream: a software prefetch QPF
+// bytes ahead (at 1 row it costs more than it gains).
 static inline __attribute__((always_inline)) void qtile(
     const uint8_t* wt, const int BITS, const int MT_, const int SB, const int BPX, int64_t n, int64_t m0, int64_t K,
     int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
@@ -120,6 +121,8 @@ static inline __attribute__((always_inline)) void qtile(
     const int64_t XB = BPX * 64, nx = K / XB, so = n * ng;  // so: the tile's first scale
     const int CH = MT_ <= QCH2 ? 2 : 1;
     const v16i mask = v16_set1_epi8((char)((1 << BITS) - 1));
+    // Codes below 128 (4/2 bits) take the AVX2 build's shorter exact u8 x s8 dot product (simd.h).
+#define TDPBUSD(A, U, S) (BITS == 8 ? v16_dpbusd_epi32((A), (U), (S)) : v16_dpbusd_u7_epi32((A), (U), (S)))
     const int8_t* xm[MT];
     const float* sxm[MT];
     v16f f[MT];
@@ -138,12 +141,12 @@ static inline __attribute__((always_inline)) void qtile(
             if (QPF && MT_ >= QPF_ROWS) __builtin_prefetch(wp + c * 64 + QPF, 0, 3);
             const v16i v = v16_loadu_si((const void*)(wp + c * 64));
             for (int p = 0; p < P; p++) {
-                const v16i pl = v16_and_si(p ? v16_srli_epi16(v, p * BITS) : v, mask);
+                const v16i pl = P == 1 ? v : v16_and_si(p ? v16_srli_epi16(v, p * BITS) : v, mask);
                 for (int i = 0; i < MT_; i++) {
                     int32_t xv;
                     memcpy(&xv, xm[i] + X * XB + c * 4 * P + 4 * p, 4);
-                    if (CH == 2 && (p & 1)) b[i] = v16_dpbusd_u7_epi32(b[i], pl, v16_set1_epi32(xv));
-                    else a[i] = v16_dpbusd_u7_epi32(a[i], pl, v16_set1_epi32(xv));
+                    if (CH == 2 && ((c * P + p) & 1)) b[i] = TDPBUSD(b[i], pl, v16_set1_epi32(xv));
+                    else a[i] = TDPBUSD(a[i], pl, v16_set1_epi32(xv));
                 }
             }
         }
@@ -152,6 +155,7 @@ static inline __attribute__((always_inline)) void qtile(
             f[i] = v16_fmadd_ps(v16_cvtepi32_ps(d), v16_mul_ps(ws, v16_set1_ps(sxm[i][X])), f[i]);
         }
     }
+#undef TDPBUSD
     // The codes' offset (mid) and the zeros: sum_g (zero - mid * scale) * X[m, g], per tile row.
     const v16f mid = v16_set1_ps((float)(1 << (BITS - 1)));
     const float* xs[MT];
@@ -188,7 +192,7 @@ static inline __attribute__((always_inline)) void qrows(
         case 1: CALL(1); break;                       \
         default: break;                               \
     }
-    if (BITS == 4 || BITS == 2) {  // tiles of 16 rows (n0, n1 multiples of 16): each meets every MT rows of x
+    if (BITS != 6) {  // tiles of 16 rows (n0, n1 multiples of 16): each meets every MT rows of x
         for (int64_t n = n0; n < n1; n += 16) {
             int64_t m0 = 0;
 #define QTILE(MT_) qtile(w + n * rb, BITS, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
@@ -269,9 +273,9 @@ static void qact_rows(const QAct* a, const int64_t* xrow, int64_t rows, int64_t 
 #undef QROWS
 }
 
-static int qrows_ok(int bits, int64_t N) { return (bits != 4 && bits != 2) || N % 16 == 0; }  // whole tiles
+static int qrows_ok(int bits, int64_t N) { return bits == 6 || N % 16 == 0; }  // whole tiles
 
-// A thread's share of `rows` weight rows: a multiple of 16, so 4/2-bit tiles are never split between threads.
+// A thread's share of `rows` weight rows: a multiple of 16, so tiles are never split between threads.
 static int64_t qchunk(int64_t rows, int nt) { return ((rows + nt - 1) / nt + 15) / 16 * 16; }
 
 // The whole of W, threads over its rows.

@@ -1,10 +1,10 @@
 """``span``: the layout of the native CPU kernels (``ernie45.kernels.qgemm``, run by the ``cpu`` backend of
-``ernie45.accel``): 8 and 6 bits row by row (6-bit codes split into a 4-bit and a 2-bit span: per span of
-64 * (8 / bits) columns, byte j holds column j + 64 p in bits [p * bits, ...)); 4 and 2 bits in tiles of 16 rows,
-scales and zeros tiled with them (``kernels.to_span``, ``kernels.span_scales``). Same buffers as ``packed``, codes
-(and 4/2-bit scales) in another order; symmetric per-channel int8 keeps no zeros. Chosen on the CPU whenever the
-kernels run there and the shape fits (groups a multiple of 64 columns, K a multiple of the span, 4 and 2 bits: N
-a multiple of 16); torch computes it by dequantize + GEMM.
+``ernie45.accel``): 8, 4 and 2 bits in tiles of 16 rows, scales and zeros tiled with them; 6 bits row by row (a
+4-bit and a 2-bit span: per span of 64 * (8 / bits) columns, byte j holds column j + 64 p in bits [p * bits, ...))
+(``kernels.to_span``, ``kernels.span_scales``). Same buffers as ``packed``, codes and scales in another order;
+symmetric per-channel int8 keeps no zeros. Chosen on the CPU whenever the kernels run there and the shape fits
+(groups a multiple of 64 columns, K a multiple of the span, N a multiple of 16 but for 6 bits); torch computes it
+by dequantize + GEMM.
 
 The byte layout is defined next to the C code that reads it (``ernie45.kernels``: pure torch packing functions,
 and ``kernels`` imports nothing from ``quant``).
