@@ -71,10 +71,11 @@ def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype
 
 
 @pytest.mark.parametrize("isa", [pytest.param(i, marks=pytest.mark.native(i), id=i) for i in kernels.ISAS])
-def test_int4_rows_not_in_tiles_of_16_keep_the_portable_layout(isa: str) -> None:
-    """The 4-bit span layout holds rows in tiles of 16: a 4-bit linear with 24 outputs keeps another layout under
-    the cpu backend and still computes right; 32 outputs take the span layout."""
-    scheme, _ = SCHEMES["int4-g128"]
+@pytest.mark.parametrize("name", ["int8-channel", "int4-g128", "int2-g64"])
+def test_rows_not_in_tiles_of_16_keep_another_layout(isa: str, name: str) -> None:
+    """The 8/4/2-bit span layouts hold rows in tiles of 16: a linear with 24 outputs keeps another layout under the
+    cpu backend and still computes right; 32 outputs take the span layout."""
+    scheme, _ = SCHEMES[name]
     torch.manual_seed(0)
     for n in (24, 32):
         lin = nn.Linear(256, n, bias=False)
@@ -82,7 +83,7 @@ def test_int4_rows_not_in_tiles_of_16_keep_the_portable_layout(isa: str) -> None
             q = native(QuantLinear.from_linear(lin, scheme))
             assert (q.layout == "span") == (n == 32), (n, q.layout)
             x = torch.randn(3, 256)
-            xr = act_quant_ref(x, 128).float() if n == 32 else x
+            xr = act_quant_ref(x, kernels.xblock(256, scheme.group_for(256))).float() if n == 32 else x
             ref = xr @ q.dequantize(dtype=torch.float32).t()
             torch.testing.assert_close(q(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
