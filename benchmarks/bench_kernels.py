@@ -71,6 +71,7 @@ def main() -> None:
     c8 = torch.randint(0, 256, (e, N, K), dtype=torch.uint8, generator=g)
     s8 = (torch.rand(e, N, 1, generator=g) * 1e-3).bfloat16()
     q8 = (c8.to(torch.int16) - 128).to(torch.int8)
+    c8 = kernels.to_span(c8, 8)  # per-channel scales: the same order in the span layout's tiles
     variants["int8 per-channel"] = (N * K + N * 2, lambda x, i: kernels.qgemm(x, c8[i], 8, s8[i], None, K),
                                     lambda x, i: torch.ops.aten._weight_int8pack_mm(x, q8[i], s8[i, :, 0]))
     c4 = torch.randint(0, 16, (e, N, K), dtype=torch.uint8, generator=g)
@@ -88,10 +89,11 @@ def main() -> None:
     s2 = (torch.rand(e, N, K // 64, generator=g) * 1e-2).bfloat16()
     z2 = (torch.rand(e, N, K // 64, generator=g) * 1e-3).bfloat16()
     span2 = kernels.to_span(c2, 2)
+    t2, tz2 = kernels.span_scales(s2, 2), kernels.span_scales(z2, 2)  # the kernel's order (the peer's: portable)
     packed2 = qm.pack(c2, 2)
     del c2
     variants["int2 g64 asym"] = (N * K // 4 + N * K // 64 * 4,
-                                 lambda x, i: kernels.qgemm(x, span2[i], 2, s2[i], z2[i], 64),
+                                 lambda x, i: kernels.qgemm(x, span2[i], 2, t2[i], tz2[i], 64),
                                  lambda x, i: F.linear(x, qm.dequantize_mid(qm.unpack(packed2[i], 2), s2[i], z2[i],
                                                                            2, dtype=torch.bfloat16)))
     peer_name = {"bf16": "F.linear (oneDNN)", "int8 per-channel": "aten._weight_int8pack_mm",
@@ -103,6 +105,10 @@ def main() -> None:
             continue
         for m in args.rows:
             x = torch.randn(m, K, generator=g).bfloat16()
+            a, b = ours(x, 0).float(), peer(x, 0).float()  # the same weight: agree up to the int8 activations
+            if (a - b).abs().max() > 0.05 * b.abs().max():
+                sys.exit(f"{name}, {m} rows: ours and {peer_name[name]} disagree ({(a - b).abs().max():.3g} against "
+                         f"outputs up to {b.abs().max():.3g}): the benchmark packs a weight wrongly")
             t_ours, t_peer = paired_sweeps(lambda i, x=x, f=ours: f(x, i), lambda i, x=x, f=peer: f(x, i), e,
                                            3 if name.startswith("int2") else args.rounds)
             ratio = median_range(paired_ratios(t_ours, t_peer, higher_is_better=False), unit="x")
