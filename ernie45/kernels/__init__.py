@@ -306,10 +306,10 @@ def use_kernels(flag: bool) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------ layouts
 SPAN_TILE = 16
-TILED = (8, 4, 2)
-"""The bit widths whose span layout holds rows in tiles of ``SPAN_TILE`` (:func:`to_span`)."""
 """Weight rows per tile of the 8-, 4- and 2-bit span layouts (:func:`to_span`): such a weight's rows must be a
 multiple."""
+TILED = (8, 4, 2)
+"""The bit widths whose span layout holds rows in tiles of ``SPAN_TILE`` (:func:`to_span`); 6 bits go row by row."""
 
 
 def span_ok(k: int, bits: int, group: int, n: int) -> bool:
@@ -325,7 +325,8 @@ def xblock(k: int, group: int) -> int:
 
 
 def _to_planes(codes_NK: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per span of 64 * (8/bits) columns, byte j holds column j + 64 p in bits [p * bits, (p + 1) * bits)."""
+    """The 6-bit layout's parts (bits 4 and 2): per span of 64 * (8/bits) columns, byte j holds column j + 64 p in
+    bits [p * bits, (p + 1) * bits)."""
     per = 8 // bits
     *lead, n, k = codes_NK.shape
     c = codes_NK.to(torch.uint8).reshape(*lead, n, k // (64 * per), per, 64)
@@ -364,7 +365,7 @@ def to_span(codes_NK: torch.Tensor, bits: int) -> torch.Tensor:
         hi = _to_planes(c >> 4, 2).reshape(*lead, n, k // 256, 64)
         return torch.cat((lo, hi), dim=-1).reshape(*lead, n, k * 3 // 4)
     if bits not in TILED:
-        return _to_planes(codes_NK, bits)
+        raise ValueError(f"to_span: {bits}-bit codes have no span layout (8, 6, 4 or 2 bits)")
     *lead, n, k = codes_NK.shape
     t, p = SPAN_TILE, 8 // bits
     if n % t:
@@ -386,7 +387,7 @@ def from_span(packed_NP: torch.Tensor, bits: int) -> torch.Tensor:
         lo = _from_planes(s[..., :128].reshape(*lead, n, p * 2 // 3), 4)
         return lo | (_from_planes(s[..., 128:].reshape(*lead, n, p // 3), 2) << 4)
     if bits not in TILED:
-        return _from_planes(packed_NP, bits)
+        raise ValueError(f"from_span: {bits}-bit codes have no span layout (8, 6, 4 or 2 bits)")
     *lead, n, nbytes = packed_NP.shape
     t, p, mask = SPAN_TILE, 8 // bits, 2**bits - 1
     b = packed_NP.reshape(*lead, n // t, nbytes // 4, t, 4).transpose(-3, -2)  # [.., N/16, 16 rows, chunks, 4]

@@ -1,18 +1,18 @@
 // Weight-only quantized matmul (qgemm) in the span layout: activation quantization, VNNI dot products.
 // Part of ernie45/kernels/cpu_kernels.c (one translation unit: included there in this order).
 
-// One weight row against MT_ rows of x starting at m0: the row-by-row kernel, which 6-bit codes take (their 4 + 2-bit
-// split has no tile layout; 8, 4 and 2 bits take qtile below). BITS, MT_, SB (bf16 scales) and BPX (64-column
+// 6 bits: one weight row against MT_ rows of x starting at m0, row by row (the 4 + 2-bit split has no tile layout;
+// 8, 4 and 2 bits take qtile below). Per 256 columns (K is a multiple of 256 at 6 bits) the low 4 bits in 128 bytes
+// (byte j: column j + 64p in bit-plane p) and the high 2 bits in 64 bytes. MT_, SB (bf16 scales) and BPX (64-column
 // sub-blocks per activation block) are compile-time constants after inlining, so the tile's accumulators and pointers
-// stay in registers. 512-bit operations are the budget on this path (Zen 4 issues about one a cycle): per activation
-// block, one int32 chain of VPDPBUSD, one conversion, one broadcast and one FMA per row of x.
-static inline __attribute__((always_inline)) void qrow(
-    const uint8_t* wr, const int BITS, const int MT_, const int SB, const int BPX, int64_t n, int64_t m0, int64_t K,
-    int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
-    const int64_t* xrow, const void* scales, const void* zeros, void* out, int out_bf16) {
-    const int P = BITS == 6 ? 2 : 8 / BITS;  // 6 bits: the 4-bit part's planes (the 2-bit part has 4)
+// stay in registers: per activation block, one int32 chain of VPDPBUSD, one conversion, one broadcast and one FMA
+// per row of x.
+static inline __attribute__((always_inline)) void qrow6(
+    const uint8_t* wr, const int MT_, const int SB, const int BPX, int64_t n, int64_t m0, int64_t K, int64_t N,
+    int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx, const int64_t* xrow,
+    const void* scales, const void* zeros, void* out, int out_bf16) {
     const int64_t nb = K / 64, nx = nb / BPX;
-    const v16i mask = v16_set1_epi8((char)(BITS == 6 ? 15 : (1 << BITS) - 1)), mask2 = v16_set1_epi8(0x30);
+    const v16i mask = v16_set1_epi8(15), mask2 = v16_set1_epi8(0x30);
 
     const uint16_t* s16 = (const uint16_t*)scales + n * ng;
     const float* s32 = (const float*)scales + n * ng;
@@ -25,43 +25,31 @@ static inline __attribute__((always_inline)) void qrow(
         sxm[i] = sx + r * nx;
         acc[i][0] = acc[i][1] = v16_setzero_ps();
     }
-    // Codes of 64-column sub-block b (0 <= b < nb): plane b % P of the span b / P.
-#define CODES(b)                                                                                             \
-    (P == 1 ? v16_loadu_si((const void*)(wr + (b) * 64))                                               \
-            : v16_and_si(v16_srli_epi16(v16_loadu_si((const void*)(wr + ((b) / P) * 64)),     \
-                                                 ((b) % P) * BITS), mask))
-    // Codes below 128 (2/4/6 bits) take the AVX2 build's shorter exact u8 x s8 dot product (simd.h); the same
-    // instruction in the AVX-512 build.
-#define DPBUSD(A, U, S) (BITS == 8 ? v16_dpbusd_epi32((A), (U), (S)) : v16_dpbusd_u7_epi32((A), (U), (S)))
-    // Activation block X (sub-blocks X*BPX ..) with its codes C0 (and C1 when BPX == 2), into chain J.
+    // Activation block X (sub-blocks X*BPX ..) with its codes C0 (and C1 when BPX == 2), into chain J. Codes below
+    // 128 take the AVX2 build's shorter exact u8 x s8 dot product (simd.h); the same instruction in the AVX-512 build.
 #define XBLOCK(X, C0, C1, J)                                                                                 \
     do {                                                                                                     \
         const int32_t g_ = gidx[X];                                                                          \
         const float ws_ = SB ? bf16_to_f32(s16[g_]) : s32[g_];                                              \
         for (int i = 0; i < MT_; i++) {                                                                      \
             const int8_t* xp_ = xm[i] + (X) * BPX * 64;                                                      \
-            v16i d_ = DPBUSD(v16_setzero_si(), (C0), v16_loadu_si((const void*)xp_));                      \
-            if (BPX == 2) d_ = DPBUSD(d_, (C1), v16_loadu_si((const void*)(xp_ + 64)));                     \
+            v16i d_ = v16_dpbusd_u7_epi32(v16_setzero_si(), (C0), v16_loadu_si((const void*)xp_));         \
+            if (BPX == 2) d_ = v16_dpbusd_u7_epi32(d_, (C1), v16_loadu_si((const void*)(xp_ + 64)));        \
             acc[i][J] = v16_fmadd_ps(v16_cvtepi32_ps(d_), v16_set1_ps(ws_ * sxm[i][X]), acc[i][J]);  \
         }                                                                                                    \
     } while (0)
-    // Main loop: 4 sub-blocks (256 columns) an iteration, whole spans, even/odd activation blocks alternating.
-    const int64_t iters = nb / 4;
-    for (int64_t it = 0; it < iters; it++) {
+    // 4 sub-blocks (256 columns) an iteration, even/odd activation blocks alternating.
+    for (int64_t it = 0; it < nb / 4; it++) {
         const int64_t b0 = it * 4;
-        // Sub-block j of this iteration: span it * (4 / P) + j / P, plane j % P (constants after unrolling, so
-        // each span is loaded once and shifted by immediates).
-#define LOCODES(j, B)                                                                                        \
-    (P == 1 ? v16_loadu_si((const void*)(wr + (b0 + (j)) * 64))                                        \
-            : v16_and_si(v16_srli_epi16(v16_loadu_si((const void*)(wr + (it * (BITS == 6 ? 3 : 4 / P) \
-                                                                                           + (j) / P) * 64)),  \
-                                                 ((j) % P) * (B)), mask))
-    // 6 bits: plane j of the high part moved to bits 4-5 of each byte (a 16-bit shift; what crosses into the
-    // neighbouring byte lands outside 0x30), then (hi & 0x30) | lo in one ternary-logic op.
+        // Sub-block j: the low part's span j / 2, plane j % 2 (constants after unrolling: each span is loaded once
+        // and shifted by immediates), and plane j of the high part moved to bits 4-5 of each byte (a 16-bit shift;
+        // what crosses into the neighbouring byte lands outside 0x30), then (hi & 0x30) | lo in one ternary-logic op.
+#define LOCODES(j) \
+    v16_and_si(v16_srli_epi16(v16_loadu_si((const void*)(wr + it * 192 + ((j) / 2) * 64)), ((j) % 2) * 4), mask)
 #define HISHIFT(j) ((j) == 0 ? v16_slli_epi16(hs, 4) : (j) == 1 ? v16_slli_epi16(hs, 2) \
                     : (j) == 2 ? hs : v16_srli_epi16(hs, 2))
-#define ITCODES(j) (BITS == 6 ? v16_andor_si(HISHIFT(j), mask2, LOCODES(j, 4)) : LOCODES(j, BITS))
-        const v16i hs = BITS == 6 ? v16_loadu_si((const void*)(wr + it * 192 + 128)) : v16_setzero_si();
+#define ITCODES(j) v16_andor_si(HISHIFT(j), mask2, LOCODES(j))
+        const v16i hs = v16_loadu_si((const void*)(wr + it * 192 + 128));
         const v16i c0 = ITCODES(0), c1 = ITCODES(1), c2 = ITCODES(2), c3 = ITCODES(3);
 #undef ITCODES
 #undef HISHIFT
@@ -76,16 +64,10 @@ static inline __attribute__((always_inline)) void qrow(
             XBLOCK(b0 + 3, c3, c3, 1);
         }
     }
-    for (int64_t x = iters * 4 / BPX; x < nx; x++) {  // rows whose length is not a multiple of 256
-        const v16i c0 = CODES(x * BPX), c1 = BPX == 2 ? CODES(x * BPX + 1) : c0;
-        XBLOCK(x, c0, c1, 0);
-    }
 #undef XBLOCK
-#undef DPBUSD
-#undef CODES
-    // The codes' offset (mid) and the zeros, per group: sum_g (zero - mid * scale) * X[m, g], 16 groups at a time,
-    // each chunk of (zero - mid * scale) computed once for the tile's rows.
-    const v16f mid = v16_set1_ps((float)(1 << (BITS - 1)));
+    // The codes' offset (mid = 32) and the zeros, per group: sum_g (zero - mid * scale) * X[m, g], 16 groups at a
+    // time, each chunk of (zero - mid * scale) computed once for the tile's rows.
+    const v16f mid = v16_set1_ps(32.0f);
     v16f t[MT];
     const float* xs[MT];
     for (int i = 0; i < MT_; i++) {
@@ -107,7 +89,7 @@ static inline __attribute__((always_inline)) void qrow(
 // of the 16 rows, lane l's four bytes row n + l's columns 4Pc + 4p + b in bits [p * BITS, (p + 1) * BITS). One shift
 // and one mask unpack a plane: four consecutive columns of each of the 16 rows per int32 lane, so each row of x meets
 // it in one VPDPBUSD against four broadcast activation bytes and the int32 lanes are the 16 rows' sums: per activation
-// block one conversion and one FMA per row of x for 16 outputs (the row-major loop above spends them per output), no
+// block one conversion and one FMA per row of x for 16 outputs (the row-by-row loop above spends them per output), no
 // lane reduction, and 16 results stored at once. Scales and zeros of the tile: [ng][16] in its rows' place
 // (kernels.span_scales). Up to QCH2 rows of x (4; 1 in the AVX2 build, 16 registers) each keeps two int32 chains (even
 // and odd planes; 8 bits: even and odd chunks), so VPDPBUSD's latency is hidden even for one row. From QPF_ROWS rows
@@ -208,7 +190,7 @@ static inline __attribute__((always_inline)) void qrows(
         int64_t m0 = 0;
 #define QROW(MT_)                                                                                           \
     for (int64_t n = nb; n < ne; n++)                                                                       \
-        qrow(w + n * rb, BITS, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
+        qrow6(w + n * rb, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
         X_TILES(QROW)
 #undef QROW
     }
