@@ -3,13 +3,14 @@
 Builds ``ernie45/kernels`` as it was at ``--base`` (``git archive``, the same compiler flags as
 ``ernie45.kernels._build``) beside this checkout's build, checks that both give the same outputs (or prints the
 largest difference), then times them alternately on the same inputs: ``qmoe`` (one MoE layer of the
-ERNIE-4.5-21B-A3B shape, int4 g128 asymmetric: 64 experts [3072, 2560] + [2560, 1536], top-6 of T tokens) and
-``qgemm`` (a [3072, 2560] linear, int4 g128 and int2 g64 asymmetric, int8 per channel) and ``bgemm`` (bf16:
-the same linear, and the demo model's LM head [6144, 256]) for T rows each (``--only``: the cases whose name holds
-one of the given words). The linears' weights fit in L3 here, so they measure the kernels' compute (prefill, verify
-steps), not the DRAM streaming of batch-1 decode (``bench_int4_bw.py``); the MoE layer's 377 MB come from DRAM.
-Each case: ``--rounds`` pairs of calls, base then new; the figure is the median of the per-pair speed-ups (base
-time / new time) with the range.
+ERNIE-4.5-21B-A3B shape, int4 g128 asymmetric: 64 experts [3072, 2560] + [2560, 1536], top-6 of T tokens) and the
+same layer where every row picks the same experts, other ones each call (a verify step's routes: each call's weights
+from DRAM), ``qgemm`` (a [3072, 2560] linear, int4 g128 and int2 g64 asymmetric, int8 per channel) and ``bgemm``
+(bf16: the same linear, and the demo model's LM head [6144, 256]) for T rows each (``--only``: the cases whose name
+holds one of the given words). The linears' weights fit in L3 here, so they measure the kernels' compute (prefill,
+verify steps), not the DRAM streaming of batch-1 decode (``bench_int4_bw.py``); the MoE layer's 377 MB come from
+DRAM. Each case: ``--rounds`` pairs of calls, base then new; the figure is the median of the per-pair speed-ups
+(base time / new time) with the range.
 
     flock /tmp/ernie45-heavy.lock python benchmarks/bench_kernels_ab.py --base f308ac4 [--rows 1 4 16 256]
         [--isa avx512 avx2] [--rounds 9] [--only bgemm] [--name kernels-ab] [--note "..."]
@@ -68,13 +69,30 @@ def cases(rows: int, gen: torch.Generator) -> dict:
     group = {4: 128, 2: 64, 8: H}  # int8 per channel, symmetric (no zeros)
     lin = {b: qw(1, N_LIN, H, b, g) for b, g in group.items()}
 
-    def moe(lib: ctypes.CDLL) -> torch.Tensor:
+    # A verify step's routes: every row picks the same experts (its tokens continue one text), other experts each
+    # call, so they come from DRAM as in a decode step. Each library's first call (the outputs check) takes route 0;
+    # the timed calls take routes 1..7 in turn over both libraries, so the two calls of a pair never share experts
+    # (the second would find the first's in L3) and each library meets every route.
+    shared = [torch.rand(E, generator=gen).argsort()[:TOPK].expand(rows, TOPK).contiguous() for _ in range(8)]
+    calls: dict[object, int] = {}
+
+    def moe_with(lib: ctypes.CDLL, route: torch.Tensor) -> torch.Tensor:
         out = torch.empty(rows, H)
-        rc = lib.ernie45_qmoe(x.data_ptr(), 1, rows, H, I, TOPK, idx.data_ptr(), wts.data_ptr(), E, 4, 1,
+        rc = lib.ernie45_qmoe(x.data_ptr(), 1, rows, H, I, TOPK, route.data_ptr(), wts.data_ptr(), E, 4, 1,
                               gu[0].data_ptr(), gu[1].data_ptr(), gu[2].data_ptr(), 128, dn[0].data_ptr(),
                               dn[1].data_ptr(), dn[2].data_ptr(), 128, 1, out.data_ptr(), 2)
         assert rc == 0, rc
         return out
+
+    def moe(lib: ctypes.CDLL) -> torch.Tensor:
+        return moe_with(lib, idx)
+
+    def moe_shared(lib: ctypes.CDLL) -> torch.Tensor:
+        if id(lib) not in calls:
+            calls[id(lib)] = 0
+            return moe_with(lib, shared[0])
+        k = calls["timed"] = calls.get("timed", -1) + 1
+        return moe_with(lib, shared[1 + k % (len(shared) - 1)])
 
     def linear(bits: int):  # noqa: ANN202
         c, s, z = lin[bits]
@@ -99,6 +117,7 @@ def cases(rows: int, gen: torch.Generator) -> dict:
         return run
 
     return {"qmoe int4 g128 (64 experts, top-6)": (moe, 2 * rows * TOPK * 3 * H * I),
+            "qmoe int4 g128 (64 experts, top-6), same experts for every row": (moe_shared, 2 * rows * TOPK * 3 * H * I),
             "qgemm int4 g128 [3072, 2560]": (linear(4), 2 * rows * N_LIN * H),
             "qgemm int8 per-channel [3072, 2560]": (linear(8), 2 * rows * N_LIN * H),
             "qgemm int2 g64 [3072, 2560]": (linear(2), 2 * rows * N_LIN * H),

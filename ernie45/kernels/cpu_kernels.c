@@ -62,7 +62,7 @@
 #endif
 #endif
 #ifndef QPF
-#define QPF 4096
+#define QPF 8192
 #endif
 #ifndef QPF_ROWS
 #define QPF_ROWS 2

@@ -94,7 +94,9 @@ static inline __attribute__((always_inline)) void qrow6(
 // (kernels.span_scales). Up to QCH2 rows of x (4; 1 in the AVX2 build, 16 registers) each keeps two int32 chains (even
 // and odd planes; 8 bits: even and odd chunks), so VPDPBUSD's latency is hidden even for one row. From QPF_ROWS rows
 // the loop is paced by compute, and the hardware prefetcher falls behind the weight stream: a software prefetch QPF
-// bytes ahead (at 1 row it costs more than it gains).
+// bytes ahead (at 1 row it costs more than it gains), into L2 (PREFETCHT2), whose miss queue keeps more lines in
+// flight than L1's: a 4-token int4 MoE layer from DRAM at 1.16-1.27x its 1-token time, against 1.34-1.38x with
+// PREFETCHT0 (bench_kernels_ab's "same experts" case).
 static inline __attribute__((always_inline)) void qtile(
     const uint8_t* wt, const int BITS, const int MT_, const int SB, const int BPX, int64_t n, int64_t m0, int64_t K,
     int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
@@ -120,7 +122,7 @@ static inline __attribute__((always_inline)) void qtile(
         v16i a[MT], b[MT];
         for (int i = 0; i < MT_; i++) a[i] = b[i] = v16_setzero_si();
         for (int c = 0; c < CPB; c++) {
-            if (QPF && MT_ >= QPF_ROWS) __builtin_prefetch(wp + c * 64 + QPF, 0, 3);
+            if (QPF && MT_ >= QPF_ROWS) __builtin_prefetch(wp + c * 64 + QPF, 0, 1);
             const v16i v = v16_loadu_si((const void*)(wp + c * 64));
             for (int p = 0; p < P; p++) {
                 const v16i pl = P == 1 ? v : v16_and_si(p ? v16_srli_epi16(v, p * BITS) : v, mask);
