@@ -6,11 +6,12 @@ largest difference), then times them alternately on the same inputs: ``qmoe`` (o
 ERNIE-4.5-21B-A3B shape, int4 g128 asymmetric: 64 experts [3072, 2560] + [2560, 1536], top-6 of T tokens) and the
 same layer where every row picks the same experts, other ones each call (a verify step's routes: each call's weights
 from DRAM), ``qgemm`` (a [3072, 2560] linear, int4 g128 and int2 g64 asymmetric, int8 per channel) and ``bgemm``
-(bf16: the same linear, and the demo model's LM head [6144, 256]) for T rows each (``--only``: the cases whose name
-holds one of the given words). The linears' weights fit in L3 here, so they measure the kernels' compute (prefill,
-verify steps), not the DRAM streaming of batch-1 decode (``bench_int4_bw.py``); the MoE layer's 377 MB come from
-DRAM. Each case: ``--rounds`` pairs of calls, base then new; the figure is the median of the per-pair speed-ups
-(base time / new time) with the range.
+(bf16: the same linear, and the demo model's LM head [6144, 256]) and ``decode attention`` (T tokens of one sequence
+over a paged cache of the 21B shape, 256 or 4096 positions, other blocks each call) for T rows each (``--only``: the
+cases whose name holds one of the given words). The linears' weights fit in L3 here, so they measure the kernels'
+compute (prefill, verify steps), not the DRAM streaming of batch-1 decode (``bench_int4_bw.py``); the MoE layer's
+377 MB come from DRAM. Each case: ``--rounds`` pairs of calls, base then new; the figure is the median of the
+per-pair speed-ups (base time / new time) with the range.
 
     flock /tmp/ernie45-heavy.lock python benchmarks/bench_kernels_ab.py --base f308ac4 [--rows 1 4 16 256]
         [--isa avx512 avx2] [--rounds 9] [--only bgemm] [--name kernels-ab] [--note "..."]
@@ -49,7 +50,7 @@ def build_at(rev: str, isa: str, workdir: str) -> ctypes.CDLL:
     args = ["-O3", *kernels.ISA_CFLAGS[isa], "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
     subprocess.run([cc, *args, "-o", so, os.path.join(src, "ernie45/kernels/cpu_kernels.c"), "-lm"], check=True)
     lib, ref = ctypes.CDLL(so), kernels.library(isa)
-    for name in ("ernie45_qgemm", "ernie45_qmoe", "ernie45_bgemm"):
+    for name in ("ernie45_qgemm", "ernie45_qmoe", "ernie45_bgemm", "ernie45_decode_attn"):
         getattr(lib, name).argtypes = getattr(ref, name).argtypes
         getattr(lib, name).restype = getattr(ref, name).restype
     return lib
@@ -116,7 +117,36 @@ def cases(rows: int, gen: torch.Generator) -> dict:
             return out
         return run
 
+    def attention(context: int):  # noqa: ANN202
+        # The rows are the tokens of one sequence at positions context .. context + rows - 1 (a verify step), over a
+        # paged cache of the 21B shape (kv heads 4, D 128, blocks of 16) drawn each call from a 48 MB pool, so the
+        # cache comes from DRAM as in a decode step (other layers' weights evict it between a layer's steps).
+        nq, kvh, d, p = 20, 4, 128, 16
+        need = (context + rows + p - 1) // p
+        pool = max(48 * 2**20 // (2 * p * kvh * d * 2), 2 * need)
+        kc = torch.randn(pool, p, kvh, d, generator=gen).bfloat16()
+        vc = torch.randn(pool, p, kvh, d, generator=gen).bfloat16()
+        q = torch.randn(rows, nq, d, generator=gen).bfloat16()
+        lens = torch.arange(context + 1, context + rows + 1)
+        routes = [torch.randperm(pool, generator=gen)[:need].expand(rows, need).contiguous() for _ in range(8)]
+        seen: dict[object, int] = {}
+
+        def run(lib: ctypes.CDLL) -> torch.Tensor:  # first call per library: table 0; then 1..7 in turn (as qmoe)
+            if id(lib) not in seen:
+                seen[id(lib)], tab = 0, routes[0]
+            else:
+                k = seen["timed"] = seen.get("timed", -1) + 1
+                tab = routes[1 + k % (len(routes) - 1)]
+            out = torch.empty(rows, nq, d)
+            rc = lib.ernie45_decode_attn(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), tab.data_ptr(), need,
+                                         lens.data_ptr(), rows, nq, kvh, d, p, d ** -0.5, out.data_ptr(), 0, 2)
+            assert rc == 0, rc
+            return out
+        return run, 2 * 2 * nq * d * int(lens.sum())
+
     return {"qmoe int4 g128 (64 experts, top-6)": (moe, 2 * rows * TOPK * 3 * H * I),
+            "decode attention 20/4 heads D 128, 256 positions, cache from DRAM": attention(256),
+            "decode attention 20/4 heads D 128, 4096 positions, cache from DRAM": attention(4096),
             "qmoe int4 g128 (64 experts, top-6), same experts for every row": (moe_shared, 2 * rows * TOPK * 3 * H * I),
             "qgemm int4 g128 [3072, 2560]": (linear(4), 2 * rows * N_LIN * H),
             "qgemm int8 per-channel [3072, 2560]": (linear(8), 2 * rows * N_LIN * H),

@@ -315,6 +315,31 @@ def test_decode_attention_reads_the_paged_cache_in_place(n: int, kv: int, d: int
         kernels.decode_attention(q, kc, vc, tables, torch.tensor([15, 6, 17]), d ** -0.5)
 
 
+@pytest.mark.parametrize("n,kv,d", [(20, 4, 128), (16, 2, 64), (8, 1, 32)])
+def test_decode_attention_over_many_blocks_of_16_positions(n: int, kv: int, d: int) -> None:
+    """Contexts of several 16-position blocks (the kernel's score blocks, the next block prefetched) ending mid-block
+    and on a block boundary, through a shuffled table; a NaN query gives NaNs for its sequence only, as torch."""
+    torch.manual_seed(3)
+    blocks, p = 64, 4
+    kc = torch.randn(blocks, p, kv, d).bfloat16()
+    vc = torch.randn(blocks, p, kv, d).bfloat16()
+    tables = torch.randperm(blocks)[:60].reshape(3, 20)
+    lens = torch.tensor([37, 64, 79])
+    q = (torch.randn(3, n, d) * 2).bfloat16()
+    out = kernels.decode_attention(q, kc, vc, tables, lens, d ** -0.5)
+    for s in range(3):
+        keys = kc[tables[s]].flatten(0, 1)[:lens[s]].double()
+        vals = vc[tables[s]].flatten(0, 1)[:lens[s]].double()
+        kk = keys.repeat_interleave(n // kv, dim=1).transpose(0, 1)
+        vv = vals.repeat_interleave(n // kv, dim=1).transpose(0, 1)
+        probs = (torch.einsum("nd,nld->nl", q[s].double(), kk) * d ** -0.5).softmax(-1)
+        torch.testing.assert_close(out[s].double(), torch.einsum("nl,nld->nd", probs, vv), rtol=1e-5, atol=1e-5)
+    q[1, 0, 0] = float("nan")
+    out2 = kernels.decode_attention(q, kc, vc, tables, lens, d ** -0.5)
+    assert out2[1, 0].isnan().all() and not out2[1, 1:].isnan().any()
+    assert torch.equal(out2[0], out[0]) and torch.equal(out2[2], out[2])
+
+
 def test_kv_cache_decode_attention_equals_the_torch_path() -> None:
     """Paged attention at decode: the cpu backend's native in-place read against the torch backend's gather +
     matmul, same cache."""
