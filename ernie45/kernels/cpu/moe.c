@@ -12,8 +12,8 @@ static int64_t expert_rows(const int64_t* idx, const float* wts, int64_t T, int6
 }
 
 // silu(gate) * up from h [n, 2I] (gate columns first) into act [n, I] (bf16 bits or fp32), rounding as torch in bf16.
-static inline float silu_mul(float g, float u, int bf16) {  // silu(g) * u of (rounded) inputs, torch's roundings
-    return round_bf16(round_bf16(g / (1.0f + expf(-g)), bf16) * u, bf16);
+static inline float silu_mul(float g, float e, float u, int bf16) {  // silu(g) * u from e = exp(-g), torch's roundings
+    return round_bf16(round_bf16(g / (1.0f + e), bf16) * u, bf16);
 }
 
 static void swiglu_rows(const float* h, int64_t n, int64_t I, int bf16, float* act_f32, uint16_t* act_bf16) {
@@ -31,7 +31,7 @@ static void swiglu_rows(const float* h, int64_t n, int64_t I, int bf16, float* a
             }
             for (int64_t c = 0; c < w; c++) {
                 const float g = round_bf16(hg[c], bf16), u = round_bf16(hg[I + c], bf16);
-                const float a = round_bf16(round_bf16(g / (1.0f + e[c]), bf16) * u, bf16);
+                const float a = silu_mul(g, e[c], u, bf16);
                 if (act_bf16) act_bf16[r * I + c0 + c] = f32_to_bf16(a);
                 else act_f32[r * I + c0 + c] = a;
             }
