@@ -341,6 +341,8 @@ def main() -> None:
                     help="torch threads (1 on a machine whose cores other work shares: 2 threads then spin at "
                          "barriers and a step can take 10x longer)")
     ap.add_argument("--note", default="", help="a line for the results file (e.g. what else ran on the machine)")
+    ap.add_argument("--name", default=None, help="results file benchmarks/results/<date>-<name>.md (default: spec, "
+                    "or spec-<part> for one part), so that repeated runs can be kept side by side")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     res = {"load_before": [round(x, 2) for x in os.getloadavg()]}
@@ -416,7 +418,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n\nraw:\n```json\n" + json.dumps(res, indent=1) + "\n```"
     # a part other than demo alone gets its own file, so it does not replace a run with the demo table
     alone = len(args.parts) == 1 and args.parts[0] != "demo"
-    print(write_result(f"spec-{args.parts[0]}" if alone else "spec", text))
+    print(write_result(args.name or (f"spec-{args.parts[0]}" if alone else "spec"), text))
 
 
 if __name__ == "__main__":
