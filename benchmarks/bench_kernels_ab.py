@@ -32,28 +32,11 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from benchmarks.common import median, median_range, write_result  # noqa: E402
+from benchmarks.common import kernels_at, median, median_range, write_result  # noqa: E402
 from ernie45 import kernels  # noqa: E402
 
 torch.set_num_threads(2)
 E, H, I, TOPK, N_LIN = 64, 2560, 1536, 6, 3072  # noqa: E741 - experts, hidden, expert width, top-k, linear rows
-
-
-def build_at(rev: str, isa: str, workdir: str) -> ctypes.CDLL:
-    """The kernels as they were at git revision ``rev``, compiled for ``isa``; signatures from this checkout."""
-    src = os.path.join(workdir, rev)
-    os.makedirs(src, exist_ok=True)
-    archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "ernie45/kernels"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True)
-    so = os.path.join(workdir, f"{rev}-{isa}.so")
-    cc = os.environ.get("CC") or "gcc"
-    args = ["-O3", *kernels.ISA_CFLAGS[isa], "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
-    subprocess.run([cc, *args, "-o", so, os.path.join(src, "ernie45/kernels/cpu_kernels.c"), "-lm"], check=True)
-    lib, ref = ctypes.CDLL(so), kernels.library(isa)
-    for name in ("ernie45_qgemm", "ernie45_qmoe", "ernie45_bgemm", "ernie45_decode_attn"):
-        getattr(lib, name).argtypes = getattr(ref, name).argtypes
-        getattr(lib, name).restype = getattr(ref, name).restype
-    return lib
 
 
 def cases(rows: int, gen: torch.Generator) -> dict:
@@ -180,7 +163,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as work:
         for isa in args.isa:
-            base, new = build_at(args.base, isa, work), kernels.library(isa)
+            base, new = kernels_at(args.base, isa, work), kernels.library(isa)
             for rows in args.rows:
                 for name, (fn, ops) in cases(rows, torch.Generator().manual_seed(rows)).items():
                     if args.only and not any(w in name for w in args.only):

@@ -14,7 +14,10 @@
   alternating, median of paired ratios. Its target: <= 1.3x. The part also reports the weight bytes each step reads
   from the routes it took (the routed experts' union per layer: their ratio is the floor of a memory-bound step's;
   this random model's tokens mostly pick the same experts) and where the time goes (each native decoder-layer call
-  and the LM head, 1 token against 4).
+  and the LM head, 1 token against 4). With ``--base REV`` the kernels as they were at REV (built beside this
+  checkout's, ``common.kernels_at``) take turns with this checkout's on the same model, step by step (plain and
+  verify with one, then with the other): both ratios from the same minutes of this VM's drifting bandwidth, and
+  each step's speed-up over REV.
 
   ``k2_adaptive`` / ``k4_adaptive``: ``speculative_adaptive`` (drafting only while it measures faster; the engines
   live through all rounds, so it has learned by the later ones; with ``--draft-quant`` their block is quantized).
@@ -220,7 +223,7 @@ def mid4l_int4() -> torch.nn.Module:
     return model.eval()
 
 
-def part_verify(pairs: int, context: int = 256, k: int = 3) -> dict:
+def part_verify(pairs: int, context: int = 256, k: int = 3, base: str | None = None) -> dict:
     from ernie45.accel import AttentionMetadata, accelerate, backend_of
     from ernie45.engine.kv_cache import KVCache
 
@@ -248,9 +251,47 @@ def part_verify(pairs: int, context: int = 256, k: int = 3) -> dict:
         plain.append(step(1))
         verify.append(step(k + 1))
     ratios = [v / p for v, p in zip(verify, plain)]
-    return {"plain_ms": 1e3 * statistics.median(plain), "verify_ms": 1e3 * statistics.median(verify),
-            "tokens_verified": k + 1, "ratio_median": statistics.median(ratios),
-            "ratio_range": [min(ratios), max(ratios)], **floor, "split": verify_split(step, k + 1, pairs)}
+    out = {"plain_ms": 1e3 * statistics.median(plain), "verify_ms": 1e3 * statistics.median(verify),
+           "tokens_verified": k + 1, "ratio_median": statistics.median(ratios),
+           "ratio_range": [min(ratios), max(ratios)], **floor, "split": verify_split(step, k + 1, pairs)}
+    if base:
+        out["base"] = verify_against(base, step, k + 1, pairs)
+    return out
+
+
+def verify_against(rev: str, step, n: int, pairs: int) -> dict:  # noqa: ANN001
+    """Plain and ``n``-token steps with the kernels at ``rev`` and with this checkout's, taking turns on the same
+    model (``kernels._lib`` swapped between pairs of steps): each library's median ratio and range, and the median
+    speed-up of this checkout's steps over ``rev``'s (paired: the steps next to each other)."""
+    import tempfile
+
+    from common import kernels_at
+
+    from ernie45 import kernels
+
+    new = kernels.library()
+    times: dict[str, dict[str, list[float]]] = {"base": {"1": [], "n": []}, "new": {"1": [], "n": []}}
+    with tempfile.TemporaryDirectory() as work:
+        libs = {"base": kernels_at(rev, kernels.active_isa(), work), "new": new}
+        try:
+            for i in range(3 + pairs):
+                for name in ("base", "new") if i % 2 else ("new", "base"):
+                    kernels._lib = libs[name]
+                    p, v = step(1), step(n)
+                    if i >= 3:
+                        times[name]["1"].append(p)
+                        times[name]["n"].append(v)
+        finally:
+            kernels._lib = new
+    out: dict = {"rev": rev}
+    for name, t in times.items():
+        r = [v / p for v, p in zip(t["n"], t["1"])]
+        out[name] = {"plain_ms": 1e3 * statistics.median(t["1"]), "verify_ms": 1e3 * statistics.median(t["n"]),
+                     "ratio_median": statistics.median(r), "ratio_range": [min(r), max(r)]}
+    for kind in ("1", "n"):
+        sp = [b / a for b, a in zip(times["base"][kind], times["new"][kind])]
+        out[f"speedup_{kind}"] = {"median": statistics.median(sp), "range": [min(sp), max(sp)]}
+    return out
 
 
 def verify_split(step, n: int, pairs: int) -> dict:  # noqa: ANN001
@@ -341,6 +382,8 @@ def main() -> None:
                     help="torch threads (1 on a machine whose cores other work shares: 2 threads then spin at "
                          "barriers and a step can take 10x longer)")
     ap.add_argument("--note", default="", help="a line for the results file (e.g. what else ran on the machine)")
+    ap.add_argument("--base", default=None, help="verify part: also run the kernels as they were at this git "
+                    "revision, taking turns with this checkout's on the same model")
     ap.add_argument("--name", default=None, help="results file benchmarks/results/<date>-<name>.md (default: spec, "
                     "or spec-<part> for one part), so that repeated runs can be kept side by side")
     args = ap.parse_args()
@@ -353,7 +396,7 @@ def main() -> None:
     if "adaptive" in args.parts:
         res["adaptive"] = part_adaptive(args.rounds)
     if "verify" in args.parts:
-        res["verify"] = part_verify(args.pairs)
+        res["verify"] = part_verify(args.pairs, base=args.base)
         print(res["verify"], flush=True)
     res["load_after"] = [round(x, 2) for x in os.getloadavg()]
     lines = [f"load average (1, 5, 15 min) before {res['load_before']}, after {res['load_after']} "
@@ -415,6 +458,20 @@ def main() -> None:
                   "| part | 1 token | " + f"{v['tokens_verified']} tokens | ratio |", "|---|---|---|---|"]
         one, many = v["split"]["1"], v["split"][str(v["tokens_verified"])]
         lines += [f"| {key} | {one[key]:.2f} | {many[key]:.2f} | {many[key] / one[key]:.2f}x |" for key in one]
+        if "base" in v:
+            b = v["base"]
+            lines += ["", f"Against the kernels at `{b['rev']}`, taking turns on the same model (plain and verify "
+                          f"step with one library, then with the other; {args.pairs} turns each):", "",
+                      "| kernels | plain step ms | verify step ms | verify / plain (paired median, range) |",
+                      "|---|---|---|---|"]
+            for name, label in (("base", f"`{b['rev']}`"), ("new", "this checkout")):
+                r = b[name]
+                lines.append(f"| {label} | {r['plain_ms']:.1f} | {r['verify_ms']:.1f} | {r['ratio_median']:.2f}x "
+                             f"({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}) |")
+            lines += ["", f"This checkout's steps against `{b['rev']}`'s next to them: plain "
+                          f"{b['speedup_1']['median']:.2f}x ({b['speedup_1']['range'][0]:.2f}-"
+                          f"{b['speedup_1']['range'][1]:.2f}), verify {b['speedup_n']['median']:.2f}x "
+                          f"({b['speedup_n']['range'][0]:.2f}-{b['speedup_n']['range'][1]:.2f})."]
     text = "\n".join(lines) + "\n\nraw:\n```json\n" + json.dumps(res, indent=1) + "\n```"
     # a part other than demo alone gets its own file, so it does not replace a run with the demo table
     alone = len(args.parts) == 1 and args.parts[0] != "demo"

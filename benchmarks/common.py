@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -129,3 +131,27 @@ def write_result(name: str, text: str) -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.write(header + text + "\n")
     return path
+
+
+def kernels_at(rev: str, isa: str, workdir: str) -> ctypes.CDLL:
+    """The native kernels as they were at git revision ``rev``, compiled for ``isa`` with this checkout's flags
+    (``git archive`` of ``ernie45/kernels`` into ``workdir``); every function of this checkout's header gets this
+    checkout's ctypes signature, so the library can stand in for the active one (``kernels._lib``) when the
+    structs and signatures did not change between the two."""
+    from ernie45 import kernels
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.join(workdir, rev)
+    os.makedirs(src, exist_ok=True)
+    archive = subprocess.run(["git", "-C", root, "archive", rev, "ernie45/kernels"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True)
+    so = os.path.join(workdir, f"{rev}-{isa}.so")
+    cc = os.environ.get("CC") or "gcc"
+    args = ["-O3", *kernels.ISA_CFLAGS[isa], "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
+    subprocess.run([cc, *args, "-o", so, os.path.join(src, "ernie45/kernels/cpu_kernels.c"), "-lm"], check=True)
+    lib, ref = ctypes.CDLL(so), kernels.library(isa)
+    for name in sorted(set(re.findall(r"\b(ernie45_\w+)\s*\(", kernels.HEADER.read_text()))):
+        if hasattr(lib, name):
+            getattr(lib, name).argtypes = getattr(ref, name).argtypes
+            getattr(lib, name).restype = getattr(ref, name).restype
+    return lib
