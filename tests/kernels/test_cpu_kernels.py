@@ -340,6 +340,33 @@ def test_decode_attention_over_many_blocks_of_16_positions(n: int, kv: int, d: i
     assert torch.equal(out2[0], out[0]) and torch.equal(out2[2], out[2])
 
 
+def test_decode_attention_takes_a_verify_steps_tokens_together() -> None:
+    """Consecutive tokens with lengths growing by one over the same blocks (a verify step's rows) are read as one
+    group: each token's output is bit for bit the one it gets alone. Tokens whose lengths grow by one but whose tables
+    differ in a block they read, and a group longer than the kernel's 8, come out right too."""
+    torch.manual_seed(5)
+    blocks, p, n, kv, d = 40, 4, 20, 4, 128
+    kc = torch.randn(blocks, p, kv, d).bfloat16()
+    vc = torch.randn(blocks, p, kv, d).bfloat16()
+    a, b = torch.randperm(blocks)[:10], torch.randperm(blocks)[:10]
+    b[:2] = a[:2]  # b shares a's first two blocks, then differs
+    rows = [(a, 30), (a, 31), (a, 32), (a, 33),            # one verify step of 4
+            (b, 34), (a, 35),                              # lengths still grow by one, other tables
+            (b, 9), (a, 10),                               # differ in block 2, which 9 and 10 read
+            *[(b, 12 + i) for i in range(11)]]             # 11 tokens: groups of 8 and 3
+    tables = torch.stack([t for t, _ in rows])
+    lens = torch.tensor([ln for _, ln in rows])
+    q = torch.randn(len(rows), n, d).bfloat16()
+    out = kernels.decode_attention(q, kc, vc, tables, lens, d ** -0.5)
+    for i in range(len(rows)):
+        alone = kernels.decode_attention(q[i:i + 1], kc, vc, tables[i:i + 1], lens[i:i + 1], d ** -0.5)
+        assert torch.equal(out[i:i + 1], alone), i
+        keys = kc[tables[i]].flatten(0, 1)[:lens[i]].double().repeat_interleave(n // kv, dim=1).transpose(0, 1)
+        vals = vc[tables[i]].flatten(0, 1)[:lens[i]].double().repeat_interleave(n // kv, dim=1).transpose(0, 1)
+        probs = (torch.einsum("nd,nld->nl", q[i].double(), keys) * d ** -0.5).softmax(-1)
+        torch.testing.assert_close(out[i].double(), torch.einsum("nl,nld->nd", probs, vals), rtol=1e-5, atol=1e-5)
+
+
 def test_kv_cache_decode_attention_equals_the_torch_path() -> None:
     """Paged attention at decode: the cpu backend's native in-place read against the torch backend's gather +
     matmul, same cache."""
