@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,6 +38,22 @@ from ernie45 import kernels  # noqa: E402
 
 torch.set_num_threads(2)
 E, H, I, TOPK, N_LIN = 64, 2560, 1536, 6, 3072  # noqa: E741 - experts, hidden, expert width, top-k, linear rows
+
+
+def in_turn(choices: list) -> Callable[[ctypes.CDLL], object]:
+    """A picker over inputs that must come from DRAM on every call: each library's first call (the outputs check)
+    gets ``choices[0]``, the timed calls the others in turn over both libraries, so the two calls of a pair never
+    share them (the second would find the first's in L3) and each library meets every one."""
+    seen: set[int] = set()
+    timed = [-1]
+
+    def pick(lib: ctypes.CDLL) -> object:
+        if id(lib) not in seen:
+            seen.add(id(lib))
+            return choices[0]
+        timed[0] += 1
+        return choices[1 + timed[0] % (len(choices) - 1)]
+    return pick
 
 
 def cases(rows: int, gen: torch.Generator) -> dict:
@@ -54,11 +71,9 @@ def cases(rows: int, gen: torch.Generator) -> dict:
     lin = {b: qw(1, N_LIN, H, b, g) for b, g in group.items()}
 
     # A verify step's routes: every row picks the same experts (its tokens continue one text), other experts each
-    # call, so they come from DRAM as in a decode step. Each library's first call (the outputs check) takes route 0;
-    # the timed calls take routes 1..7 in turn over both libraries, so the two calls of a pair never share experts
-    # (the second would find the first's in L3) and each library meets every route.
-    shared = [torch.rand(E, generator=gen).argsort()[:TOPK].expand(rows, TOPK).contiguous() for _ in range(8)]
-    calls: dict[object, int] = {}
+    # call, so they come from DRAM as in a decode step.
+    shared = in_turn([torch.rand(E, generator=gen).argsort()[:TOPK].expand(rows, TOPK).contiguous()
+                      for _ in range(8)])
 
     def moe_with(lib: ctypes.CDLL, route: torch.Tensor) -> torch.Tensor:
         out = torch.empty(rows, H)
@@ -72,11 +87,7 @@ def cases(rows: int, gen: torch.Generator) -> dict:
         return moe_with(lib, idx)
 
     def moe_shared(lib: ctypes.CDLL) -> torch.Tensor:
-        if id(lib) not in calls:
-            calls[id(lib)] = 0
-            return moe_with(lib, shared[0])
-        k = calls["timed"] = calls.get("timed", -1) + 1
-        return moe_with(lib, shared[1 + k % (len(shared) - 1)])
+        return moe_with(lib, shared(lib))
 
     def linear(bits: int):  # noqa: ANN202
         c, s, z = lin[bits]
@@ -111,15 +122,11 @@ def cases(rows: int, gen: torch.Generator) -> dict:
         vc = torch.randn(pool, p, kvh, d, generator=gen).bfloat16()
         q = torch.randn(rows, nq, d, generator=gen).bfloat16()
         lens = torch.arange(context + 1, context + rows + 1)
-        routes = [torch.randperm(pool, generator=gen)[:need].expand(rows, need).contiguous() for _ in range(8)]
-        seen: dict[object, int] = {}
+        tables = in_turn([torch.randperm(pool, generator=gen)[:need].expand(rows, need).contiguous()
+                          for _ in range(8)])
 
-        def run(lib: ctypes.CDLL) -> torch.Tensor:  # first call per library: table 0; then 1..7 in turn (as qmoe)
-            if id(lib) not in seen:
-                seen[id(lib)], tab = 0, routes[0]
-            else:
-                k = seen["timed"] = seen.get("timed", -1) + 1
-                tab = routes[1 + k % (len(routes) - 1)]
+        def run(lib: ctypes.CDLL) -> torch.Tensor:
+            tab = tables(lib)
             out = torch.empty(rows, nq, d)
             rc = lib.ernie45_decode_attn(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), tab.data_ptr(), need,
                                          lens.data_ptr(), rows, nq, kvh, d, p, d ** -0.5, out.data_ptr(), 0, 2)
