@@ -35,7 +35,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)  # [D/2]
-        self.reset()
+        if not self.inv_freq.is_meta:  # on meta there is no value, and arange there imports torch._dynamo
+            self.reset()
 
     def reset(self) -> None:
         """(Re)compute inv_freq in fp32; needed after a meta-device build (to_empty leaves garbage)."""

@@ -29,11 +29,12 @@ Mode = Literal["inference", "full", "lora"]
 
 # Framework overhead per process. GPU: the CUDA context with torch's kernels loaded and cuBLAS workspaces
 # (~0.5-0.7 GiB on Hopper), plus NCCL's buffers when there is more than one rank. CPU: the Python
-# interpreter with torch and ernie45 imported (220 MiB RSS measured here) plus the one-time cost of the
-# first load_model call (lazy imports, meta registrations: 77 MiB measured), rounded up.
+# interpreter with torch and ernie45 imported (219 MiB RSS measured here) plus the one-time cost of the
+# first load_model call (lazy imports: 42 MiB measured; the meta build runs no initialiser, which would import
+# torch._dynamo and triton for another ~110 MiB), rounded up.
 GPU_CONTEXT_BYTES = 768 * MiB
 NCCL_BYTES = 512 * MiB
-CPU_PROCESS_BYTES = 320 * MiB
+CPU_PROCESS_BYTES = 272 * MiB
 # AdamW keeps two fp32 moments per trainable parameter; mixed precision also keeps an fp32 master copy.
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "none": 0}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

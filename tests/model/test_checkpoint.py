@@ -238,3 +238,31 @@ def test_load_peak_rss_below_one_and_a_half_times_checkpoint(tmp_path):
                          check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     base, peak = map(int, out.stdout.split())
     assert peak - base < 1.5 * size, f"peak {peak - base} vs checkpoint {size}"
+
+
+LIGHT_SCRIPT = r"""
+import sys, ernie45
+ernie45.load_model(sys.argv[1])
+ernie45.load_model(sys.argv[1], quant="int4", progress=False)
+print(sorted(m for m in ("torch._dynamo", "triton") if m in sys.modules))
+"""
+
+
+def test_loading_never_imports_dynamo(tiny_ckpt):
+    """The loaders build on the meta device; an initialiser run there (nn.Embedding's normal_, RoPE's arange)
+    goes through torch's Python decompositions, which import torch._dynamo and triton: ~1 s and ~130 MB of
+    every loading process, for values nobody reads."""
+    out = subprocess.run([sys.executable, "-c", LIGHT_SCRIPT, str(tiny_ckpt)], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "[]", out.stdout
+
+
+def test_a_model_built_off_meta_is_still_initialised():
+    torch.manual_seed(0)
+    model = ErnieForCausalLM(ModelConfig.from_name("tiny-moe"))
+    emb = model.model.embed_tokens.weight
+    assert 0.9 < emb.std().item() < 1.1 and emb.mean().abs().item() < 0.05  # nn.Embedding's N(0, 1)
+    rot = model.model.rotary
+    d = rot.head_dim
+    torch.testing.assert_close(rot.inv_freq, 1.0 / rot.theta ** (torch.arange(0, d, 2).float() / d))

@@ -88,6 +88,6 @@ def test_each_device_gets_its_own_overhead(capsys):
     rc, out, _ = run(capsys, "ernie-4.5-0.3b", "--cpu", "--device", "h100", "--device", "cpu", "--json")
     plan = json.loads(out)
     fits = {f["device"]: f for f in plan["fits"]}
-    assert rc == 0 and plan["overhead_bytes"] == 320 * 2**20  # the requested plan: a CPU process
+    assert rc == 0 and plan["overhead_bytes"] == 272 * 2**20  # the requested plan: a CPU process
     # the same model on a GPU carries the CUDA context instead (768 MiB)
-    assert fits["h100"]["per_gpu_total_bytes"] - fits["cpu"]["per_gpu_total_bytes"] == (768 - 320) * 2**20
+    assert fits["h100"]["per_gpu_total_bytes"] - fits["cpu"]["per_gpu_total_bytes"] == (768 - 272) * 2**20
