@@ -14,10 +14,16 @@ Parts (each in its own process; a child's peak RSS is its own):
 - ``import``: an existing GGUF (``--gguf PATH``, e.g. the mid-4L Q4_K_M the ``mid4l`` part or ``bench_quant``
   made), without the export and quantize: per round, in fresh processes, our import, llama.cpp's load and (with
   ``--compare DIR``) the import of another ernie45 checkout (the code before a change), alternating.
+- ``decode``: batch-1 greedy decode of that file after our import (the engine, its default backend) against
+  llama.cpp decoding the same file, in alternating segments (``bench_quant.head_to_head``: 16 warm-up steps each,
+  then ``--decode-rounds`` segments of ``--tokens``); the median of the paired per-round ratios with their range.
+  With ``--compare DIR``, the other checkout decodes the file too, in a fresh process (tok/s over ``--tokens``).
 
     flock /tmp/ernie45-heavy.lock python benchmarks/bench_gguf.py [--parts llama mid4l] [--workdir DIR]
     flock /tmp/ernie45-heavy.lock python benchmarks/bench_gguf.py --parts import --gguf X.gguf [--rounds 3]
         [--compare /path/to/other/checkout]
+    flock /tmp/ernie45-heavy.lock python benchmarks/bench_gguf.py --parts decode --gguf X.gguf [--tokens 32]
+        [--decode-rounds 5] [--compare /path/to/other/checkout]
 
 Needs ``pip install 'ernie45[gguf]' llama-cpp-python==0.3.36`` (llama.cpp built AVX-512, AMX off: its AMX path
 crashes on this VM).
@@ -45,6 +51,7 @@ from benchmarks.bench_quant import llama_quantize  # noqa: E402
 from benchmarks.common import fill_random  # noqa: E402
 from ernie45 import ModelConfig, load_model  # noqa: E402
 from ernie45.model.checkpoint import build_empty  # noqa: E402
+from ernie45.quant.quantize import qweights  # noqa: E402
 
 torch.set_num_threads(2)
 SMOKE = bool(os.environ.get("BENCH_GGUF_SMOKE"))
@@ -171,6 +178,36 @@ def child_errors(path: str) -> dict:
     return out
 
 
+def child_decode(path: str) -> dict:
+    """This checkout's batch-1 decode of the file (for ``--compare``): tok/s over TOKENS steps after 4 warm-up."""
+    from benchmarks.bench_quant import OursDecoder
+
+    dec = OursDecoder(load_model(path, progress=False), PROMPT, 4 + TOKENS)
+    dec.segment(4)
+    return {"tok_s": dec.segment(TOKENS)}
+
+
+PROMPT, TOKENS = 32, 32
+"""Part decode: the prompt's length and the tokens of a timed segment (``--tokens``)."""
+
+
+def part_decode(path: str, rounds: int, compare: str | None) -> dict:
+    """Ours (imported here) against llama.cpp on the same file, alternating segments; then the other checkout."""
+    import benchmarks.bench_quant as bq
+
+    bq.ROUNDS = rounds
+    t0 = time.perf_counter()
+    model = load_model(path, progress=False)
+    out: dict = {"file": os.path.basename(path), "import_s": time.perf_counter() - t0, "tokens": TOKENS,
+                 "formats": sorted({qw.layout for _, qw in qweights(model)})}
+    out |= bq.head_to_head(model, path, PROMPT, TOKENS)
+    del model
+    gc.collect()
+    if compare:
+        out["before"] = run_child("decode", path, os.path.join(compare, "benchmarks", "bench_gguf.py"))
+    return out
+
+
 def run_child(what: str, path: str, script: str = __file__) -> dict:
     """One measurement in a fresh process (its own VmHWM); ``script``: this file, or another checkout's copy."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(script)))
@@ -221,18 +258,23 @@ def part_mid4l(work: str) -> dict:
 
 # --------------------------------------------------------------------------------------------- main
 def main() -> None:
+    global TOKENS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", nargs="+", default=["llama", "mid4l"], choices=["llama", "mid4l", "import"])
-    ap.add_argument("--gguf", help="part import: the GGUF file to import")
+    ap.add_argument("--parts", nargs="+", default=["llama", "mid4l"], choices=["llama", "mid4l", "import", "decode"])
+    ap.add_argument("--gguf", help="parts import and decode: the GGUF file")
+    ap.add_argument("--tokens", type=int, default=TOKENS, help="part decode: tokens of a timed segment")
+    ap.add_argument("--decode-rounds", type=int, default=5, help="part decode: alternating segments each")
     ap.add_argument("--rounds", type=int, default=3, help="part import: rounds (odd: the median is a round)")
     ap.add_argument("--compare", metavar="DIR", help="part import: also import with the ernie45 checkout in DIR")
     ap.add_argument("--workdir", default=None, help="where the mid-4L GGUFs go (~7 GB)")
     ap.add_argument("--_part", help=argparse.SUPPRESS)
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    TOKENS = args.tokens
     if args._child:
         what, path = args._child
-        res = {"import": child_import, "llama_load": child_llama_load, "errors": child_errors}[what](path)
+        res = {"import": child_import, "llama_load": child_llama_load, "errors": child_errors,
+               "decode": child_decode}[what](path)
         print(json.dumps(res))
         return
     if args._part:
@@ -250,7 +292,11 @@ def main() -> None:
         if not args.gguf:
             ap.error("--parts import needs --gguf PATH")
         results["import"] = part_import(args.gguf, args.rounds, args.compare)
-    for part in (p for p in args.parts if p != "import"):
+    if "decode" in args.parts:
+        if not args.gguf:
+            ap.error("--parts decode needs --gguf PATH")
+        results["decode"] = part_decode(args.gguf, args.decode_rounds, args.compare)
+    for part in (p for p in args.parts if p not in ("import", "decode")):
         cmd = [sys.executable, __file__, "--_part", part] + (["--workdir", args.workdir] if args.workdir else [])
         t0 = time.perf_counter()
         run = subprocess.run(cmd, capture_output=True, text=True)
@@ -262,7 +308,8 @@ def main() -> None:
     text = report(results)
     print(text)
     if not SMOKE:
-        print("wrote", write_result("gguf-import" if args.parts == ["import"] else "gguf", text))
+        name = {("import",): "gguf-import", ("decode",): "gguf-decode"}.get(tuple(args.parts), "gguf")
+        print("wrote", write_result(name, text))
 
 
 def report_import(imp: dict) -> list[str]:
@@ -302,12 +349,35 @@ def report_import(imp: dict) -> list[str]:
     return lines + [""]
 
 
+def report_decode(d: dict) -> list[str]:
+    from common import median_range, paired_ratios
+
+    ratios = paired_ratios(d["ours_rounds"], d["peer_rounds"])
+    lines = [f"## Batch-1 decode of {d['file']} after our import, against llama.cpp on the same file", "",
+             f"{len(ratios)} alternating segments of {d['tokens']} tokens each (after 16 warm-up steps each), "
+             f"prompt {PROMPT} tokens; our weights in the layouts {', '.join(d['formats'])} (import "
+             f"{d['import_s']:.1f} s).", "",
+             "| segment | ours tok/s | llama.cpp tok/s | ours / llama.cpp | DRAM GB/s around it |",
+             "|---|---|---|---|---|"]
+    for i, (a, b, bw) in enumerate(zip(d["ours_rounds"], d["peer_rounds"], d["bandwidth_rounds"])):
+        lines.append(f"| {i} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {bw / 1e9:.1f} |")
+    lines += ["", f"- ours / llama.cpp, paired per segment: {median_range(ratios, '{:.2f}', 'x')} (ours "
+              f"{median_range(d['ours_rounds'], '{:.1f}', ' tok/s')}, llama.cpp "
+              f"{median_range(d['peer_rounds'], '{:.1f}', ' tok/s')})"]
+    if "before" in d:
+        lines.append(f"- the other checkout (`--compare`), in a fresh process after these: {d['before']['tok_s']:.2f} "
+                     f"tok/s over {d['tokens']} tokens")
+    return lines + [""]
+
+
 def report(r: dict) -> str:
     gib = 2**30
     lines = ["llama.cpp: llama-cpp-python 0.3.36 built with GGML_NATIVE=OFF, AVX-512 (+VNNI, BF16), AMX off (its AMX "
              "path crashes on this VM); 2 threads.", ""]
     if "import" in r:
         lines += report_import(r["import"])
+    if "decode" in r:
+        lines += report_decode(r["decode"])
     if "llama" in r:
         lines += ["## llama.cpp runs our exports (tiny random MoE, 16 tokens)", "",
                   "| type | file bytes | logits max rel. diff (worst position) | median position |",

@@ -5,7 +5,7 @@ for that case (oneDNN bf16 GEMV, the aten int8/int4 weight-only ops) reach half 
 (MACHINE.md, benchmarks/results); these kernels are written for exactly that shape:
 
 - :func:`qgemm`: weight-only quantized matmul for 8/6/4/2-bit codes in the *span* layout (:func:`to_span`),
-  activations quantized per 128 columns (64 for groups of 64: :func:`xblock`) to int8 and multiplied with
+  activations quantized per 128 columns (64 or 32 for smaller groups: :func:`xblock`) to int8 and multiplied with
   VNNI dot products (AVX-512; emulated exactly on AVX2);
 - :func:`bgemm`: bf16 x bf16 with BF16 dot products (likewise) and fp32 accumulation;
 - :func:`qmoe` / :func:`bmoe`: a MoE layer's selected experts for a decode batch in one call;
@@ -163,7 +163,7 @@ def _build(isa: str) -> ctypes.CDLL:
     lib.ernie45_decode_layer.restype = i32
     lib.ernie45_stream_read.argtypes = [vp, i64, vp, i32]
     lib.ernie45_stream_read.restype = i32
-    lib.ernie45_qgemm_xblock.argtypes = [i64, i64]
+    lib.ernie45_qgemm_xblock.argtypes = [i64, i64, i32]
     lib.ernie45_qgemm_xblock.restype = i32
     lib.ernie45_sizeof.argtypes = [ctypes.c_char_p]
     lib.ernie45_sizeof.restype = i64
@@ -315,13 +315,19 @@ TILED = (8, 4, 2)
 def span_ok(k: int, bits: int, group: int, n: int) -> bool:
     """Whether an [.., n, k] weight at ``bits`` with this group size fits the span layout of :func:`qgemm`."""
     span = 256 if bits == 6 else 64 * 8 // bits
-    return (bits in (2, 4, 6, 8) and group % 64 == 0 and k % group == 0 and k % span == 0
+    group_ok = group > 0 and (group % 64 == 0 or group in (16, 32) if bits == 6 else group % 32 == 0)
+    return (bits in (2, 4, 6, 8) and group_ok and k % group == 0 and k % span == 0
             and (bits not in TILED or n % SPAN_TILE == 0))
 
 
-def xblock(k: int, group: int) -> int:
-    """Columns per activation scale in :func:`qgemm` (the C side's ``ernie45_qgemm_xblock``)."""
-    return 128 if group % 128 == 0 and k % 128 == 0 else 64
+def xblock(k: int, group: int, bits: int) -> int:
+    """Columns per activation scale in :func:`qgemm` (the C side's ``ernie45_qgemm_xblock``): 128 when the groups
+    allow it, else 64; 32 for groups of an odd multiple of 32 at 8, 4 and 2 bits (a tile's int32 lanes are its rows,
+    so a block lies in one group). 6 bits keep 64 for groups of 16 and 32: their lanes are columns, each scaled by
+    its own group."""
+    if group % 128 == 0 and k % 128 == 0:
+        return 128
+    return 64 if group % 64 == 0 or bits == 6 else 32
 
 
 def _to_planes(codes_NK: torch.Tensor, bits: int) -> torch.Tensor:

@@ -33,8 +33,8 @@ typedef struct {  // one decoder layer for ernie45_decode_layer: shapes and the 
 int64_t ernie45_sizeof(const char* name);
 
 // ------------------------------------------------------------------------------------------- matmuls
-// Columns per activation scale of qgemm: 128 when the weight's groups allow it, else 64.
-int ernie45_qgemm_xblock(int64_t K, int64_t group);
+// Columns per activation scale of qgemm: 128 when the weight's groups allow it, else 64; 32 for groups of 32 (8/4/2 bits).
+int ernie45_qgemm_xblock(int64_t K, int64_t group, int bits);
 // out[M, N] = x[M, K] @ W^T for a weight-only quantized W in the span layout (8/6/4/2 bits).
 int ernie45_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t N, const uint8_t* w, int bits,
                   const void* scales, const void* zeros, int s_bf16, int64_t group, void* out, int out_bf16,

@@ -75,13 +75,19 @@ def _qweight(n: int, k: int, bits: int, group: int, symmetric: bool, seed: int =
 
 
 def test_activation_block_rule_is_the_c_one() -> None:
-    for k, g in [(512, 512), (512, 64), (512, 128), (384, 128), (192, 64), (2560, 2560), (1536, 128)]:
-        assert kernels.xblock(k, g) == kernels.library().ernie45_qgemm_xblock(k, g), (k, g)
+    for k, g in [(512, 512), (512, 64), (512, 128), (384, 128), (192, 64), (2560, 2560), (1536, 128), (512, 32),
+                 (384, 96), (512, 16)]:
+        for bits in (8, 6, 4, 2):
+            assert kernels.xblock(k, g, bits) == kernels.library().ernie45_qgemm_xblock(k, g, bits), (k, g, bits)
+    assert [kernels.xblock(512, 32, b) for b in (8, 6, 4, 2)] == [32, 64, 32, 32]
 
 
 @pytest.mark.parametrize("bits,group,k", [(8, 512, 512), (8, 64, 512), (8, 192, 384), (4, 128, 512), (4, 128, 384),
                                           (4, 64, 512), (2, 64, 512), (2, 256, 512), (2, 128, 768),
-                                          (6, 128, 512), (6, 64, 768), (6, 256, 512)])
+                                          (6, 128, 512), (6, 64, 768), (6, 256, 512),
+                                          # GGUF's groups: Q8_0 / Q4_K / Q4_0 (32), Q6_K (6-bit 16), Q5_K (6-bit 32)
+                                          (8, 32, 512), (4, 32, 512), (4, 96, 384), (2, 32, 512), (6, 16, 512),
+                                          (6, 32, 768)])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 15, 16])  # 15: a tile of 8 (AVX-512), one of 4, then 3
 def test_qgemm_matches_fp64_reference(bits: int, group: int, k: int, symmetric: bool, rows: int) -> None:
@@ -92,7 +98,7 @@ def test_qgemm_matches_fp64_reference(bits: int, group: int, k: int, symmetric: 
     codes, scales, zeros = _qweight(n, k, bits, group, symmetric, seed=bits * rows)
     x = torch.randn(rows, k) * torch.logspace(-2, 1, k)  # columns of very different size: per-block scales matter
     w = qm.dequantize_mid(codes, scales, zeros, bits, dtype=torch.float64)
-    ref = act_quant_ref(x, kernels.xblock(k, group)) @ w.t()
+    ref = act_quant_ref(x, kernels.xblock(k, group, bits)) @ w.t()
     y = kernels.qgemm(x, kernels.to_span(codes, bits), bits, kernels.span_scales(scales, bits),
                       None if symmetric else kernels.span_scales(zeros, bits), group)
     assert y.dtype == torch.float32 and y.shape == (rows, n)
@@ -136,7 +142,7 @@ def test_qgemm_int8_small_tiles_match_single_rows(group: int) -> None:
     x = torch.randn(7, k) * torch.logspace(-2, 1, k)  # a tile of 4, then 3
     y = kernels.qgemm(x, packed, 8, ts, tz, group)
     w = qm.dequantize_mid(codes, scales, zeros, 8, dtype=torch.float64)
-    ref = act_quant_ref(x, kernels.xblock(k, group)) @ w.t()
+    ref = act_quant_ref(x, kernels.xblock(k, group, 8)) @ w.t()
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
     for i in range(7):
         assert torch.equal(kernels.qgemm(x[i:i + 1], packed, 8, ts, tz, group), y[i:i + 1]), i

@@ -29,6 +29,11 @@ SCHEMES = {  # scheme, layout without the native kernels (with them: "span" wher
     "int6-g64": (TensorScheme(6, 64), "packed"),
     "int2-g64-hqq": (TensorScheme(2, 64, method="hqq"), "packed"),
     "int2-g64-mse": (TensorScheme(2, 64, method="mse"), "packed"),
+    # GGUF's exact schemes (formats.ggml.EXACT): Q8_0, Q4_K, Q5_K, Q6_K
+    "int8-g32-sym": (TensorScheme(8, 32, symmetric=True), "packed"),
+    "int4-g32": (TensorScheme(4, 32), "int4"),
+    "int6-g32": (TensorScheme(6, 32), "packed"),
+    "int6-g16-sym": (TensorScheme(6, 16, symmetric=True), "packed"),
 }
 
 
@@ -60,7 +65,7 @@ def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype
         x = torch.randn(rows, 256, dtype=dtype)
         # The span kernel (few rows) multiplies int8-quantized activations: the reference does the same.
         kernel = span and rows <= modules.KERNEL_MAX_ROWS
-        xr = act_quant_ref(x, kernels.xblock(256, scheme.group_for(256))).float() if kernel else x.float()
+        xr = act_quant_ref(x, kernels.xblock(256, scheme.group_for(256), scheme.bits)).float() if kernel else x.float()
         ref = xr @ q.dequantize(dtype=torch.float32).t() + lin.bias.float()
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
         torch.testing.assert_close(q(x).float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
@@ -83,7 +88,7 @@ def test_rows_not_in_tiles_of_16_keep_another_layout(isa: str, name: str) -> Non
             q = native(QuantLinear.from_linear(lin, scheme))
             assert (q.layout == "span") == (n == 32), (n, q.layout)
             x = torch.randn(3, 256)
-            xr = act_quant_ref(x, kernels.xblock(256, scheme.group_for(256))).float() if n == 32 else x
+            xr = act_quant_ref(x, kernels.xblock(256, scheme.group_for(256), scheme.bits)).float() if n == 32 else x
             ref = xr @ q.dequantize(dtype=torch.float32).t()
             torch.testing.assert_close(q(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
@@ -221,8 +226,9 @@ def test_engine_generates_with_a_quantized_model() -> None:
 
 
 @pytest.mark.native
-@pytest.mark.parametrize("scheme", [TensorScheme(4, 128), TensorScheme(8, None, True), TensorScheme(2, 64)],
-                         ids=["int4-g128", "int8-channel", "int2-g64"])
+@pytest.mark.parametrize("scheme", [TensorScheme(4, 128), TensorScheme(8, None, True), TensorScheme(2, 64),
+                                    TensorScheme(4, 32), TensorScheme(6, 16, symmetric=True)],
+                         ids=["int4-g128", "int8-channel", "int2-g64", "int4-g32", "int6-g16-sym"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_native_experts_equal_the_per_expert_path(scheme: TensorScheme, dtype: torch.dtype) -> None:
     """``kernels.qmoe`` (one call for all selected experts) against ``Experts.forward`` running each expert

@@ -68,7 +68,7 @@ int ernie45_qmoe(const void* x, int x_bf16, int64_t T, int64_t H, int64_t I, int
     const size_t es = s_bf16 ? 2 : 4;
     const int64_t gu_ng = H / gu_group, dn_ng = I / dn_group, S = T * k;  // S: (token, expert) pairs
     QAct xa;
-    if (qact_init(&xa, x, x_bf16, T, H, gu_group)) return -3;
+    if (qact_init(&xa, x, x_bf16, T, H, gu_group, bits)) return -3;
     int64_t* rows = (int64_t*)malloc((size_t)S * sizeof(int64_t));   // grouped by expert, ascending
     float* wrow = (float*)malloc((size_t)S * sizeof(float));
     int64_t* ex = (int64_t*)malloc((size_t)(3 * S) * sizeof(int64_t));  // per selected expert: id, first pair, count
@@ -103,7 +103,7 @@ int ernie45_qmoe(const void* x, int x_bf16, int64_t T, int64_t H, int64_t I, int
         for (int64_t j = 0; j < na; j++) {
             const int64_t o = ex[3 * j + 1], n = ex[3 * j + 2];
             swiglu_rows(h + o * 2 * I, n, I, bf16, act + o * I, NULL);
-            if (qact_init(&aa[j], act + o * I, 0, n, I, dn_group)) {
+            if (qact_init(&aa[j], act + o * I, 0, n, I, dn_group, bits)) {
 #pragma omp atomic write
                 bad = 1;
             }

@@ -6,9 +6,20 @@
 // (byte j: column j + 64p in bit-plane p) and the high 2 bits in 64 bytes. MT_, SB (bf16 scales) and BPX (64-column
 // sub-blocks per activation block) are compile-time constants after inlining, so the tile's accumulators and pointers
 // stay in registers: per activation block, one int32 chain of VPDPBUSD, one conversion, one broadcast and one FMA
-// per row of x.
+// per row of x. GS (16 or 32; 0: groups of 64 columns or more) is a group smaller than the 64-column activation
+// block (GGUF's Q6_K, Q5_K, Q5_0): int32 lane l of sub-block j sums columns 64j + 4l .. 64j + 4l + 3, all in one
+// group, so each lane takes its own group's scale (one load of the iteration's 256 / GS scales, one permute a
+// sub-block) and the lanes are summed at the end as before.
+static inline v16i group_lanes(const int GS, int j) {  // lane l of sub-block j: its group among the iteration's
+    const int q = 64 / GS, per = 16 / q;  // groups a sub-block, lanes a group
+    int v[16];
+    for (int l = 0; l < 16; l++) v[l] = q * j + l / per;
+    return v16_setr_epi32(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13],
+                          v[14], v[15]);
+}
+
 static inline __attribute__((always_inline)) void qrow6(
-    const uint8_t* wr, const int MT_, const int SB, const int BPX, int64_t n, int64_t m0, int64_t K, int64_t N,
+    const uint8_t* wr, const int MT_, const int SB, const int BPX, const int GS, int64_t n, int64_t m0, int64_t K, int64_t N,
     int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx, const int64_t* xrow,
     const void* scales, const void* zeros, void* out, int out_bf16) {
     const int64_t nb = K / 64, nx = nb / BPX;
@@ -38,6 +49,16 @@ static inline __attribute__((always_inline)) void qrow6(
             acc[i][J] = v16_fmadd_ps(v16_cvtepi32_ps(d_), v16_set1_ps(ws_ * sxm[i][X]), acc[i][J]);  \
         }                                                                                                    \
     } while (0)
+    // The same for a 64-column block X whose lanes carry their own group scales WSV (GS).
+#define XBLOCKV(X, C0, WSV, J)                                                                               \
+    do {                                                                                                     \
+        for (int i = 0; i < MT_; i++) {                                                                      \
+            const v16i d_ = v16_dpbusd_u7_epi32(v16_setzero_si(), (C0), v16_loadu_si((const void*)(xm[i] + (X) * 64))); \
+            acc[i][J] = v16_fmadd_ps(v16_cvtepi32_ps(d_), v16_mul_ps((WSV), v16_set1_ps(sxm[i][X])), acc[i][J]); \
+        }                                                                                                    \
+    } while (0)
+    v16i gl[4];
+    for (int j = 0; j < 4; j++) gl[j] = GS ? group_lanes(GS ? GS : 16, j) : v16_setzero_si();
     // 4 sub-blocks (256 columns) an iteration, even/odd activation blocks alternating.
     for (int64_t it = 0; it < nb / 4; it++) {
         const int64_t b0 = it * 4;
@@ -54,7 +75,14 @@ static inline __attribute__((always_inline)) void qrow6(
 #undef ITCODES
 #undef HISHIFT
 #undef LOCODES
-        if (BPX == 2) {
+        if (GS) {  // BPX == 1
+            const v16f gs = load16_masked(scales, SB, n * ng + it * (256 / (GS ? GS : 16)),
+                                          GS == 16 ? (vmask16)0xFFFF : (vmask16)0x00FF);
+            XBLOCKV(b0, c0, v16_permutexvar_ps(gl[0], gs), 0);
+            XBLOCKV(b0 + 1, c1, v16_permutexvar_ps(gl[1], gs), 1);
+            XBLOCKV(b0 + 2, c2, v16_permutexvar_ps(gl[2], gs), 0);
+            XBLOCKV(b0 + 3, c3, v16_permutexvar_ps(gl[3], gs), 1);
+        } else if (BPX == 2) {
             XBLOCK(b0 / 2, c0, c1, 0);
             XBLOCK(b0 / 2 + 1, c2, c3, 1);
         } else {
@@ -65,6 +93,7 @@ static inline __attribute__((always_inline)) void qrow6(
         }
     }
 #undef XBLOCK
+#undef XBLOCKV
     // The codes' offset (mid = 32) and the zeros, per group: sum_g (zero - mid * scale) * X[m, g], 16 groups at a
     // time, each chunk of (zero - mid * scale) computed once for the tile's rows.
     const v16f mid = v16_set1_ps(32.0f);
@@ -98,11 +127,11 @@ static inline __attribute__((always_inline)) void qrow6(
 // flight than L1's: a 4-token int4 MoE layer from DRAM at 1.16-1.27x its 1-token time, against 1.34-1.38x with
 // PREFETCHT0 (bench_kernels_ab's "same experts" case).
 static inline __attribute__((always_inline)) void qtile(
-    const uint8_t* wt, const int BITS, const int MT_, const int SB, const int BPX, int64_t n, int64_t m0, int64_t K,
+    const uint8_t* wt, const int BITS, const int MT_, const int SB, const int XBC, int64_t n, int64_t m0, int64_t K,
     int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
     const int64_t* xrow, const void* scales, const void* zeros, void* out, int out_bf16) {
-    const int P = 8 / BITS, CPB = BPX * 16 / P;  // planes; chunks per activation block (64 B each, 4P columns)
-    const int64_t XB = BPX * 64, nx = K / XB, so = n * ng;  // so: the tile's first scale
+    const int P = 8 / BITS, CPB = XBC / (4 * P);  // planes; chunks per activation block (64 B each, 4P columns)
+    const int64_t XB = XBC, nx = K / XB, so = n * ng;  // so: the tile's first scale
     const int CH = MT_ <= QCH2 ? 2 : 1;
     const v16i mask = v16_set1_epi8((char)((1 << BITS) - 1));
     // Codes below 128 (4/2 bits) take the AVX2 build's shorter exact u8 x s8 dot product (simd.h).
@@ -162,7 +191,7 @@ static inline __attribute__((always_inline)) void qtile(
 }
 
 static inline __attribute__((always_inline)) void qrows(
-    const uint8_t* w, const int BITS, const int SB, const int BPX, int64_t n0, int64_t n1, int64_t M, int64_t K,
+    const uint8_t* w, const int BITS, const int SB, const int XBC, int gs, int64_t n0, int64_t n1, int64_t M, int64_t K,
     int64_t N, int64_t ng, const int8_t* xq, const float* sx, const float* xsum_g, const int32_t* gidx,
     const int64_t* xrow, const void* scales, const void* zeros, void* out, int out_bf16) {
     const int64_t rb = K * BITS / 8;
@@ -179,33 +208,47 @@ static inline __attribute__((always_inline)) void qrows(
     if (BITS != 6) {  // tiles of 16 rows (n0, n1 multiples of 16): each meets every MT rows of x
         for (int64_t n = n0; n < n1; n += 16) {
             int64_t m0 = 0;
-#define QTILE(MT_) qtile(w + n * rb, BITS, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
+#define QTILE(MT_) qtile(w + n * rb, BITS, MT_, SB, XBC, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
             X_TILES(QTILE)
 #undef QTILE
         }
         return;
     }
+    if (XBC < 64) return;  // 6 bits: activation blocks of 64 or 128 (ernie45_qgemm_xblock)
     // Blocks of QNB weight rows: each tile of x rows (MT x K bytes, L1-resident) meets the block's rows (from L2)
     // before the next tile is read, instead of every weight row re-reading all M rows of x from L2 (prefill).
     for (int64_t nb = n0; nb < n1; nb += QNB) {
         const int64_t ne = nb + QNB < n1 ? nb + QNB : n1;
         int64_t m0 = 0;
-#define QROW(MT_)                                                                                           \
+#define QROW6(MT_, GS)                                                                                      \
     for (int64_t n = nb; n < ne; n++)                                                                       \
-        qrow6(w + n * rb, MT_, SB, BPX, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
-        X_TILES(QROW)
+        qrow6(w + n * rb, MT_, SB, XBC / 64, GS, n, m0, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
+#define QROW(MT_) QROW6(MT_, 0)
+#define QROW16(MT_) QROW6(MT_, 16)
+#define QROW32(MT_) QROW6(MT_, 32)
+        if (XBC == 64 && gs == 16) { X_TILES(QROW16) }
+        else if (XBC == 64 && gs == 32) { X_TILES(QROW32) }
+        else { X_TILES(QROW) }
 #undef QROW
+#undef QROW16
+#undef QROW32
+#undef QROW6
     }
 #undef X_TILES
 }
 
-// The activation block: 128 columns when the weight's groups allow it (half the per-block work of 64), else 64.
-int ernie45_qgemm_xblock(int64_t K, int64_t group) { return (group % 128 == 0 && K % 128 == 0) ? 128 : 64; }
+// The activation block: 128 columns when the weight's groups allow it (half the per-block work of 64), else 64; 32 for
+// groups of an odd multiple of 32 at 8, 4 and 2 bits (a tile's int32 lanes are rows: a block must not span two
+// groups). 6 bits keep 64 for groups of 16 and 32 (qrow6's lanes are columns: each takes its own group's scale).
+int ernie45_qgemm_xblock(int64_t K, int64_t group, int bits) {
+    if (group % 128 == 0 && K % 128 == 0) return 128;
+    return group % 64 == 0 || bits == 6 ? 64 : 32;
+}
 
 // Returns 0, or a negative code for arguments the Python side should have rejected.
 // Activations quantized once, for one or several weights that read the same x (the experts of a MoE layer).
 typedef struct {
-    int64_t M, K, XB, nx, group, ng;
+    int64_t M, K, XB, nx, group, ng, bits;
     int8_t* xq;
     float *sx, *xsum_g;
     int32_t *sq, *gidx;
@@ -215,9 +258,9 @@ static void qact_free(QAct* a) {
     free(a->xq); free(a->sx); free(a->sq); free(a->xsum_g); free(a->gidx);
 }
 
-static int qact_init(QAct* a, const void* x, int x_bf16, int64_t M, int64_t K, int64_t group) {
-    a->M = M; a->K = K; a->group = group;
-    a->XB = ernie45_qgemm_xblock(K, group);
+static int qact_init(QAct* a, const void* x, int x_bf16, int64_t M, int64_t K, int64_t group, int bits) {
+    a->M = M; a->K = K; a->group = group; a->bits = bits;
+    a->XB = ernie45_qgemm_xblock(K, group, bits);
     a->nx = K / a->XB; a->ng = K / group;
     a->xq = (int8_t*)malloc((size_t)(M * K));
     a->sx = (float*)malloc((size_t)(M * a->nx) * sizeof(float));
@@ -230,9 +273,19 @@ static int qact_init(QAct* a, const void* x, int x_bf16, int64_t M, int64_t K, i
     }
     for (int64_t b = 0; b < a->nx; b++) a->gidx[b] = (int32_t)((b * a->XB) / group);
     quantize_rows(x, x_bf16, M, K, a->XB, a->xq, a->sx, a->sq);
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t b = 0; b < a->nx; b++)
-            a->xsum_g[m * a->ng + a->gidx[b]] += a->sx[m * a->nx + b] * (float)a->sq[m * a->nx + b];
+    // xsum_g: each group's sum of the quantized x (for the zeros and the codes' offset)
+    for (int64_t m = 0; m < M; m++) {
+        if (group >= a->XB) {  // whole blocks in a group
+            for (int64_t b = 0; b < a->nx; b++)
+                a->xsum_g[m * a->ng + a->gidx[b]] += a->sx[m * a->nx + b] * (float)a->sq[m * a->nx + b];
+            continue;
+        }
+        for (int64_t g = 0; g < a->ng; g++) {  // groups of 16 or 32 in a block of 64 (6 bits)
+            int32_t s = 0;
+            for (int64_t c = g * group; c < (g + 1) * group; c++) s += a->xq[m * K + c];
+            a->xsum_g[m * a->ng + g] = a->sx[m * a->nx + g * group / a->XB] * (float)s;
+        }
+    }
     return 0;
 }
 
@@ -244,15 +297,15 @@ static void qact_rows(const QAct* a, const int64_t* xrow, int64_t rows, int64_t 
     const float *sx = a->sx, *xsum_g = a->xsum_g;
     const int32_t* gidx = a->gidx;
     if (n0 >= n1) return;
-#define QROWS(B, SB, BPX) \
-    qrows(w, B, SB, BPX, n0, n1, M, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
-#define QBITS(SB, BPX) do { if (bits == 4) QROWS(4, SB, BPX); else if (bits == 8) QROWS(8, SB, BPX); \
-                            else if (bits == 6) QROWS(6, SB, BPX); else QROWS(2, SB, BPX); } while (0)
-    if (s_bf16) {
-        if (a->XB == 128) QBITS(1, 2); else QBITS(1, 1);
-    } else {
-        if (a->XB == 128) QBITS(0, 2); else QBITS(0, 1);
-    }
+    const int gs = bits == 6 && a->group < 64 ? (int)a->group : 0;  // 6 bits: groups of 16 or 32 (qrow6's GS)
+#define QROWS(B, SB, XBC) \
+    qrows(w, B, SB, XBC, gs, n0, n1, M, K, N, ng, xq, sx, xsum_g, gidx, xrow, scales, zeros, out, out_bf16)
+#define QBITS(SB, XBC) do { if (bits == 4) QROWS(4, SB, XBC); else if (bits == 8) QROWS(8, SB, XBC); \
+                            else if (bits == 6) QROWS(6, SB, XBC); else QROWS(2, SB, XBC); } while (0)
+#define QXB(SB) do { if (a->XB == 128) QBITS(SB, 128); else if (a->XB == 64) QBITS(SB, 64); else QBITS(SB, 32); } while (0)
+    if (s_bf16) QXB(1);
+    else QXB(0);
+#undef QXB
 #undef QBITS
 #undef QROWS
 }
@@ -273,9 +326,11 @@ static void qact_matmul(const QAct* a, const int64_t* xrow, int64_t rows, int64_
     }
 }
 
+// Groups: a multiple of 64 columns; or of 32 at 8, 4 and 2 bits; or 16 or 32 at 6 bits (ernie45_qgemm_xblock).
 static int qgemm_args_ok(int bits, int64_t K, int64_t group) {
     const int64_t span = bits == 6 ? 256 : 64 * (8 / (bits > 0 ? bits : 1));
-    return (bits == 8 || bits == 6 || bits == 4 || bits == 2) && K % span == 0 && group % 64 == 0 && K % group == 0;
+    const int group_ok = group > 0 && (bits == 6 ? group % 64 == 0 || group == 16 || group == 32 : group % 32 == 0);
+    return (bits == 8 || bits == 6 || bits == 4 || bits == 2) && K % span == 0 && group_ok && K % group == 0;
 }
 
 // Several weights that read the same x (q/k/v, gate/up): x quantized once and one parallel region over all their
@@ -291,7 +346,7 @@ int ernie45_qgemm_multi(const void* x, int x_bf16, int64_t M, int64_t K, int64_t
         total += Ns[i];
     }
     QAct a;
-    if (qact_init(&a, x, x_bf16, M, K, group)) return -3;
+    if (qact_init(&a, x, x_bf16, M, K, group, bits)) return -3;
 #pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -313,7 +368,7 @@ int ernie45_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t N, co
                   int nthreads) {
     if (!qgemm_args_ok(bits, K, group) || !qrows_ok(bits, N) || M < 1 || N < 1) return -2;
     QAct a;
-    if (qact_init(&a, x, x_bf16, M, K, group)) return -3;
+    if (qact_init(&a, x, x_bf16, M, K, group, bits)) return -3;
     qact_matmul(&a, NULL, M, N, w, bits, scales, zeros, s_bf16, out, out_bf16, nthreads < 1 ? 1 : nthreads);
     qact_free(&a);
     return 0;

@@ -127,6 +127,7 @@ static inline __attribute__((always_inline)) v16h v16_to_bf16_ps(__m512 a) {
 #define v16_cmpgt_ps_mask(a, b) _mm512_cmp_ps_mask((a), (b), _CMP_GT_OQ)
 #define v16_cmplt_epi32_mask(a, b) _mm512_cmp_epi32_mask((a), (b), _MM_CMPINT_LT)
 #define v16_mask_mov_ps(src, k, a) _mm512_mask_mov_ps((src), (k), (a))
+#define v16_permutexvar_ps(idx, a) _mm512_permutexvar_ps((idx), (a))  // lane i: a[idx[i] & 15]
 #define v16_mask_mov_epi32(src, k, a) _mm512_mask_mov_epi32((src), (k), (a))
 
 #else
@@ -210,6 +211,13 @@ SIMD_FN v16i v16_andor_si(v16i a, v16i b, v16i c) {  // (a & b) | c
 SIMD_FN v16i v16_srli_epi16(v16i a, int n) { return v16i_make(_mm256_srli_epi16(a.lo, n), _mm256_srli_epi16(a.hi, n)); }
 SIMD_FN v16i v16_slli_epi16(v16i a, int n) { return v16i_make(_mm256_slli_epi16(a.lo, n), _mm256_slli_epi16(a.hi, n)); }
 SIMD_FN v16i v16_slli_epi32(v16i a, int n) { return v16i_make(_mm256_slli_epi32(a.lo, n), _mm256_slli_epi32(a.hi, n)); }
+SIMD_FN __m256 simd_permute16_8(__m256i idx, v16f a) {  // 8 lanes of VPERMPS over 16: bit 3 of idx picks the half
+    const __m256 from_lo = _mm256_permutevar8x32_ps(a.lo, idx), from_hi = _mm256_permutevar8x32_ps(a.hi, idx);
+    return _mm256_blendv_ps(from_lo, from_hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+SIMD_FN v16f v16_permutexvar_ps(v16i idx, v16f a) {  // lane i: a[idx[i] & 15]
+    return v16f_make(simd_permute16_8(idx.lo, a), simd_permute16_8(idx.hi, a));
+}
 
 SIMD_FN v16f v16_cvtepi32_ps(v16i a) { return v16f_make(_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)); }
 SIMD_FN v16i v16_cvtps_epi32(v16f a) { return v16i_make(_mm256_cvtps_epi32(a.lo), _mm256_cvtps_epi32(a.hi)); }
