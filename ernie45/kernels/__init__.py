@@ -143,7 +143,7 @@ def _build(isa: str) -> ctypes.CDLL:
     lib.ernie45_bgemm.argtypes = [vp, i64, i64, i64, vp, vp, i32, i32]
     lib.ernie45_bgemm.restype = i32
     lib.ernie45_qmoe.argtypes = [vp, i32, i64, i64, i64, i64, vp, vp, i64, i32, i32, vp, vp, vp, i64, vp, vp, vp, i64,
-                                 i32, vp, i32]
+                                 i32, i32, vp, i32]
     lib.ernie45_qmoe.restype = i32
     lib.ernie45_bmoe.argtypes = [vp, i64, i64, i64, i64, vp, vp, i64, vp, vp, vp, i32]
     lib.ernie45_bmoe.restype = i32
@@ -511,12 +511,12 @@ def _no_args(x: torch.Tensor) -> None:
 
 def qmoe(x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, bits: int,
          gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int],
-         down: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]) -> torch.Tensor:
+         down: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int], dn_bits: int | None = None) -> torch.Tensor:
     """The routed experts of a MoE layer in one call (decode sizes): for each token, the sum over its experts in
     ascending order of ``w * down(silu(gate(x)) * up(x))``, rounded where the torch path in x's dtype rounds.
     ``gate_up`` / ``down``: (codes [E, N, K*bits/8] span layout, scales [E, N, G] in its order
-    (:func:`span_scales`), zeros likewise or None, group).
-    Returns [T, H] in x's dtype. Needs :func:`available`."""
+    (:func:`span_scales`), zeros likewise or None, group). ``bits``: gate_up's; ``dn_bits``: down's when they
+    differ (GGUF's Q4_K_M: Q6_K down in some layers). Returns [T, H] in x's dtype. Needs :func:`available`."""
     lib = _need()
     t, h = x_TH.shape
     gu_w, gu_s, gu_z, gu_g = gate_up
@@ -531,7 +531,8 @@ def qmoe(x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, bits: int
     sb = int(gu_s.dtype == torch.bfloat16)
     rc = lib.ernie45_qmoe(x.data_ptr(), int(x.dtype == torch.bfloat16), t, h, two_i // 2, idx.shape[1], idx.data_ptr(),
                           w.data_ptr(), e, bits, sb, gu_w.data_ptr(), gu_s.data_ptr(), _ptr(gu_z), gu_g,
-                          dn_w.data_ptr(), dn_s.data_ptr(), _ptr(dn_z), dn_g, int(x.dtype == torch.bfloat16),
+                          dn_w.data_ptr(), dn_s.data_ptr(), _ptr(dn_z), dn_g, bits if dn_bits is None else dn_bits,
+                          int(x.dtype == torch.bfloat16),
                           out.data_ptr(), torch.get_num_threads())
     if rc:
         raise RuntimeError(f"ernie45_qmoe rejected its arguments (code {rc}: "
@@ -740,9 +741,11 @@ def stream_read(buf: torch.Tensor) -> int:
 
 # ------------------------------------------------------------------------------------ a whole decoder layer
 class QSet(ctypes.Structure):
-    """Quantized span-layout weights of one scheme that read one input (``ernie45_qgemm_multi``'s arguments)."""
+    """Quantized span-layout weights that read one input (``ernie45_qgemm_multi``'s arguments, with each weight's
+    bits and group: a run of one scheme is one call)."""
     _fields_ = [("nw", ctypes.c_int64), ("bits", ctypes.c_int64), ("group", ctypes.c_int64),
-                ("s_bf16", ctypes.c_int64), ("args", ctypes.c_int64 * 16)]
+                ("s_bf16", ctypes.c_int64), ("args", ctypes.c_int64 * 16), ("wbits", ctypes.c_int64 * 4),
+                ("wgroup", ctypes.c_int64 * 4)]
 
 
 class LayerPlan(ctypes.Structure):
@@ -752,17 +755,23 @@ class LayerPlan(ctypes.Structure):
         (f, ctypes.c_void_p) for f in ("in_norm", "post_norm", "router_w", "router_b")] + [
         (f, QSet) for f in ("qkv", "o", "gate_up", "down")] + [
         ("ebits", ctypes.c_int64), ("es_bf16", ctypes.c_int64), ("egu", ctypes.c_int64 * 4),
-        ("edn", ctypes.c_int64 * 4)]
+        ("edn", ctypes.c_int64 * 4), ("edn_bits", ctypes.c_int64)]
 
 
 def qset(weights: list[tuple | None]) -> QSet | None:
     """A :class:`QSet` from up to four weights' ``span_args`` (rows, codes, scales, zeros, (bits, group, scales
-    bf16)); None when one is missing or their schemes differ."""
-    if not 0 < len(weights) <= 4 or any(w is None for w in weights) or len({w[4] for w in weights}) != 1:
+    bf16)); their bits and groups may differ (each run of one scheme is one call); None when one is missing, their
+    scales' dtypes differ, or bf16 weights (bits 16) are mixed with quantized ones."""
+    if not 0 < len(weights) <= 4 or any(w is None for w in weights) or len({w[4][2] for w in weights}) != 1:
+        return None
+    if len({w[4][0] == 16 for w in weights}) != 1 or (weights[0][4][0] == 16 and len({w[4] for w in weights}) != 1):
         return None
     bits, group, sb = weights[0][4]
     flat = [w[j] for j in range(4) for w in weights]
-    return QSet(len(weights), bits, group, sb, (ctypes.c_int64 * 16)(*flat))
+    pad = [0] * (4 - len(weights))
+    return QSet(len(weights), bits, group, sb, (ctypes.c_int64 * 16)(*flat),
+                (ctypes.c_int64 * 4)(*[w[4][0] for w in weights], *pad),
+                (ctypes.c_int64 * 4)(*[w[4][1] for w in weights], *pad))
 
 
 class DecodeStep:

@@ -12,10 +12,12 @@
 #include <stdint.h>
 
 // ---------------------------------------------------------------------------------------------- structs
-typedef struct {  // weights of one scheme that read one input: quantized (span layout: ernie45_qgemm_multi's
-                  // arguments) or bf16 (bits 16: rows[nw], weights[nw] [rows, K]; group, s_bf16 unused)
-    int64_t nw, bits, group, s_bf16;
+typedef struct {  // weights that read one input: quantized (span layout: ernie45_qgemm_multi's arguments) or bf16
+                  // (bits 16: rows[nw], weights[nw] [rows, K]; group, s_bf16, wbits, wgroup unused)
+    int64_t nw, bits, group, s_bf16;  // quantized: bits and group of the first weight
     int64_t args[16];  // rows[nw], codes[nw], scales[nw], zeros[nw] (addresses; 0 = no zeros), nw <= 4
+    int64_t wbits[4], wgroup[4];  // quantized: each weight's bits and group (a GGUF Q4_K_M's v_proj is Q6_K, q and k
+                                  // Q4_K): a run of one scheme is one ernie45_qgemm_multi
 } QSet;
 
 typedef struct {  // one decoder layer for ernie45_decode_layer: shapes and the addresses of its weights
@@ -27,6 +29,7 @@ typedef struct {  // one decoder layer for ernie45_decode_layer: shapes and the 
     QSet qkv, o, gate_up, down;     // gate_up / down: the dense MLP, or the shared experts of a MoE layer
     int64_t ebits, es_bf16;         // routed experts: bits (16: bf16 stacks, gu [E, 2I, H], dn [E, H, I]), scales in bf16
     int64_t egu[4], edn[4];         // codes (bf16: the stack), scales, zeros (0: none), group of the gate_up and down stacks
+    int64_t edn_bits;               // the down stack's bits (ebits but for mixed-bit experts; 16 with ebits 16)
 } LayerPlan;
 
 // sizeof of a struct by name ("QSet", "LayerPlan"); -1 for another name. The ctypes mirrors are checked with it.
@@ -51,7 +54,7 @@ int ernie45_bgemm(const uint16_t* x, int64_t M, int64_t K, int64_t N, const uint
 int ernie45_qmoe(const void* x, int x_bf16, int64_t T, int64_t H, int64_t I, int64_t k, const int64_t* idx,
                  const float* wts, int64_t E, int bits, int s_bf16, const uint8_t* gu_w, const void* gu_s,
                  const void* gu_z, int64_t gu_group, const uint8_t* dn_w, const void* dn_s, const void* dn_z,
-                 int64_t dn_group, int bf16, float* out, int nthreads);
+                 int64_t dn_group, int dn_bits, int bf16, float* out, int nthreads);
 // The same for bf16 stacks gu [E, 2I, H], dn [E, H, I].
 int ernie45_bmoe(const uint16_t* x, int64_t T, int64_t H, int64_t I, int64_t k, const int64_t* idx, const float* wts,
                  int64_t E, const uint16_t* gu, const uint16_t* dn, float* out, int nthreads);

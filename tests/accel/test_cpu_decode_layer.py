@@ -12,7 +12,8 @@ from ernie45.accel import accelerate
 from ernie45.accel.cpu.decode_layer import NativeDecoderLayer
 from ernie45.engine import LLMEngine, SamplingParams
 from ernie45.engine.model_runner import ModelRunner
-from ernie45.quant import QuantConfig, quantize_model
+from ernie45.quant import QuantConfig, TensorScheme, quantize_model
+from ernie45.quant.scheme import Rule
 
 pytestmark = pytest.mark.native  # run, fail when this machine could build them and did not, skip otherwise
 
@@ -61,8 +62,17 @@ def _generate(model: ErnieForCausalLM, monkeypatch: pytest.MonkeyPatch, tokens: 
     return outs, logits, len(calls)
 
 
-@pytest.mark.parametrize("qc", ["int4", "int8", "int2", QuantConfig.from_name("int4", dense_bits=6), None],
-                         ids=["int4", "int8", "int2", "int4-dense6", "bf16"])
+# llama.cpp's Q4_K_M as a GGUF import keeps it (formats.gguf.gguf_quant_config): Q4_K (int4 g32) everywhere, Q6_K
+# (6-bit g16) for the head and, in some layers, attn_v and ffn_down (routed and shared): a QSet of mixed bits (q/k/v)
+# and experts whose down stack has other bits than gate_up.
+Q6_K = TensorScheme(6, 16, symmetric=True)
+Q4_K_M = QuantConfig(TensorScheme(4, 32), TensorScheme(4, 32), Q6_K, rules=(
+    Rule("*.self_attn.v_proj", Q6_K, (1, 1)), Rule("*.mlp.experts.down_proj", Q6_K, (2, 2)),
+    Rule("*.mlp.shared_experts.down_proj", Q6_K, (1, 2))))
+
+
+@pytest.mark.parametrize("qc", ["int4", "int8", "int2", QuantConfig.from_name("int4", dense_bits=6), None, Q4_K_M],
+                         ids=["int4", "int8", "int2", "int4-dense6", "bf16", "gguf-q4_k_m"])
 def test_native_layers_match_the_module_path(qc: QuantConfig | str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three sequences decoding together (T = 3 rows), a dense layer and MoE layers with a shared expert: the same
     tokens, logits within a bf16 rounding of the activations, and every decode step's layers went native."""

@@ -226,25 +226,34 @@ def test_engine_generates_with_a_quantized_model() -> None:
 
 
 @pytest.mark.native
-@pytest.mark.parametrize("scheme", [TensorScheme(4, 128), TensorScheme(8, None, True), TensorScheme(2, 64),
-                                    TensorScheme(4, 32), TensorScheme(6, 16, symmetric=True)],
-                         ids=["int4-g128", "int8-channel", "int2-g64", "int4-g32", "int6-g16-sym"])
+@pytest.mark.parametrize("scheme,down", [(TensorScheme(4, 128), None), (TensorScheme(8, None, True), None),
+                                         (TensorScheme(2, 64), None), (TensorScheme(4, 32), None),
+                                         (TensorScheme(6, 16, symmetric=True), None),
+                                         (TensorScheme(4, 32), TensorScheme(6, 16, symmetric=True))],
+                         ids=["int4-g128", "int8-channel", "int2-g64", "int4-g32", "int6-g16-sym", "q4_k-q6_k-down"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_native_experts_equal_the_per_expert_path(scheme: TensorScheme, dtype: torch.dtype) -> None:
+def test_fused_native_experts_equal_the_per_expert_path(scheme: TensorScheme, down: TensorScheme | None,
+                                                        dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """``kernels.qmoe`` (one call for all selected experts) against ``Experts.forward`` running each expert
-    through the same span kernel: the same products and roundings, so equal up to silu's last bit."""
+    through the same span kernel: the same products and roundings, so equal up to silu's last bit. Also with the
+    down stack in other bits (a GGUF Q4_K_M's Q6_K ffn_down_exps)."""
     torch.manual_seed(0)
     ex = Experts(8, 256, 256)
     nn.init.normal_(ex.gate_up_proj, std=0.08)
     nn.init.normal_(ex.down_proj, std=0.08)
-    qx = native(QuantExperts.from_experts(ex, scheme, dtype))
-    assert qx.gate_up_proj.layout == "span"
+    qx = native(QuantExperts.from_experts(ex, scheme, dtype, down_scheme=down))
+    assert qx.gate_up_proj.layout == "span" and qx.down_proj.layout == "span"
+    assert qx.down_proj.bits == (down or scheme).bits
     x = torch.randn(7, 256, dtype=dtype)
     idx = torch.tensor([[0, 3], [3, 1], [7, 0], [5, 5], [2, 6], [6, 2], [1, 4]])
     w = torch.rand(7, 2).to(dtype)
+    calls, qmoe = [], kernels.qmoe
+    monkeypatch.setattr(kernels, "qmoe", lambda *a: calls.append(a[3:]) or qmoe(*a))
     with torch.no_grad():
         fused = qx(x, idx, w)
+        assert len(calls) == 1  # the one native call, not the per-expert fallback
         per_expert = Experts.forward(qx, x, idx, w)
+    monkeypatch.undo()
     assert fused.dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2e-2)
     torch.testing.assert_close(fused, per_expert, **tol)
@@ -252,7 +261,7 @@ def test_fused_native_experts_equal_the_per_expert_path(scheme: TensorScheme, dt
         assert torch.equal(qx(x[t:t + 1], idx[t:t + 1], w[t:t + 1]), fused[t:t + 1])
     with pytest.raises(RuntimeError, match="out of range"):
         kernels.qmoe(x, torch.tensor([[9, 0]] * 7), w, qx.gate_up_proj.bits, kernel_args(qx.gate_up_proj),
-                     kernel_args(qx.down_proj))
+                     kernel_args(qx.down_proj), qx.down_proj.bits)
 
 
 @pytest.mark.native

@@ -75,7 +75,7 @@ def bf16_experts_args(x: nn.Module) -> tuple | None:
     if (gu.dim() != 3 or dn.dim() != 3 or not _bf16_ok(gu, dn)
             or gu.shape != (dn.shape[0], 2 * dn.shape[2], dn.shape[1])):
         return None
-    return 16, 0, (gu.data_ptr(), 0, 0, 0), (dn.data_ptr(), 0, 0, 0)
+    return 16, 0, (gu.data_ptr(), 0, 0, 0), (dn.data_ptr(), 0, 0, 0), 16
 
 
 def _in(m: nn.Module) -> int:
@@ -89,6 +89,11 @@ def _out(m: nn.Module) -> int:
 def family(bits: int) -> str:
     """The ``choice`` family of a QSet's linears."""
     return "blinear" if bits == 16 else choice.qfamily(bits)
+
+
+def set_families(qs: kernels.QSet) -> list[str]:
+    """The ``choice`` families of a QSet's weights (a quantized set may mix bits)."""
+    return [family(16)] if qs.bits == 16 else [family(int(b)) for b in qs.wbits[:qs.nw]]
 
 
 def build_plan(layer: DecoderLayer) -> kernels.LayerPlan | None:
@@ -141,9 +146,11 @@ def build_plan(layer: DecoderLayer) -> kernels.LayerPlan | None:
         plan.router_w, plan.router_b = gate.weight.data_ptr(), gate.e_score_correction_bias.data_ptr()
         plan.ebits, plan.es_bf16 = experts[0], experts[1]
         plan.egu[:], plan.edn[:] = experts[2], experts[3]
+        plan.edn_bits = experts[4]
     # the kernel families the layer calls, each once: ``choice`` must have them native at a step's row count
     plan.families = tuple(dict.fromkeys(
-        ("small", family(qkv.bits), family(o.bits), *((family(plan.gate_up.bits),) if plan.W else ()),
+        ("small", *set_families(qkv), *set_families(o),
+         *((*set_families(plan.gate_up), *set_families(plan.down)) if plan.W else ()),
          *(("bexperts" if plan.ebits == 16 else "qexperts",) if plan.E else ()))))
     return plan
 

@@ -54,13 +54,14 @@ def span_args(qw: QWeight) -> tuple | None:
 
 
 def experts_span_args(qx: QuantExperts) -> tuple | None:
-    """(bits, scales bf16, gate_up (codes, scales, zeros or 0, group), down (the same)): the addresses of the stacks
-    for the native decode layer, when both are in the span layout with one scheme; else None."""
+    """(bits, scales bf16, gate_up (codes, scales, zeros or 0, group), down (the same), down's bits): the addresses
+    of the stacks for the native decode layer, when both are in the span layout with scales of one dtype (their
+    bits and groups may differ); else None."""
     gu, dn = qx.gate_up_proj, qx.down_proj
-    if gu.layout != "span" or dn.layout != "span" or gu.bits != dn.bits or gu.dtype != dn.dtype:
+    if gu.layout != "span" or dn.layout != "span" or gu.dtype != dn.dtype:
         return None
     (q0, _, s0, _, z0, _, sb), d = kernel_ptrs(gu), kernel_ptrs(dn)
-    return gu.bits, sb, (q0, s0, z0, gu.group), (d[0], d[2], d[4], dn.group)
+    return gu.bits, sb, (q0, s0, z0, gu.group), (d[0], d[2], d[4], dn.group), dn.bits
 
 
 def _native_matmul(self: QWeight, x_TK: torch.Tensor, i: int | None = None) -> torch.Tensor:
@@ -114,9 +115,10 @@ class NativeQuantExperts(QuantExperts):
 
     def forward(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         gu, dn = self.gate_up_proj, self.down_proj
-        if (gu.layout == "span" and dn.layout == "span" and gu.bits == dn.bits
+        if (gu.layout == "span" and dn.layout == "span"
                 and choice.native("qexperts", x_TH.shape[0])
                 and x_TH.device.type == "cpu" and x_TH.dtype in (torch.bfloat16, torch.float32)
                 and gu.dtype == dn.dtype and kernels.available() and not kernels.needs_grad(x_TH)):
-            return kernels.qmoe(x_TH, idx_TK, w_TK.to(x_TH.dtype), gu.bits, kernel_args(gu), kernel_args(dn))
+            return kernels.qmoe(x_TH, idx_TK, w_TK.to(x_TH.dtype), gu.bits, kernel_args(gu), kernel_args(dn),
+                                dn.bits)
         return QuantExperts.forward(self, x_TH, idx_TK, w_TK)

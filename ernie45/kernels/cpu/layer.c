@@ -29,7 +29,18 @@ static int qset_apply(const QSet* s, const uint16_t* x, int64_t M, int64_t K, ui
         }
         return 0;
     }
-    return ernie45_qgemm_multi(x, 1, M, K, s->nw, s->args, (int)s->bits, (int)s->s_bf16, s->group, out, 1, nthreads);
+    for (int64_t i = 0, lo = 0; i < s->nw;) {  // runs of weights of one scheme: one qgemm_multi each
+        int64_t j = i + 1, rows = s->args[i], sub[16];
+        while (j < s->nw && s->wbits[j] == s->wbits[i] && s->wgroup[j] == s->wgroup[i]) rows += s->args[j++];
+        for (int64_t f = 0; f < 4; f++)
+            for (int64_t w = i; w < j; w++) sub[f * (j - i) + w - i] = s->args[f * s->nw + w];
+        const int rc = ernie45_qgemm_multi(x, 1, M, K, j - i, sub, (int)s->wbits[i], (int)s->s_bf16, s->wgroup[i],
+                                           out + M * lo, 1, nthreads);
+        if (rc) return rc;
+        lo += rows;
+        i = j;
+    }
+    return 0;
 }
 
 static void add_bf16(uint16_t* h, const uint16_t* y, int64_t n) {  // h = bf16(h + y), n % 16 == 0
@@ -94,8 +105,8 @@ int ernie45_decode_layer(const LayerPlan* L, uint16_t* h, int64_t T, const float
         else if (!rc) rc = ernie45_qmoe(x, 1, T, H, L->I, K, idx, wts, E, (int)L->ebits, (int)L->es_bf16,
                                    (const uint8_t*)(intptr_t)L->egu[0], (const void*)(intptr_t)L->egu[1],
                                    (const void*)(intptr_t)L->egu[2], L->egu[3], (const uint8_t*)(intptr_t)L->edn[0],
-                                   (const void*)(intptr_t)L->edn[1], (const void*)(intptr_t)L->edn[2], L->edn[3], 1,
-                                   routed, nthreads);
+                                   (const void*)(intptr_t)L->edn[1], (const void*)(intptr_t)L->edn[2], L->edn[3],
+                                   (int)L->edn_bits, 1, routed, nthreads);
         if (!rc && L->W) rc = swiglu_layer(&L->gate_up, &L->down, L->W, x, T, H, y, nthreads);
         if (!rc)
             for (int64_t i = 0; i < T * H; i++)  // bf16(routed) + shared, rounded: the module's two bf16 tensors

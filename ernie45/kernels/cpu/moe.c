@@ -50,7 +50,8 @@ static void scatter_rows(float* out, const int64_t* rows, const float* wrow, con
 
 // Routed experts of one MoE layer for T tokens (decode sizes), the quantized stacks in the span layout:
 //   out[t] += sum over t's k experts, ascending, of w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))
-// gate_up_e: [2I, H] (gate rows first), down_e: [H, I]; scales/zeros [E, rows, groups] in the scales' dtype.
+// gate_up_e: [2I, H] (gate rows first), down_e: [H, I]; scales/zeros [E, rows, groups] in the scales' dtype. bits:
+// gate_up's, dn_bits: down's (GGUF's Q4_K_M: Q4_K gate and up, Q6_K down in some layers).
 // With bf16 = 1 every intermediate is rounded to bf16 where the unfused torch path rounds (matmul outputs,
 // silu, the product, the weighting); out is fp32 [T, H] (the fp32 sum the torch path also uses), zeroed here.
 // One parallel region for the layer: the gate_up rows of all selected experts are split evenly over the threads,
@@ -59,9 +60,9 @@ static void scatter_rows(float* out, const int64_t* rows, const float* wrow, con
 int ernie45_qmoe(const void* x, int x_bf16, int64_t T, int64_t H, int64_t I, int64_t k, const int64_t* idx,
                  const float* wts, int64_t E, int bits, int s_bf16, const uint8_t* gu_w, const void* gu_s,
                  const void* gu_z, int64_t gu_group, const uint8_t* dn_w, const void* dn_s, const void* dn_z,
-                 int64_t dn_group, int bf16, float* out, int nthreads) {
-    if (!qgemm_args_ok(bits, H, gu_group) || !qgemm_args_ok(bits, I, dn_group) || !qrows_ok(bits, 2 * I)
-        || !qrows_ok(bits, H) || T < 1 || k < 1) return -2;
+                 int64_t dn_group, int dn_bits, int bf16, float* out, int nthreads) {
+    if (!qgemm_args_ok(bits, H, gu_group) || !qgemm_args_ok(dn_bits, I, dn_group) || !qrows_ok(bits, 2 * I)
+        || !qrows_ok(dn_bits, H) || T < 1 || k < 1) return -2;
     for (int64_t j = 0; j < T * k; j++)
         if (idx[j] < 0 || idx[j] >= E) return -4;
     if (nthreads < 1) nthreads = 1;
@@ -103,7 +104,7 @@ int ernie45_qmoe(const void* x, int x_bf16, int64_t T, int64_t H, int64_t I, int
         for (int64_t j = 0; j < na; j++) {
             const int64_t o = ex[3 * j + 1], n = ex[3 * j + 2];
             swiglu_rows(h + o * 2 * I, n, I, bf16, act + o * I, NULL);
-            if (qact_init(&aa[j], act + o * I, 0, n, I, dn_group, bits)) {
+            if (qact_init(&aa[j], act + o * I, 0, n, I, dn_group, dn_bits)) {
 #pragma omp atomic write
                 bad = 1;
             }
@@ -113,7 +114,7 @@ int ernie45_qmoe(const void* x, int x_bf16, int64_t T, int64_t H, int64_t I, int
             for (int64_t j = 0; j < na; j++) {
                 const int64_t lo = j * H, n0 = d0 > lo ? d0 - lo : 0, n1 = d1 - lo < H ? d1 - lo : H;
                 const int64_t e = ex[3 * j], o = ex[3 * j + 1];
-                qact_rows(&aa[j], NULL, ex[3 * j + 2], H, dn_w + e * (H * I * bits / 8), bits,
+                qact_rows(&aa[j], NULL, ex[3 * j + 2], H, dn_w + e * (H * I * dn_bits / 8), dn_bits,
                           (const char*)dn_s + e * H * dn_ng * es, dn_z ? (const char*)dn_z + e * H * dn_ng * es : NULL,
                           s_bf16, y + o * H, 0, n0, n1);
             }
