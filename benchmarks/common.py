@@ -137,7 +137,8 @@ def kernels_at(rev: str, isa: str, workdir: str) -> ctypes.CDLL:
     """The native kernels as they were at git revision ``rev``, compiled for ``isa`` with this checkout's flags
     (``git archive`` of ``ernie45/kernels`` into ``workdir``); every function of this checkout's header gets this
     checkout's ctypes signature, so the library can stand in for the active one (``kernels._lib``) when the
-    structs and signatures did not change between the two."""
+    structs and signatures did not change between the two; those whose prototype differs at ``rev`` are left
+    unset and named in ``lib.changed`` (the caller gives them the revision's signature)."""
     from ernie45 import kernels
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,8 +151,15 @@ def kernels_at(rev: str, isa: str, workdir: str) -> ctypes.CDLL:
     args = ["-O3", *kernels.ISA_CFLAGS[isa], "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
     subprocess.run([cc, *args, "-o", so, os.path.join(src, "ernie45/kernels/cpu_kernels.c"), "-lm"], check=True)
     lib, ref = ctypes.CDLL(so), kernels.library(isa)
-    for name in sorted(set(re.findall(r"\b(ernie45_\w+)\s*\(", kernels.HEADER.read_text()))):
-        if hasattr(lib, name):
+
+    def prototypes(text: str) -> dict[str, str]:
+        return {n: " ".join(a.split()) for n, a in re.findall(r"\b(ernie45_\w+)\s*\(([^;{]*)\)\s*;", text)}
+
+    ours = prototypes(kernels.HEADER.read_text())
+    theirs = prototypes(open(os.path.join(src, "ernie45/kernels/ernie45_kernels.h"), encoding="utf-8").read())
+    lib.changed = {n for n in ours if n in theirs and theirs[n] != ours[n]}  # the caller sets these signatures
+    for name in sorted(ours):
+        if hasattr(lib, name) and name not in lib.changed:
             getattr(lib, name).argtypes = getattr(ref, name).argtypes
             getattr(lib, name).restype = getattr(ref, name).restype
     return lib
