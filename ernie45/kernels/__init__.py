@@ -350,8 +350,9 @@ def _from_planes(packed_NP: torch.Tensor, bits: int) -> torch.Tensor:
     return ((s >> shifts) & mask).reshape(*lead, n, p * per)
 
 
-def to_span(codes_NK: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned codes [.., N, K] into the span layout [.., N, K * bits / 8].
+def to_span(codes_NK: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pack unsigned codes [.., N, K] into the span layout [.., N, K * bits / 8] (8, 4 and 2 bits: into ``out`` when
+    given, a contiguous uint8 tensor of that shape, such as a slice of whole tiles of a weight's buffer).
 
     6 bits, row by row: per 256 columns, the low 4 bits in 128 bytes, then the high 2 bits in 64 bytes, each as a
     span (per span of 64 * (8/bits) columns, byte j holds column j + 64 p in bits [p * bits, (p + 1) * bits): one
@@ -377,12 +378,16 @@ def to_span(codes_NK: torch.Tensor, bits: int) -> torch.Tensor:
     if n % t:
         raise ValueError(f"to_span: a {bits}-bit weight's rows come in tiles of {t}; {n} rows is not a multiple")
     c = codes_NK.to(torch.uint8).reshape(*lead, n // t, t, k // (4 * p), p, 4)
-    out = torch.empty(*lead, n // t, k // (4 * p), t, 4, dtype=torch.uint8, device=c.device)
-    view = out.transpose(-3, -2)  # [.., N/16, 16 rows, chunks, 4]: written in place (one plane-sized temporary)
+    if out is None:
+        out = torch.empty(*lead, n, k * bits // 8, dtype=torch.uint8, device=c.device)
+    elif out.shape != (*lead, n, k * bits // 8) or out.dtype != torch.uint8 or not out.is_contiguous():
+        raise ValueError(f"to_span: out must be a contiguous uint8 {[*lead, n, k * bits // 8]}, got "
+                         f"{out.dtype} {list(out.shape)}")
+    view = out.view(*lead, n // t, k // (4 * p), t, 4).transpose(-3, -2)  # [.., N/16, 16 rows, chunks, 4]: in place
     torch.bitwise_left_shift(c[..., p - 1, :], bits * (p - 1), out=view)
     for q in range(p - 1):
         view.bitwise_or_(c[..., q, :] << (bits * q) if q else c[..., q, :])
-    return out.reshape(*lead, n, k * bits // 8)
+    return out
 
 
 def from_span(packed_NP: torch.Tensor, bits: int) -> torch.Tensor:

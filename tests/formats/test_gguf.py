@@ -100,6 +100,27 @@ def test_decode_equals_gguf_dequantize(qtype):
     ours = dequantize_mid(codes, scales, zeros, ggml.EXACT[qtype].bits)
     ref = torch.from_numpy(gguf.quants.dequantize(raw, qtype))
     assert torch.equal(ours, ref)
+    assert torch.equal(ggml.to_float(raw, qtype, (n, k)), ref)  # ggml's own order, not gguf-py's code
+
+
+@pytest.mark.parametrize("qtype", [ggml.Q4_1, ggml.Q4_K, ggml.Q5_K])
+def test_float_weights_are_ggml_arithmetic_for_far_apart_scales(qtype):
+    """With d and the min term many binades apart, the middle-code form ((q - mid) * s + zero, zero = mid * s - m)
+    rounds where ggml's d * q - m does not: ``to_float`` (the path of weights kept in full precision, such as the
+    embedding) must still equal gguf-py bit for bit."""
+    rng = np.random.default_rng(qtype)
+    qk, nbytes = ggml.BLOCK[qtype]
+    n, k = 8, 2 * qk
+    raw = rng.integers(0, 256, size=(n, k // qk, nbytes), dtype=np.uint8)
+    d = rng.uniform(1e-4, 2e-4, (n, k // qk)).astype(np.float16)
+    m = rng.uniform(*((300, 600) if qtype == ggml.Q4_1 else (5, 9)), (n, k // qk)).astype(np.float16)  # Q4_1: m itself
+    raw[..., 0:2] = d.view(np.uint8).reshape(n, k // qk, 2)
+    raw[..., 2:4] = m.view(np.uint8).reshape(n, k // qk, 2)
+    raw = raw.reshape(n, -1)
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, qtype))
+    assert torch.equal(ggml.to_float(raw, qtype, (n, k)), ref)
+    codes, scales, zeros = ggml.decode(torch.from_numpy(raw), qtype, k)
+    assert not torch.equal(dequantize_mid(codes, scales, zeros, ggml.EXACT[qtype].bits), ref)  # the case is hard
 
 
 @pytest.mark.parametrize("qtype, bits", [(ggml.Q8_0, 8), (ggml.Q4_0, 4)])
