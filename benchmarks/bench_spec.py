@@ -273,6 +273,9 @@ def verify_against(rev: str, step, n: int, pairs: int) -> dict:  # noqa: ANN001
     times: dict[str, dict[str, list[float]]] = {"base": {"1": [], "n": []}, "new": {"1": [], "n": []}}
     with tempfile.TemporaryDirectory() as work:
         libs = {"base": kernels_at(rev, kernels.active_isa(), work), "new": new}
+        if libs["base"].changed:  # it would stand in for the active library: every signature and struct must agree
+            raise SystemExit(f"--base {rev}: its kernels differ from this checkout's in "
+                             f"{sorted(libs['base'].changed)}; pick a revision with the same signatures and structs")
         try:
             for i in range(3 + pairs):
                 for name in ("base", "new") if i % 2 else ("new", "base"):

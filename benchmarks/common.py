@@ -138,7 +138,8 @@ def kernels_at(rev: str, isa: str, workdir: str) -> ctypes.CDLL:
     (``git archive`` of ``ernie45/kernels`` into ``workdir``); every function of this checkout's header gets this
     checkout's ctypes signature, so the library can stand in for the active one (``kernels._lib``) when the
     structs and signatures did not change between the two; those whose prototype differs at ``rev`` are left
-    unset and named in ``lib.changed`` (the caller gives them the revision's signature)."""
+    unset and named in ``lib.changed`` (the caller gives them the revision's signature), with the structs whose
+    size differs (then the revision's ``ernie45_decode_layer`` cannot read this checkout's plans)."""
     from ernie45 import kernels
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,6 +159,9 @@ def kernels_at(rev: str, isa: str, workdir: str) -> ctypes.CDLL:
     ours = prototypes(kernels.HEADER.read_text())
     theirs = prototypes(open(os.path.join(src, "ernie45/kernels/ernie45_kernels.h"), encoding="utf-8").read())
     lib.changed = {n for n in ours if n in theirs and theirs[n] != ours[n]}  # the caller sets these signatures
+    lib.ernie45_sizeof.argtypes, lib.ernie45_sizeof.restype = [ctypes.c_char_p], ctypes.c_int64
+    lib.changed |= {s for s in ("QSet", "LayerPlan")
+                    if lib.ernie45_sizeof(s.encode()) != ref.ernie45_sizeof(s.encode())}
     for name in sorted(ours):
         if hasattr(lib, name) and name not in lib.changed:
             getattr(lib, name).argtypes = getattr(ref, name).argtypes
