@@ -351,8 +351,9 @@ def _from_planes(packed_NP: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def to_span(codes_NK: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Pack unsigned codes [.., N, K] into the span layout [.., N, K * bits / 8] (8, 4 and 2 bits: into ``out`` when
-    given, a contiguous uint8 tensor of that shape, such as a slice of whole tiles of a weight's buffer).
+    """Pack unsigned codes [.., N, K] into the span layout [.., N, K * bits / 8]; with ``out`` (a uint8 tensor of
+    that shape, such as a slice of whole tiles of a weight's buffer) into it, at 8, 4 and 2 bits without a packed
+    temporary (``out`` contiguous), at 6 bits by a copy.
 
     6 bits, row by row: per 256 columns, the low 4 bits in 128 bytes, then the high 2 bits in 64 bytes, each as a
     span (per span of 64 * (8/bits) columns, byte j holds column j + 64 p in bits [p * bits, (p + 1) * bits): one
@@ -370,7 +371,8 @@ def to_span(codes_NK: torch.Tensor, bits: int, out: torch.Tensor | None = None) 
         *lead, n, k = c.shape
         lo = _to_planes(c & 15, 4).reshape(*lead, n, k // 256, 128)
         hi = _to_planes(c >> 4, 2).reshape(*lead, n, k // 256, 64)
-        return torch.cat((lo, hi), dim=-1).reshape(*lead, n, k * 3 // 4)
+        packed = torch.cat((lo, hi), dim=-1).reshape(*lead, n, k * 3 // 4)
+        return packed if out is None else out.copy_(packed)
     if bits not in TILED:
         raise ValueError(f"to_span: {bits}-bit codes have no span layout (8, 6, 4 or 2 bits)")
     *lead, n, k = codes_NK.shape

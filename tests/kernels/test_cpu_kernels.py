@@ -44,9 +44,9 @@ def test_span_layout_round_trips(bits: int) -> None:
     packed = kernels.to_span(codes, bits)
     assert packed.shape == (3, n, 512 * bits // 8)
     assert torch.equal(kernels.from_span(packed, bits), codes)
+    into = torch.full_like(packed, 255)
+    assert kernels.to_span(codes, bits, out=into) is into and torch.equal(into, packed)  # straight into a buffer
     if bits in kernels.TILED:  # tile t, chunk c (64 bytes), P planes: byte 4l + b = row 16t + l's columns 4Pc + 4p + b
-        into = torch.full_like(packed, 255)
-        assert kernels.to_span(codes, bits, out=into) is into and torch.equal(into, packed)  # straight into a buffer
         with pytest.raises(ValueError, match="contiguous uint8"):
             kernels.to_span(codes, bits, out=into[..., 1:])
         p = 8 // bits

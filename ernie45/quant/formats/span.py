@@ -36,11 +36,8 @@ class SpanFormat(PackedFormat):
 
     def store(self, qw: nn.Module, i: int | None, codes_NK: torch.Tensor, scales_NG: torch.Tensor,
               zeros_NG: torch.Tensor, rows: slice = slice(None)) -> None:
-        dest = at(qw.qweight, i)[rows]  # rows: whole tiles (starts on 64 rows)
-        if self.bits != 6 and dest.is_contiguous():
-            kernels.to_span(codes_NK, self.bits, out=dest)  # straight into the buffer: no packed temporary
-        else:
-            dest.copy_(self.pack(codes_NK))
+        dest = at(qw.qweight, i)[rows]  # rows: whole tiles (starts on 64 rows); contiguous: whole rows of a buffer
+        kernels.to_span(codes_NK, self.bits, out=dest)  # 8/4/2 bits straight into the buffer: no packed temporary
         at(qw.scales, i)[rows].copy_(kernels.span_scales(scales_NG, self.bits))
         if qw.zeros is not None:
             at(qw.zeros, i)[rows].copy_(kernels.span_scales(zeros_NG, self.bits))
