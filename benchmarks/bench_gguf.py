@@ -16,7 +16,8 @@ Parts (each in its own process; a child's peak RSS is its own):
   ``--compare DIR``) the import of another ernie45 checkout (the code before a change), alternating.
 - ``decode``: batch-1 greedy decode of that file after our import (the engine, its default backend) against
   llama.cpp decoding the same file, in alternating segments (``bench_quant.head_to_head``: 16 warm-up steps each,
-  then ``--decode-rounds`` segments of ``--tokens``); the median of the paired per-round ratios with their range.
+  then ``--decode-rounds`` segments of ``--tokens``); the median of the paired per-round ratios with their range;
+  then the prefill of a ``--prefill``-token prompt the same way (``bench_quant.prefill_head_to_head``).
   With ``--compare DIR``, the other checkout decodes the file too, in a fresh process (tok/s over ``--tokens``).
 
     flock /tmp/ernie45-heavy.lock python benchmarks/bench_gguf.py [--parts llama mid4l] [--workdir DIR]
@@ -187,8 +188,9 @@ def child_decode(path: str) -> dict:
     return {"tok_s": dec.segment(TOKENS)}
 
 
-PROMPT, TOKENS = 32, 32
-"""Part decode: the prompt's length and the tokens of a timed segment (``--tokens``)."""
+PROMPT, TOKENS, PREFILL = 32, 32, 256
+"""Part decode: the prompt's length, the tokens of a timed segment (``--tokens``), the prefill's prompt
+(``--prefill``, 0: none)."""
 
 
 def part_decode(path: str, rounds: int, compare: str | None) -> dict:
@@ -201,6 +203,8 @@ def part_decode(path: str, rounds: int, compare: str | None) -> dict:
     out: dict = {"file": os.path.basename(path), "import_s": time.perf_counter() - t0, "tokens": TOKENS,
                  "formats": sorted({qw.layout for _, qw in qweights(model)})}
     out |= bq.head_to_head(model, path, PROMPT, TOKENS)
+    if PREFILL:
+        out["prefill"] = bq.prefill_head_to_head(model, path, PREFILL) | {"tokens": PREFILL}
     del model
     gc.collect()
     if compare:
@@ -258,19 +262,20 @@ def part_mid4l(work: str) -> dict:
 
 # --------------------------------------------------------------------------------------------- main
 def main() -> None:
-    global TOKENS
+    global TOKENS, PREFILL
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", nargs="+", default=["llama", "mid4l"], choices=["llama", "mid4l", "import", "decode"])
     ap.add_argument("--gguf", help="parts import and decode: the GGUF file")
     ap.add_argument("--tokens", type=int, default=TOKENS, help="part decode: tokens of a timed segment")
     ap.add_argument("--decode-rounds", type=int, default=5, help="part decode: alternating segments each")
+    ap.add_argument("--prefill", type=int, default=PREFILL, help="part decode: prefill prompt length (0: none)")
     ap.add_argument("--rounds", type=int, default=3, help="part import: rounds (odd: the median is a round)")
     ap.add_argument("--compare", metavar="DIR", help="part import: also import with the ernie45 checkout in DIR")
     ap.add_argument("--workdir", default=None, help="where the mid-4L GGUFs go (~7 GB)")
     ap.add_argument("--_part", help=argparse.SUPPRESS)
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    TOKENS = args.tokens
+    TOKENS, PREFILL = args.tokens, args.prefill
     if args._child:
         what, path = args._child
         res = {"import": child_import, "llama_load": child_llama_load, "errors": child_errors,
@@ -367,6 +372,12 @@ def report_decode(d: dict) -> list[str]:
     if "before" in d:
         lines.append(f"- the other checkout (`--compare`), in a fresh process after these: {d['before']['tok_s']:.2f} "
                      f"tok/s over {d['tokens']} tokens")
+    if "prefill" in d:
+        p = d["prefill"]
+        lines += ["", f"Prefill of a {p['tokens']}-token prompt (one chunk, to its first token), alternating, a new "
+                  f"random prompt each round: ours {median_range(p['ours_rounds'], '{:.0f}', ' tok/s')}, llama.cpp "
+                  f"{median_range(p['peer_rounds'], '{:.0f}', ' tok/s')}; paired "
+                  f"{median_range(paired_ratios(p['ours_rounds'], p['peer_rounds']), '{:.2f}', 'x')}."]
     return lines + [""]
 
 
