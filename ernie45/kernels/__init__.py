@@ -750,8 +750,8 @@ def stream_read(buf: torch.Tensor) -> int:
 class QSet(ctypes.Structure):
     """Quantized span-layout weights that read one input (``ernie45_qgemm_multi``'s arguments, with each weight's
     bits and group: a run of one scheme is one call)."""
-    _fields_ = [("nw", ctypes.c_int64), ("bits", ctypes.c_int64), ("group", ctypes.c_int64),
-                ("s_bf16", ctypes.c_int64), ("args", ctypes.c_int64 * 16), ("wbits", ctypes.c_int64 * 4),
+    _fields_ = [("nw", ctypes.c_int64), ("bits", ctypes.c_int64), ("s_bf16", ctypes.c_int64),
+                ("args", ctypes.c_int64 * 16), ("wbits", ctypes.c_int64 * 4),
                 ("wgroup", ctypes.c_int64 * 4)]
 
 
@@ -773,10 +773,10 @@ def qset(weights: list[tuple | None]) -> QSet | None:
         return None
     if len({w[4][0] == 16 for w in weights}) != 1 or (weights[0][4][0] == 16 and len({w[4] for w in weights}) != 1):
         return None
-    bits, group, sb = weights[0][4]
+    bits, _, sb = weights[0][4]
     flat = [w[j] for j in range(4) for w in weights]
     pad = [0] * (4 - len(weights))
-    return QSet(len(weights), bits, group, sb, (ctypes.c_int64 * 16)(*flat),
+    return QSet(len(weights), bits, sb, (ctypes.c_int64 * 16)(*flat),
                 (ctypes.c_int64 * 4)(*[w[4][0] for w in weights], *pad),
                 (ctypes.c_int64 * 4)(*[w[4][1] for w in weights], *pad))
 

@@ -13,8 +13,8 @@
 
 // ---------------------------------------------------------------------------------------------- structs
 typedef struct {  // weights that read one input: quantized (span layout: ernie45_qgemm_multi's arguments) or bf16
-                  // (bits 16: rows[nw], weights[nw] [rows, K]; group, s_bf16, wbits, wgroup unused)
-    int64_t nw, bits, group, s_bf16;  // quantized: bits and group of the first weight
+                  // (bits 16: rows[nw], weights[nw] [rows, K]; s_bf16, wbits, wgroup unused)
+    int64_t nw, bits, s_bf16;  // bits: 16 for bf16 weights, else the first weight's (each weight's in wbits)
     int64_t args[16];  // rows[nw], codes[nw], scales[nw], zeros[nw] (addresses; 0 = no zeros), nw <= 4
     int64_t wbits[4], wgroup[4];  // quantized: each weight's bits and group (a GGUF Q4_K_M's v_proj is Q6_K, q and k
                                   // Q4_K): a run of one scheme is one ernie45_qgemm_multi
